@@ -1,0 +1,39 @@
+"""Exception hierarchy: one base for the node, one subclass per stage."""
+
+from __future__ import annotations
+
+
+class NodeError(Exception):
+    """Base class of every error the node raises on purpose."""
+
+
+class ConfigError(NodeError):
+    """The configuration is invalid; the message names the key and the reason."""
+
+
+class IngestError(NodeError):
+    """An incoming instance cannot be accepted."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class StorageError(NodeError):
+    """The spool or the state database failed."""
+
+
+class SeriesError(NodeError):
+    """No usable series, or a series cannot be built into a volume."""
+
+
+class PluginError(NodeError):
+    """A plugin cannot be loaded, is invalid, or failed while analysing."""
+
+
+class EncodeError(NodeError):
+    """A result object (SEG, SR) cannot be created."""
+
+
+class DeliveryError(NodeError):
+    """A result could not be delivered to a destination."""

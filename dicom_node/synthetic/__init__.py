@@ -1,0 +1,1 @@
+"""Synthetic DICOM data for the demo, tests and benchmarks (no real patients)."""

@@ -1,0 +1,28 @@
+"""The analysis-plugin contract: types, protocol and registry.
+
+Dependencies point one way: ``models -> plugin <- dicom_node``.
+"""
+
+from plugin.contract import AnalysisPlugin
+from plugin.types import (
+    Axis,
+    Finding,
+    Findings,
+    PluginInfo,
+    SegmentCodes,
+    SeriesCriteria,
+    SliceRef,
+    Volume,
+)
+
+__all__ = [
+    "AnalysisPlugin",
+    "Axis",
+    "Finding",
+    "Findings",
+    "PluginInfo",
+    "SegmentCodes",
+    "SeriesCriteria",
+    "SliceRef",
+    "Volume",
+]
