@@ -1,0 +1,189 @@
+"""Command line: ``dicom-node serve | echo | send | status | check-config``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from dicom_node.config import Config, load_config, with_overrides
+from dicom_node.errors import ConfigError, DeliveryError, NodeError
+from dicom_node.logs import setup_logging
+
+log = logging.getLogger("dicom_node")
+
+_PEER_RE = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
+
+
+def _config_from(args: argparse.Namespace) -> Config:
+    path = args.config or os.environ.get("DICOM_NODE_CONFIG")
+    config = load_config(Path(path) if path else None)
+    port = getattr(args, "port", None) or os.environ.get("DICOM_NODE_PORT")
+    return with_overrides(
+        config,
+        port=int(port) if port else None,
+        ae_title=getattr(args, "ae_title", None) or os.environ.get("DICOM_NODE_AE_TITLE"),
+        storage_dir=getattr(args, "storage_dir", None) or os.environ.get("DICOM_NODE_STORAGE_DIR"),
+    )
+
+
+def _peer(dest: str, config: Config):  # -> Peer
+    from dicom_node.net.scu import Peer
+
+    if dest in config.destinations:
+        d = config.destinations[dest]
+        return Peer(d.ae_title, d.host, d.port)
+    m = _PEER_RE.match(dest)
+    if not m:
+        known = ", ".join(config.destinations) or "none configured"
+        raise ConfigError(f"unknown destination {dest!r}: use a configured name ({known}) or AE@host:port")
+    return Peer(m["ae"], m["host"], int(m["port"]))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the node until SIGTERM or SIGINT."""
+    from dicom_node.node import Node
+
+    config = _config_from(args)
+    setup_logging(config.logging.level, config.logging.json_format)
+    node = Node(config)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    node.start()
+    log.info("dicom-node ready: AE %s port %d, storage %s", config.node.ae_title, node.port,
+             config.node.storage_dir)
+    stop.wait()
+    node.stop()
+    return 0
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    """C-ECHO a destination."""
+    from dicom_node.net.scu import echo
+
+    config = _config_from(args)
+    peer = _peer(args.dest, config)
+    status = echo(peer, args.calling_ae or config.node.ae_title, timeout=args.timeout)
+    print(f"C-ECHO {peer}: status 0x{status:04X} ({'Success' if status == 0 else 'Failure'})")
+    return 0 if status == 0 else 1
+
+
+def _collect_files(paths: Sequence[str]) -> list[Path]:
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files.extend(sorted(f for f in p.rglob("*") if f.is_file()))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise NodeError(f"{p}: no such file or folder")
+    return files
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    """C-STORE files and folders (recursively) to a destination."""
+    from dicom_node.net import statuses
+    from dicom_node.net.scu import describe_file, store_files
+
+    config = _config_from(args)
+    peer = _peer(args.to, config)
+    outgoing, skipped = [], 0
+    for path in _collect_files(args.paths):
+        try:
+            outgoing.append(describe_file(path))
+        except DeliveryError:
+            skipped += 1
+    if not outgoing:
+        raise NodeError("no DICOM files to send")
+    result = store_files(peer, outgoing, args.calling_ae or config.node.ae_title)
+    ok = sum(statuses.is_success_or_warning(s) for s in result.values())
+    failed = len(outgoing) - ok
+    print(f"sent {ok} of {len(outgoing)} instances to {peer}" + (f"; {skipped} non-DICOM files skipped" if skipped else ""))
+    for uid, status in result.items():
+        if not statuses.is_success_or_warning(status):
+            print(f"  {uid}: status {'0x%04X' % status if status >= 0 else 'not sent'}")
+    return 0 if failed == 0 else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Show studies, jobs and deliveries."""
+    from dicom_node.status_report import collect, render
+    from dicom_node.storage.state import StateDB
+
+    config = _config_from(args)
+    if not config.database_path.exists():
+        raise NodeError(f"no state database at {config.database_path}: has the node run with this storage_dir?")
+    db = StateDB(config.database_path)
+    try:
+        data = collect(db, args.limit)
+    finally:
+        db.close()
+    print(json.dumps(data, indent=2, default=str) if args.json else render(data))
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate a configuration file."""
+    config = load_config(Path(args.path))
+    print(f"{args.path}: OK ({len(config.routes)} routes, {len(config.destinations)} destinations)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="dicom-node", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", help="YAML configuration (default: the embedded default)")
+        return p
+
+    serve = with_config(sub.add_parser("serve", help="run the node"))
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--ae-title")
+    serve.add_argument("--storage-dir")
+    serve.set_defaults(func=cmd_serve)
+    echo = with_config(sub.add_parser("echo", help="C-ECHO a destination (name or AE@host:port)"))
+    echo.add_argument("dest")
+    echo.add_argument("--calling-ae")
+    echo.add_argument("--timeout", type=float, default=10.0)
+    echo.set_defaults(func=cmd_echo)
+    send = with_config(sub.add_parser("send", help="C-STORE files or folders to a destination"))
+    send.add_argument("paths", nargs="+")
+    send.add_argument("--to", required=True, help="destination name or AE@host:port")
+    send.add_argument("--calling-ae")
+    send.set_defaults(func=cmd_send)
+    status = with_config(sub.add_parser("status", help="studies, jobs and deliveries"))
+    status.add_argument("--json", action="store_true")
+    status.add_argument("--limit", type=int, default=50)
+    status.add_argument("--storage-dir")
+    status.set_defaults(func=cmd_status)
+    check = sub.add_parser("check-config", help="validate a configuration file")
+    check.add_argument("path")
+    check.set_defaults(func=cmd_check_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dicom-node`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"configuration error:\n{exc}", file=sys.stderr)
+        return 2
+    except NodeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""The node's configuration: one validated schema, loaded once.
+
+The file is YAML. Unknown keys are errors. ``load_config`` fails fast with a
+:class:`~dicom_node.errors.ConfigError` naming the key and the reason.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from dicom_node.errors import ConfigError
+
+DEFAULT_CONFIG_RESOURCE = "default_config.yaml"
+
+# Attributes a route rule may match on (regular expressions, searched).
+MATCH_KEYS = (
+    "Modality",
+    "BodyPartExamined",
+    "SeriesDescription",
+    "StudyDescription",
+    "SOPClassUID",
+    "Manufacturer",
+    "CalledAETitle",
+    "CallingAETitle",
+)
+
+
+def _check_ae_title(value: str) -> str:
+    if not 1 <= len(value) <= 16:
+        raise ValueError("an AE title has 1 to 16 characters")
+    if "\\" in value or any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("an AE title may not contain a backslash or control characters")
+    if not value.strip():
+        raise ValueError("an AE title may not be all spaces")
+    return value
+
+
+AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeSettings(_Strict):
+    """The listener and where the node keeps its data."""
+
+    ae_title: AETitle = "DICOMNODE"
+    host: str = "0.0.0.0"
+    port: Port = 11112
+    storage_dir: Path = Path("./var")
+    max_associations: int = Field(default=16, ge=1, le=1000)
+    max_pdu_size: int = Field(default=262144, ge=0)
+    acse_timeout_seconds: float = Field(default=30.0, gt=0)
+    dimse_timeout_seconds: float = Field(default=60.0, gt=0)
+    network_timeout_seconds: float = Field(default=60.0, gt=0)
+    min_free_disk_mb: int = Field(default=1024, ge=0)
+    max_instance_mb: int = Field(default=2048, ge=1)
+    shutdown_grace_seconds: float = Field(default=30.0, ge=0)
+
+
+class AllowedCaller(_Strict):
+    """One peer allowed to open associations (host optional)."""
+
+    ae_title: AETitle
+    host: str | None = None
+
+
+class SecuritySettings(_Strict):
+    """Association policy."""
+
+    allowed_callers: list[AllowedCaller] = Field(default_factory=list)
+
+
+class Destination(_Strict):
+    """A DICOM peer that receives results by C-STORE."""
+
+    ae_title: AETitle
+    host: str
+    port: Port
+
+
+class Route(_Strict):
+    """A rule: which stable studies go to which plugin and destinations."""
+
+    name: str = Field(min_length=1)
+    match: dict[str, str] = Field(default_factory=dict)
+    plugin: str = Field(min_length=1)
+    stable_seconds: float = Field(default=10.0, ge=0)
+    destinations: list[str] = Field(default_factory=list)
+
+    @field_validator("match")
+    @classmethod
+    def _check_match(cls, match: dict[str, str]) -> dict[str, str]:
+        for key, pattern in match.items():
+            if key not in MATCH_KEYS:
+                raise ValueError(f"unknown match key {key!r}; use one of {', '.join(MATCH_KEYS)}")
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"match.{key}: invalid regular expression: {exc}") from exc
+        return match
+
+
+class PluginSpec(_Strict):
+    """How to create a plugin: an entry point or ``module:callable``, with options."""
+
+    factory: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class DeliverySettings(_Strict):
+    """Sending results: our calling AE title and the retry policy."""
+
+    calling_ae_title: AETitle | None = None
+    retry_initial_seconds: float = Field(default=5.0, gt=0)
+    retry_max_seconds: float = Field(default=300.0, gt=0)
+    deadline_hours: float = Field(default=24.0, gt=0)
+    connect_timeout_seconds: float = Field(default=10.0, gt=0)
+
+
+class AssemblySettings(_Strict):
+    """Study assembly: how often to look, and when unmatched studies count as stable."""
+
+    default_stable_seconds: float = Field(default=10.0, ge=0)
+    poll_seconds: float = Field(default=0.5, gt=0)
+
+
+class JobSettings(_Strict):
+    """Analysis workers."""
+
+    max_concurrent_analyses: int = Field(default=1, ge=1, le=64)
+    torch_threads: int | None = Field(default=None, ge=1)
+
+
+class RetentionSettings(_Strict):
+    """When spooled studies are removed (days; 0 = immediately, null = never)."""
+
+    ignored_days: float | None = Field(default=0.0, ge=0)
+    delivered_days: float | None = Field(default=7.0, ge=0)
+
+
+class LoggingSettings(_Strict):
+    """Log level and format."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    json_format: bool = False
+
+
+class Config(_Strict):
+    """The whole configuration."""
+
+    node: NodeSettings = Field(default_factory=NodeSettings)
+    security: SecuritySettings = Field(default_factory=SecuritySettings)
+    destinations: dict[str, Destination] = Field(default_factory=dict)
+    routes: list[Route] = Field(default_factory=list)
+    plugins: dict[str, PluginSpec] = Field(default_factory=dict)
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    assembly: AssemblySettings = Field(default_factory=AssemblySettings)
+    jobs: JobSettings = Field(default_factory=JobSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    @model_validator(mode="after")
+    def _check_references(self) -> "Config":
+        names = set()
+        for index, route in enumerate(self.routes):
+            if route.name in names:
+                raise ValueError(f"routes.{index}.name: duplicate route name {route.name!r}")
+            names.add(route.name)
+            for dest in route.destinations:
+                if dest not in self.destinations:
+                    raise ValueError(
+                        f"routes.{index}.destinations: unknown destination {dest!r}"
+                        f" (configured: {', '.join(self.destinations) or 'none'})"
+                    )
+        return self
+
+    @property
+    def spool_dir(self) -> Path:
+        """Where received instances are kept."""
+        return self.node.storage_dir / "spool"
+
+    @property
+    def results_dir(self) -> Path:
+        """Where result objects are kept until delivered."""
+        return self.node.storage_dir / "results"
+
+    @property
+    def database_path(self) -> Path:
+        """The SQLite state database."""
+        return self.node.storage_dir / "state.sqlite3"
+
+
+def _format_error(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if not key:  # cross-field checks put the key in the message
+            lines.append(f"{source}: {msg}")
+            continue
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{source}: {key}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "<config>") -> Config:
+    """Validate a mapping (parsed YAML) into a :class:`Config`."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, source)) from exc
+
+
+def _read_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+
+
+def load_config(path: Path | None) -> Config:
+    """Load a config file, or the embedded default when ``path`` is None."""
+    if path is None:
+        text = resources.files("dicom_node").joinpath(DEFAULT_CONFIG_RESOURCE).read_text()
+        return parse_config(_read_yaml(text, "embedded default"), "embedded default")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the configuration: {exc.strerror}") from exc
+    return parse_config(_read_yaml(text, str(path)), str(path))
+
+
+def with_overrides(config: Config, **node_overrides: Any) -> Config:
+    """Return ``config`` with non-None ``node`` settings replaced (CLI flags)."""
+    changes = {k: v for k, v in node_overrides.items() if v is not None}
+    if not changes:
+        return config
+    data = config.model_dump()
+    data["node"].update(changes)
+    return parse_config(data, "command line")

@@ -1,0 +1,135 @@
+"""Job runner: takes queued jobs from the database and runs them in worker processes.
+
+Workers are separate processes (spawned), so a plugin that crashes, hangs or eats
+memory never takes the listener down: the job is marked failed with its reason and
+the pool is rebuilt. The queue lives in the database and survives restarts.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import threading
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+from dicom_node.config import Config
+from dicom_node.pipeline import JobOutcome, JobSpec, run_job_safely, worker_init
+from dicom_node.storage.state import ResultRecord, StateDB
+from dicom_node.storage.work import WorkStore
+
+log = logging.getLogger(__name__)
+
+
+class JobRunner:
+    """Dispatches jobs to a process pool, at most ``max_concurrent_analyses`` at once."""
+
+    def __init__(self, config: Config, db: StateDB, work: WorkStore, metrics: Any = None) -> None:
+        self.config = config
+        self.db = db
+        self.work = work
+        self.metrics = metrics
+        self._pool: ProcessPoolExecutor | None = None
+        self._running: dict[int, Future[JobOutcome | str]] = {}
+        self._lock = threading.Lock()
+
+    def _get_pool(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                max_workers=self.config.jobs.max_concurrent_analyses,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=worker_init,
+                initargs=(self.config.jobs.torch_threads,),
+            )
+        return self._pool
+
+    def tick(self) -> None:
+        """Start queued jobs while there is capacity."""
+        while len(self._running) < self.config.jobs.max_concurrent_analyses:
+            job = self.work.claim_job()
+            if job is None:
+                return
+            self._submit(job)
+
+    def _spec(self, job: dict[str, Any]) -> JobSpec:
+        plugin = self.config.plugins.get(job["plugin"])
+        return JobSpec(
+            job_id=job["id"],
+            study_uid=job["study_uid"],
+            plugin_name=job["plugin"],
+            plugin_factory=plugin.factory if plugin else None,
+            plugin_options=dict(plugin.options) if plugin else {},
+            files=self.db.study_files(job["study_uid"]),
+            results_dir=self.config.results_dir,
+            revision=job["revision"],
+        )
+
+    def _submit(self, job: dict[str, Any]) -> None:
+        spec = self._spec(job)
+        log.info("job %d started: study %s route %s plugin %s, %d files",
+                 spec.job_id, spec.study_uid, job["route"], spec.plugin_name, len(spec.files))
+        try:
+            future = self._get_pool().submit(run_job_safely, spec)
+        except BrokenProcessPool:
+            self._pool = None
+            future = self._get_pool().submit(run_job_safely, spec)
+        started = time.monotonic()
+        with self._lock:
+            self._running[spec.job_id] = future
+        future.add_done_callback(lambda f: self._done(job, f, started))
+
+    def _done(self, job: dict[str, Any], future: Future[JobOutcome | str], started: float) -> None:
+        job_id = job["id"]
+        with self._lock:
+            self._running.pop(job_id, None)
+        elapsed = time.monotonic() - started
+        try:
+            result = future.result()
+        except BrokenProcessPool:
+            self._pool = None
+            result = "the analysis worker process died (crash or out of memory)"
+        except Exception as exc:  # pool-level failure: record it, never lose the job
+            result = f"worker error: {type(exc).__name__}: {exc}"
+        if self._pool is None and isinstance(result, str) and "died" not in result:
+            return  # stopping: the job stays running and is requeued at the next start
+        if isinstance(result, str):
+            self.work.fail_job(job_id, result)
+            log.error("job %d failed after %.1f s: %s", job_id, elapsed, result)
+            return
+        self._record(job, result, elapsed)
+
+    def _record(self, job: dict[str, Any], outcome: JobOutcome, elapsed: float) -> None:
+        route = next((r for r in self.config.routes if r.name == job["route"]), None)
+        destinations = route.destinations if route else []
+        records = [ResultRecord(r.sop_instance_uid, r.series_uid, r.sop_class_uid, r.kind, r.path)
+                   for r in outcome.results]
+        deadline = self.config.delivery.deadline_hours * 3600
+        current = self.work.finish_job(job["id"], records, destinations, outcome.timings, deadline,
+                                       note=outcome.note)
+        stages = " ".join(f"{k}={v:.2f}s" for k, v in outcome.timings.items())
+        if self.metrics is not None:
+            self.metrics.job_finished(outcome.timings)
+        if not current:
+            log.info("job %d finished but was superseded by newer instances; results not delivered", job["id"])
+            return
+        log.info("job %d done in %.1f s: study %s, %d findings, %d result objects%s; %s",
+                 job["id"], elapsed, job["study_uid"], outcome.findings, len(records),
+                 f" ({outcome.note})" if outcome.note else "", stages)
+
+    def stop(self) -> None:
+        """Stop the pool; running jobs go back to the queue on the next start."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        processes = list(getattr(pool, "_processes", {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:  # an analysis in flight is requeued at the next start
+            if process.is_alive():
+                process.terminate()
+
+    @property
+    def running(self) -> int:
+        """Jobs in flight."""
+        return len(self._running)

@@ -1,0 +1,49 @@
+"""Prometheus metrics of the node (its own registry, so tests can run several nodes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+
+class Metrics:
+    """Counters and histograms updated by the listener, the jobs and the deliveries."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.associations = Counter(
+            "dicomnode_associations_total", "Associations by outcome", ["outcome"], registry=self.registry
+        )
+        self.instances = Counter(
+            "dicomnode_instances_received_total", "C-STORE requests by result", ["result"],
+            registry=self.registry,
+        )
+        self.bytes = Counter("dicomnode_bytes_received_total", "Bytes stored", registry=self.registry)
+        self.deliveries = Counter(
+            "dicomnode_deliveries_total", "Delivery attempts by outcome", ["outcome"], registry=self.registry
+        )
+        self.stage_seconds = Histogram(
+            "dicomnode_job_stage_seconds", "Analysis stage durations", ["stage"], registry=self.registry,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 60, 120, 300),
+        )
+
+    def association(self, outcome: str) -> None:
+        """Count an accepted or rejected association."""
+        self.associations.labels(outcome).inc()
+
+    def instance_received(self, size: int, outcome: Any) -> None:
+        """Count one C-STORE by its disposition."""
+        result = outcome.disposition or ("success" if outcome.status == 0 else "failure")
+        self.instances.labels(result).inc()
+        if outcome.disposition == "new":
+            self.bytes.inc(size)
+
+    def job_finished(self, timings: dict[str, float]) -> None:
+        """Observe the stage timings of a finished job."""
+        for stage, seconds in timings.items():
+            self.stage_seconds.labels(stage).observe(seconds)
+
+    def delivery(self, outcome: str) -> None:
+        """Count a delivery outcome: sent, retried or failed."""
+        self.deliveries.labels(outcome).inc()

@@ -1,0 +1,1 @@
+"""DICOM networking: the Storage SCP (listener) and the SCU (delivery, echo, send)."""

@@ -1,0 +1,69 @@
+"""Association policy: our called AE title and the calling-AE allowlist.
+
+pynetdicom rejects with the proper A-ASSOCIATE-RJ reasons (PS3.8 9.3.4):
+called AE title not recognised (rejected-permanent, service-user, reason 7),
+calling AE title not recognised (reason 3), local limit exceeded (transient,
+service-provider presentation, reason 2). For an allowlist entry that names a host,
+the list of acceptable calling AE titles depends on the peer's address; the
+:class:`NodeAE` computes it per association thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+from pynetdicom.ae import ApplicationEntity
+from pynetdicom.association import Association
+
+from dicom_node.config import AllowedCaller
+
+# A title no peer can send (16 characters with a control character), meaning "nobody".
+_NOBODY = "\x01NOBODY"
+
+
+class CallerPolicy:
+    """Which (calling AE, host) pairs may associate."""
+
+    def __init__(self, allowed: Sequence[AllowedCaller]) -> None:
+        self._allowed = [(a.ae_title.strip(), a.host) for a in allowed]
+
+    @property
+    def restricted(self) -> bool:
+        """True when an allowlist is configured."""
+        return bool(self._allowed)
+
+    def titles_for_host(self, host: str | None) -> list[str]:
+        """Calling AE titles acceptable from ``host``."""
+        titles = [t for t, h in self._allowed if h is None or h == host]
+        return titles or [_NOBODY]
+
+    def is_allowed(self, calling_ae: str, host: str | None) -> bool:
+        """True when ``calling_ae`` from ``host`` may associate."""
+        if not self.restricted:
+            return True
+        return calling_ae.strip() in self.titles_for_host(host)
+
+
+class NodeAE(ApplicationEntity):
+    """An AE whose calling-AE allowlist depends on the peer's address."""
+
+    def __init__(self, ae_title: str, policy: CallerPolicy) -> None:
+        super().__init__(ae_title)
+        self.caller_policy = policy
+        self.require_called_aet = True
+
+    @property  # type: ignore[override]
+    def require_calling_aet(self) -> list[str]:
+        """pynetdicom reads this during negotiation, in the association's thread."""
+        policy: CallerPolicy | None = getattr(self, "caller_policy", None)
+        if policy is None or not policy.restricted:
+            return []
+        thread = threading.current_thread()
+        host = thread.requestor.address if isinstance(thread, Association) else None
+        return policy.titles_for_host(host)
+
+    @require_calling_aet.setter
+    def require_calling_aet(self, ae_titles: list[str]) -> None:
+        if ae_titles:
+            raise ValueError("configure callers through CallerPolicy")

@@ -1,0 +1,213 @@
+"""The Storage SCP: Verification and C-STORE for every storage SOP class.
+
+Handlers are thin: they turn pynetdicom events into :mod:`dicom_node.ingest` calls
+and log one line per association (no PHI: AE titles, addresses, UIDs, counts).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+    HTJ2K,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+)
+from pynetdicom import evt
+from pynetdicom.presentation import StoragePresentationContexts
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicom_node.config import Config
+from dicom_node.ingest import Ingestor, StoreRequest
+from dicom_node.net.policy import CallerPolicy, NodeAE
+
+log = logging.getLogger(__name__)
+
+# Accepted exactly as sent; never transcoded on receipt.
+ACCEPTED_TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    HTJ2K,
+    RLELossless,
+]
+
+
+@dataclass
+class AssociationStats:
+    """Per-association counters for the closing log line."""
+
+    calling_ae: str
+    peer: str
+    started: float = field(default_factory=time.monotonic)
+    instances: int = 0
+    failures: int = 0
+    bytes: int = 0
+
+
+class StorageSCP:
+    """Owns the pynetdicom AE and its listening server."""
+
+    def __init__(self, config: Config, ingestor: Ingestor, metrics: Any = None) -> None:
+        self.config = config
+        self.ingestor = ingestor
+        self.metrics = metrics
+        self.policy = CallerPolicy(config.security.allowed_callers)
+        self.ae = self._make_ae()
+        self.server: ThreadedAssociationServer | None = None
+        self._stats: dict[int, AssociationStats] = {}
+        self._lock = threading.Lock()
+
+    def _make_ae(self) -> NodeAE:
+        node = self.config.node
+        ae = NodeAE(node.ae_title, self.policy)
+        ae.maximum_associations = node.max_associations
+        ae.maximum_pdu_size = node.max_pdu_size
+        ae.acse_timeout = node.acse_timeout_seconds
+        ae.dimse_timeout = node.dimse_timeout_seconds
+        ae.network_timeout = node.network_timeout_seconds
+        ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        for cx in StoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+        return ae
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful when configured as 0 in tests)."""
+        assert self.server is not None
+        return int(self.server.server_address[1])
+
+    def start(self) -> None:
+        """Start listening (non-blocking)."""
+        node = self.config.node
+        handlers = [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_RELEASED, self._on_closed),
+            (evt.EVT_ABORTED, self._on_closed),
+        ]
+        self.server = self.ae.start_server(
+            (node.host, node.port), block=False, evt_handlers=handlers
+        )
+        log.info("listening as %s on %s:%d", node.ae_title, node.host, self.port)
+
+    def stop(self, grace_seconds: float) -> None:
+        """Stop accepting, let in-flight associations finish, then abort the rest."""
+        if self.server is None:
+            return
+        self.server.shutdown()
+        deadline = time.monotonic() + grace_seconds
+        while self._active() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for assoc in self._active():
+            log.warning("aborting association %s at shutdown", assoc.native_id)
+            assoc.abort()
+        self.server = None
+        log.info("listener stopped")
+
+    def _active(self) -> list[Any]:
+        return [a for a in self.ae.active_associations if a.is_acceptor and a.is_alive()]
+
+    # ---- handlers -----------------------------------------------------------
+
+    def _on_echo(self, event: evt.Event) -> int:
+        return 0x0000
+
+    def _on_store(self, event: evt.Event) -> Dataset:
+        req = event.request
+        assoc = event.assoc
+        data = event.encoded_dataset(include_meta=True)
+        outcome = self.ingestor.store(
+            StoreRequest(
+                data=data,
+                sop_class_uid=str(req.AffectedSOPClassUID or ""),
+                sop_instance_uid=str(req.AffectedSOPInstanceUID or ""),
+                transfer_syntax=str(event.context.transfer_syntax),
+                called_ae=assoc.acceptor.ae_title,
+                calling_ae=assoc.requestor.ae_title,
+            )
+        )
+        stats = self._stats.get(id(assoc))
+        if stats is not None:
+            stats.instances += 1
+            stats.bytes += len(data)
+            stats.failures += outcome.status != 0
+        if self.metrics is not None:
+            self.metrics.instance_received(len(data), outcome)
+        rsp = Dataset()
+        rsp.Status = outcome.status
+        if outcome.comment:
+            rsp.ErrorComment = outcome.comment[:64]
+        return rsp
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        peer = f"{assoc.requestor.address}:{assoc.requestor.port}"
+        with self._lock:
+            self._stats[id(assoc)] = AssociationStats(assoc.requestor.ae_title, peer)
+        if self.metrics is not None:
+            self.metrics.association("accepted")
+        log.info("association %s accepted: calling=%s called=%s peer=%s",
+                 assoc.native_id, assoc.requestor.ae_title, assoc.acceptor.ae_title, peer)
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        reason = self.rejection_reason(assoc)
+        if self.metrics is not None:
+            self.metrics.association(f"rejected_{reason.replace(' ', '_')}")
+        log.warning("association rejected (%s): calling=%s called=%s peer=%s",
+                    reason, assoc.requestor.ae_title, assoc.requestor.primitive.called_ae_title
+                    if assoc.requestor.primitive else "?", assoc.requestor.address)
+
+    def rejection_reason(self, assoc: Any) -> str:
+        """Name the reason an association was rejected (recomputed from the policy)."""
+        primitive = assoc.requestor.primitive
+        called = primitive.called_ae_title if primitive is not None else ""
+        if called.strip() != self.config.node.ae_title.strip():
+            return "called AE title not recognised"
+        if not self.policy.is_allowed(assoc.requestor.ae_title, assoc.requestor.address):
+            return "calling AE title not recognised"
+        return "too many associations"
+
+    def _on_closed(self, event: evt.Event) -> None:
+        with self._lock:
+            stats = self._stats.pop(id(event.assoc), None)
+        if stats is None:
+            return
+        how = "released" if event.event is evt.EVT_RELEASED else "aborted"
+        elapsed = time.monotonic() - stats.started
+        log.info("association %s %s: calling=%s peer=%s instances=%d failures=%d bytes=%d seconds=%.2f",
+                 event.assoc.native_id, how, stats.calling_ae, stats.peer, stats.instances,
+                 stats.failures, stats.bytes, elapsed)

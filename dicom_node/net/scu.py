@@ -1,0 +1,167 @@
+"""The SCU side: C-ECHO and C-STORE to a peer, checking every status.
+
+Only the presentation contexts the files need are proposed: one per SOP class for
+uncompressed data (the file's transfer syntax first, then Explicit and Implicit VR
+Little Endian, between which pynetdicom converts), plus one per compressed transfer
+syntax actually present, sent as stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import evt
+from pynetdicom.ae import ApplicationEntity
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification
+
+from dicom_node.errors import DeliveryError
+
+log = logging.getLogger(__name__)
+
+MAX_CONTEXTS = 128
+UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Where to connect: AE title, host and port."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class OutgoingFile:
+    """A file to send and what it is."""
+
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+
+
+def describe_file(path: Path) -> OutgoingFile:
+    """Read a file's meta header; raises DeliveryError if it is not DICOM."""
+    try:
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
+        meta = ds.file_meta
+        return OutgoingFile(
+            path,
+            str(meta.get("MediaStorageSOPClassUID") or ds.SOPClassUID),
+            str(meta.get("MediaStorageSOPInstanceUID") or ds.SOPInstanceUID),
+            str(meta.TransferSyntaxUID),
+        )
+    except (InvalidDicomError, AttributeError, OSError, ValueError) as exc:
+        raise DeliveryError(f"{path}: not a DICOM file with file meta ({type(exc).__name__})") from exc
+
+
+def plan_contexts(files: Iterable[OutgoingFile]) -> list[tuple[str, list[str]]]:
+    """The presentation contexts (abstract syntax, transfer syntaxes) to propose."""
+    plan: dict[tuple[str, str], list[str]] = {}
+    for f in files:
+        ts = UID(f.transfer_syntax)
+        if ts.is_compressed or ts not in UNCOMPRESSED:
+            plan.setdefault((f.sop_class_uid, str(ts)), [str(ts)])
+        else:
+            syntaxes = plan.setdefault((f.sop_class_uid, "uncompressed"), [])
+            for candidate in (str(ts), *UNCOMPRESSED):
+                if candidate not in syntaxes:
+                    syntaxes.append(candidate)
+    if len(plan) > MAX_CONTEXTS:
+        raise DeliveryError(f"{len(plan)} presentation contexts needed; at most {MAX_CONTEXTS} per association")
+    return [(sop_class, syntaxes) for (sop_class, _), syntaxes in plan.items()]
+
+
+def _make_ae(calling_ae: str, timeout: float) -> ApplicationEntity:
+    ae = ApplicationEntity(calling_ae)
+    ae.acse_timeout = timeout
+    ae.dimse_timeout = max(timeout, 60.0)
+    ae.network_timeout = max(timeout, 60.0)
+    ae.connection_timeout = timeout
+    return ae
+
+
+def _associate(ae: ApplicationEntity, peer: Peer) -> Association:
+    connected = threading.Event()
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title,
+                         evt_handlers=[(evt.EVT_CONN_OPEN, lambda _: connected.set())])
+    if assoc.is_established:
+        return assoc
+    if not connected.is_set():
+        raise DeliveryError(f"cannot connect to {peer} (refused or unreachable)")
+    if assoc.is_rejected:
+        raise DeliveryError(f"association rejected by {peer} (check its AE title and allowlist)")
+    raise DeliveryError(f"association aborted by {peer}")
+
+
+def echo(peer: Peer, calling_ae: str, timeout: float = 10.0) -> int:
+    """C-ECHO ``peer``; returns the status, raises DeliveryError when unreachable."""
+    ae = _make_ae(calling_ae, timeout)
+    ae.add_requested_context(Verification)
+    assoc = _associate(ae, peer)
+    try:
+        rsp = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    if "Status" not in rsp:
+        raise DeliveryError(f"no C-ECHO response from {peer}")
+    return int(rsp.Status)
+
+
+def store_files(
+    peer: Peer,
+    files: Sequence[OutgoingFile],
+    calling_ae: str,
+    *,
+    timeout: float = 10.0,
+    on_status: Callable[[OutgoingFile, int], None] | None = None,
+) -> dict[str, int]:
+    """C-STORE ``files`` over one association; returns SOP Instance UID -> status.
+
+    A file whose context was not accepted gets status -1; a lost response -2.
+    Raises DeliveryError when no association can be established.
+    """
+    ae = _make_ae(calling_ae, timeout)
+    for sop_class, syntaxes in plan_contexts(files):
+        ae.add_requested_context(sop_class, syntaxes)
+    assoc = _associate(ae, peer)
+    statuses: dict[str, int] = {}
+    try:
+        for f in files:
+            status = _store_one(assoc, f)
+            statuses[f.sop_instance_uid] = status
+            if on_status is not None:
+                on_status(f, status)
+            if not assoc.is_established:
+                break
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return statuses
+
+
+def _store_one(assoc: Association, f: OutgoingFile) -> int:
+    try:
+        ds = dcmread(f.path)
+        rsp = assoc.send_c_store(ds)
+    except ValueError as exc:
+        log.warning("not sent, no accepted context: sop=%s (%s)", f.sop_instance_uid, exc)
+        return -1
+    except (OSError, InvalidDicomError) as exc:
+        log.warning("cannot read %s for sending: %s", f.path, exc)
+        return -1
+    if "Status" not in rsp:
+        return -2
+    return int(rsp.Status)

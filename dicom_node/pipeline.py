@@ -1,0 +1,142 @@
+"""The analysis pipeline, run inside a worker process (never in the listener).
+
+Stages: select (series selection) -> volume (series to volume) -> analyse (the
+plugin) -> seg, sr (result encoding) -> write (durable result files). Each stage is
+timed; the timings go to the state database and the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+
+from dicom_node.errors import NodeError, SeriesError
+from dicom_node.storage.spool import write_durably
+
+log = logging.getLogger(__name__)
+
+_PLUGINS: dict[str, Any] = {}
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything a worker needs to run one job (picklable)."""
+
+    job_id: int
+    study_uid: str
+    plugin_name: str
+    plugin_factory: str | None
+    plugin_options: dict[str, Any]
+    files: list[Path]
+    results_dir: Path
+    revision: int
+
+
+@dataclass(frozen=True)
+class ResultFile:
+    """One result object written by a worker."""
+
+    sop_instance_uid: str
+    series_uid: str
+    sop_class_uid: str
+    kind: str
+    path: Path
+
+
+@dataclass
+class JobOutcome:
+    """What a worker reports back."""
+
+    results: list[ResultFile] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    note: str = ""  # why nothing was produced, when nothing was
+    findings: int = 0
+
+
+@contextmanager
+def _stage(timings: dict[str, float], name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+
+
+def get_plugin(name: str, factory: str | None, options: dict[str, Any]) -> Any:
+    """Load a plugin once per worker process."""
+    if name not in _PLUGINS:
+        from plugin.registry import load_plugin
+
+        _PLUGINS[name] = load_plugin(name, factory=factory, options=options)
+    return _PLUGINS[name]
+
+
+def worker_init(torch_threads: int | None) -> None:
+    """Process initialiser: thread settings for inference."""
+    import torch
+
+    threads = torch_threads or max(1, os.cpu_count() or 1)
+    torch.set_num_threads(threads)
+
+
+def _write(ds: Dataset, folder: Path, kind: str) -> ResultFile:
+    buffer = DicomBytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    path = folder / f"{kind}-{ds.SOPInstanceUID}.dcm"
+    write_durably(path, buffer.getvalue())
+    return ResultFile(str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPClassUID), kind, path)
+
+
+def run_job(spec: JobSpec) -> JobOutcome:
+    """Run one analysis job end to end; raises NodeError subclasses on failure."""
+    from dicom_node.results import encode_seg, encode_sr, result_series_numbers
+    from dicom_node.series import build_volume, select_series
+
+    outcome = JobOutcome()
+    t = outcome.timings
+    plugin = get_plugin(spec.plugin_name, spec.plugin_factory, spec.plugin_options)
+    with _stage(t, "select"):
+        try:
+            selection = select_series(spec.files, plugin.criteria)
+        except SeriesError as exc:
+            outcome.note = str(exc)
+            log.info("job %d study %s: nothing to analyse: %s", spec.job_id, spec.study_uid, exc)
+            return outcome
+    with _stage(t, "volume"):
+        volume = build_volume(selection.paths)
+    with _stage(t, "analyse"):
+        findings = plugin.analyse(volume)
+    outcome.findings = len(findings.findings)
+    seg_number, sr_number = result_series_numbers(spec.revision)
+    folder = spec.results_dir / str(spec.job_id)
+    datasets: list[tuple[str, Dataset]] = []
+    if findings.findings:
+        with _stage(t, "seg"):
+            datasets.append(("SEG", encode_seg(volume, findings, plugin.info, series_number=seg_number)))
+    with _stage(t, "sr"):
+        datasets.append(("SR", encode_sr(volume, findings, plugin.info, series_number=sr_number)))
+    with _stage(t, "write"):
+        outcome.results = [_write(ds, folder, kind) for kind, ds in datasets]
+    return outcome
+
+
+def run_job_safely(spec: JobSpec) -> JobOutcome | str:
+    """Worker entry point: an outcome, or the failure reason as a string."""
+    try:
+        return run_job(spec)
+    except NodeError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    except MemoryError:
+        return "out of memory during analysis"
+    except Exception as exc:  # a plugin bug must not kill the worker silently
+        log.exception("job %d failed unexpectedly", spec.job_id)
+        return f"unexpected {type(exc).__name__}: {exc}"

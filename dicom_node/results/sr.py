@@ -1,0 +1,135 @@
+"""Encode findings as a Comprehensive 3D SR holding a TID 1500 Measurement Report.
+
+The report names the imaging procedure analysed (``Findings.procedure``), a device
+observer (the model), an image library of all source images, two measurement
+groups per finding (see :mod:`dicom_node.results.sr_content`) and, in the TID 1500
+"Qualitative Evaluations" container, free-text comments: the plugin summary and,
+unless the plugin is cleared for clinical use, "NOT FOR DIAGNOSTIC USE".
+
+A study without findings still gets an SR: one group whose qualitative evaluation
+says the finding type is absent, so the reader knows the analysis ran.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from dicom_node.errors import EncodeError
+from dicom_node.results import common, sr_content
+from plugin.types import Findings, PluginInfo, Volume
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ABSENT_FINDING = codes.SCT.Finding  # (404684003, SCT, "Finding")
+
+
+def encode_sr(
+    volume: Volume,
+    findings: Findings,
+    info: PluginInfo,
+    *,
+    series_number: int,
+    series_instance_uid: str | None = None,
+    instance_number: int = 1,
+    sop_instance_uid: str | None = None,
+    absent_finding_type: Code | None = None,
+) -> Dataset:
+    """Build the TID 1500 SR for ``findings`` on ``volume``.
+
+    ``absent_finding_type`` names what was looked for when there are no findings
+    (e.g. SCT Nodule); it defaults to SCT "Finding". Raises :class:`EncodeError`
+    when the inputs cannot be encoded.
+    """
+    sources = common.load_sources(volume)
+    report = _report(volume, findings, info, sources, absent_finding_type)
+    kwargs: dict[str, Any] = {
+        "series_instance_uid": common.new_uid(series_instance_uid),
+        "series_number": series_number,
+        "sop_instance_uid": common.new_uid(sop_instance_uid),
+        "instance_number": instance_number,
+    }
+    try:
+        with common.no_phi_warnings():
+            sr = _document(sources, report, findings, info, **kwargs)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise EncodeError(f"cannot build SR: {e}") from e
+    logger.info(
+        "encoded SR %s: %d findings, study %s",
+        sr.SOPInstanceUID, len(findings.findings), volume.study_instance_uid,
+    )
+    return sr
+
+
+def _document(
+    sources: list[Dataset],
+    report: hd.sr.MeasurementReport,
+    findings: Findings,
+    info: PluginInfo,
+    **kwargs: Any,
+) -> hd.sr.Comprehensive3DSR:
+    """Call highdicom; ``kwargs`` carry the series/instance numbering."""
+    return hd.sr.Comprehensive3DSR(
+        evidence=sources,
+        content=report,
+        manufacturer=common.NODE_MANUFACTURER,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        performed_procedure_codes=[findings.procedure],
+        contributing_equipment=common.contributing_equipment(info),
+        series_description=common.series_description(info, "SR"),
+        manufacturer_model_name=common.model_name(info),
+        software_versions=list(common.software_versions(info)),
+        device_serial_number=info.device_uid,
+        specific_character_set=common.character_set(sources[0]),
+        **kwargs,
+    )
+
+
+def comments(findings: Findings, info: PluginInfo, absent: Code) -> list[str]:
+    """Free-text comments of the report (intended use, summary, none found)."""
+    texts = []
+    if not info.for_clinical_use:
+        texts.append(
+            f"{common.NOT_FOR_DIAGNOSTIC_USE}: automated result of "
+            f"{info.display_name or info.name} {info.version}, not cleared for clinical use."
+        )
+    if findings.summary:
+        texts.append(findings.summary)
+    if not findings.findings:
+        texts.append(f"Analysis completed: no {absent.meaning.lower()} detected.")
+    return texts
+
+
+def _report(
+    volume: Volume,
+    findings: Findings,
+    info: PluginInfo,
+    sources: list[Dataset],
+    absent_finding_type: Code | None,
+) -> hd.sr.MeasurementReport:
+    absent = absent_finding_type or DEFAULT_ABSENT_FINDING
+    groups: list[sr_content.Group] = []
+    for finding in findings.findings:
+        groups.extend(sr_content.finding_groups(volume, finding, info, sources))
+    if not groups:
+        groups.append(sr_content.no_findings_group(info, absent))
+    try:
+        report = hd.sr.MeasurementReport(
+            observation_context=sr_content.observation_context(info),
+            procedure_reported=findings.procedure,
+            imaging_measurements=groups,
+            referenced_images=sources,
+        )
+    except (ValueError, TypeError) as e:
+        raise EncodeError(f"cannot build measurement report: {e}") from e
+    texts = comments(findings, info, absent)
+    if texts:
+        report[0].ContentSequence.append(sr_content.comments_container(texts))
+    return report

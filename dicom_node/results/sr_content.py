@@ -1,0 +1,216 @@
+"""TID 1500 content items for the SR: measurement groups, observer, comments.
+
+Per finding there are two groups sharing one tracking identifier and UID:
+
+* TID 1410 planar group: the long axis as a 2-point SCOORD POLYLINE on the key
+  slice, with Long axis and Short axis (mm).
+* TID 1411 volumetric group: closed SCOORD POLYLINE outlines on each slice the
+  finding spans, with Volume (mm3) and Mean Attenuation Coefficient (HU).
+
+Nothing references the SEG (OHIF 3.13 rejects an SR whose groups reference
+segments). Pixel coordinates are used as given: :mod:`plugin.types` defines them
+in SCOORD image coordinates, ``(column, row)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from dicom_node.errors import EncodeError
+from dicom_node.results import common
+from plugin.types import Finding, PluginInfo, Volume
+
+logger = logging.getLogger(__name__)
+
+# TID 1500 row "Qualitative Evaluations" container (the concept TID 1500 names).
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
+NO_FINDINGS_ID = "No findings"
+
+Group = (
+    hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+    | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+    | hd.sr.MeasurementsAndQualitativeEvaluations
+)
+
+
+def observation_context(info: PluginInfo) -> hd.sr.ObservationContext:
+    """TID 1001 with a device observer: the model that produced the findings."""
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=info.device_uid,
+        name=common.plain(info.display_name or info.name),
+        manufacturer_name=common.plain(info.manufacturer),
+        model_name=common.plain(f"{info.name} {info.version}"),
+    )
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.cid270.Device,
+        observer_identifying_attributes=device,
+    )
+    return hd.sr.ObservationContext(observer_device_context=observer)
+
+
+def algorithm_id(info: PluginInfo) -> hd.sr.AlgorithmIdentification:
+    """TID 4019 algorithm identification for each measurement group."""
+    return hd.sr.AlgorithmIdentification(
+        name=common.plain(info.display_name or info.name),
+        version=common.plain(info.version),
+        family=codes.cid7162.ArtificialIntelligence,
+        manufacturer=common.plain(info.manufacturer),
+    )
+
+
+def finding_groups(
+    volume: Volume, finding: Finding, info: PluginInfo, sources: Sequence[Dataset]
+) -> list[Group]:
+    """The planar (long axis) and the volumetric (outlines) group of one finding."""
+    tracking = hd.sr.TrackingIdentifier(
+        uid=common.tracking_uid(volume, info, finding),
+        identifier=common.plain(finding.name),
+    )
+    return [
+        _planar_group(finding, info, sources, tracking),
+        _volumetric_group(finding, info, sources, tracking),
+    ]
+
+
+def no_findings_group(
+    info: PluginInfo, finding_type: Code
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group stating that ``finding_type`` is absent (the analysis ran)."""
+    tracking = hd.sr.TrackingIdentifier(uid=common.new_uid(None), identifier=NO_FINDINGS_ID)
+    absent = hd.sr.QualitativeEvaluation(name=finding_type, value=codes.SCT.Absent)
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        finding_type=finding_type,
+        algorithm_id=algorithm_id(info),
+        qualitative_evaluations=[absent],
+    )
+
+
+def comments_container(texts: Sequence[str]) -> hd.sr.ContainerContentItem:
+    """TID 1500 "Qualitative Evaluations" container holding TEXT Comment items."""
+    container = hd.sr.ContainerContentItem(
+        name=QUALITATIVE_EVALUATIONS,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    container.ContentSequence = hd.sr.ContentSequence(
+        [
+            hd.sr.TextContentItem(
+                name=codes.DCM.Comment,
+                value=common.plain(text),
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+            for text in texts
+        ]
+    )
+    return container
+
+
+def _planar_group(
+    finding: Finding,
+    info: PluginInfo,
+    sources: Sequence[Dataset],
+    tracking: hd.sr.TrackingIdentifier,
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    axis = finding.long_axis
+    line = np.array([axis.start, axis.end], dtype=np.float32)
+    region = _region(line, sources, finding.key_slice, finding)
+    mm = codes.UCUM.Millimeter
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        referenced_region=region,
+        finding_type=finding.codes.type,
+        finding_category=finding.codes.category,
+        finding_sites=_sites(finding),
+        algorithm_id=algorithm_id(info),
+        measurements=[
+            hd.sr.Measurement(name=codes.SCT.LongAxis, value=axis.length_mm, unit=mm),
+            hd.sr.Measurement(
+                name=codes.SCT.ShortAxis, value=finding.short_axis.length_mm, unit=mm
+            ),
+        ],
+    )
+
+
+def _volumetric_group(
+    finding: Finding,
+    info: PluginInfo,
+    sources: Sequence[Dataset],
+    tracking: hd.sr.TrackingIdentifier,
+) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    regions = [
+        _region(_closed(outline), sources, z, finding)
+        for z in sorted(finding.contours)
+        for outline in finding.contours[z]
+    ]
+    if not regions:
+        raise EncodeError(f"{finding.name} has no contours for its volumetric group")
+    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        referenced_regions=regions,
+        finding_type=finding.codes.type,
+        finding_category=finding.codes.category,
+        finding_sites=_sites(finding),
+        algorithm_id=algorithm_id(info),
+        measurements=[
+            hd.sr.Measurement(
+                name=codes.SCT.Volume,
+                value=finding.volume_mm3,
+                unit=codes.UCUM.CubicMillimeter,
+            ),
+            hd.sr.Measurement(
+                name=codes.DCM.MeanAttenuationCoefficient,
+                value=finding.mean_hu,
+                unit=codes.UCUM.HounsfieldUnit,
+            ),
+        ],
+    )
+
+
+def _sites(finding: Finding) -> list[hd.sr.FindingSite] | None:
+    site = finding.codes.site
+    return [hd.sr.FindingSite(anatomic_location=site)] if site is not None else None
+
+
+def _closed(outline: np.ndarray) -> np.ndarray:
+    """``outline`` as float32 (N, 2) with the first point repeated at the end."""
+    points = np.asarray(outline, dtype=np.float32).reshape(-1, 2)
+    if len(points) and not np.array_equal(points[0], points[-1]):
+        points = np.vstack([points, points[:1]])
+    return points
+
+
+def _region(
+    points: np.ndarray, sources: Sequence[Dataset], z: int, finding: Finding
+) -> hd.sr.ImageRegion:
+    if not 0 <= z < len(sources):
+        raise EncodeError(f"{finding.name}: slice index {z} outside 0..{len(sources) - 1}")
+    source = sources[z]
+    _check_points(points, source, finding)
+    try:
+        return hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=points,
+            source_image=hd.sr.SourceImageForRegion(
+                referenced_sop_class_uid=source.SOPClassUID,
+                referenced_sop_instance_uid=source.SOPInstanceUID,
+            ),
+        )
+    except (ValueError, TypeError) as e:
+        raise EncodeError(f"{finding.name}: invalid region on slice {z}: {e}") from e
+
+
+def _check_points(points: np.ndarray, source: Dataset, finding: Finding) -> None:
+    if len(points) < 2 or not np.all(np.isfinite(points)):
+        raise EncodeError(f"{finding.name}: a region needs >= 2 finite points")
+    cols, rows = float(source.Columns), float(source.Rows)
+    inside = (points[:, 0] >= 0) & (points[:, 0] <= cols)
+    inside &= (points[:, 1] >= 0) & (points[:, 1] <= rows)
+    if not np.all(inside):
+        raise EncodeError(f"{finding.name}: region points lie outside the image")

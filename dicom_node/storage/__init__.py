@@ -1,0 +1,1 @@
+"""Durable storage: the spool of received files and the SQLite state database."""

@@ -1,0 +1,17 @@
+"""Shared fixtures: generated CT series written once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dicom_node.synthetic.ct_writer import SeriesLayout, StudyIdentity, simple_ct_volume, write_ct_series
+
+
+@pytest.fixture(scope="session")
+def ct150(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """A 150-slice 512x512 CT series (uncompressed, Explicit VR Little Endian)."""
+    folder = tmp_path_factory.mktemp("ct150")
+    study = StudyIdentity(patient_name="SECRET^PATIENT", patient_id="PID-SECRET-150")
+    return write_ct_series(simple_ct_volume(150, 512, 512), folder, study, SeriesLayout())

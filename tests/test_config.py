@@ -1,0 +1,99 @@
+"""The configuration schema and ``dicom-node check-config``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dicom_node.cli import main
+from dicom_node.config import load_config, parse_config, with_overrides
+from dicom_node.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+
+CORE = """
+node: {ae_title: DICOMNODE, host: 0.0.0.0, port: 11112, storage_dir: ./var}
+security: {allowed_callers: []}
+destinations:
+  pacs: {ae_title: PACS, host: 127.0.0.1, port: 4242}
+routes:
+  - name: chest-ct
+    match: {Modality: CT, BodyPartExamined: "(?i)chest|thorax|lung"}
+    plugin: lung_nodules
+    stable_seconds: 10
+    destinations: [pacs]
+"""
+
+
+def test_core_schema_as_documented_is_valid() -> None:
+    config = parse_config(yaml.safe_load(CORE))
+    assert config.node.ae_title == "DICOMNODE"
+    assert config.routes[0].stable_seconds == 10
+    assert config.destinations["pacs"].port == 4242
+
+
+@pytest.mark.parametrize("path", ["config/dicom-node.example.yaml", "dicom_node/default_config.yaml"])
+def test_shipped_configs_are_valid(path: str) -> None:
+    config = load_config(REPO / path)
+    assert config.routes and config.routes[0].plugin == "lung_nodules"
+
+
+def test_embedded_default_loads() -> None:
+    assert load_config(None).node.port == 11112
+
+
+@pytest.mark.parametrize(
+    "patch, key, reason",
+    [
+        ({"node": {"ae_title": ""}}, "node.ae_title", "1 to 16"),
+        ({"node": {"ae_title": "A" * 17}}, "node.ae_title", "1 to 16"),
+        ({"node": {"ae_title": "BAD\\AE"}}, "node.ae_title", "backslash"),
+        ({"node": {"ae_title": "BAD\nAE"}}, "node.ae_title", "control"),
+        ({"node": {"ae_title": "    "}}, "node.ae_title", "all spaces"),
+        ({"node": {"port": 0}}, "node.port", "greater than or equal to 1"),
+        ({"node": {"port": 70000}}, "node.port", "less than or equal to 65535"),
+        ({"node": {"colour": "blue"}}, "node.colour", "unknown key"),
+        ({"surprise": 1}, "surprise", "unknown key"),
+        ({"security": {"allowed_callers": [{"ae_title": "PACS", "hots": "x"}]}},
+         "security.allowed_callers.0.hots", "unknown key"),
+        ({"routes": [{"name": "r", "plugin": "p", "destinations": ["nowhere"]}]},
+         "routes.0.destinations", "unknown destination 'nowhere'"),
+        ({"routes": [{"name": "r", "plugin": "p", "match": {"Colour": "x"}}]}, "routes.0.match", "unknown match key"),
+        ({"routes": [{"name": "r", "plugin": "p", "match": {"Modality": "("}}]}, "routes.0.match", "regular expression"),
+    ],
+)
+def test_invalid_values_name_key_and_reason(patch: dict, key: str, reason: str) -> None:
+    data = yaml.safe_load(CORE)
+    for section, value in patch.items():
+        if isinstance(value, dict) and isinstance(data.get(section), dict):
+            data[section] = {**data[section], **value}
+        else:
+            data[section] = value
+    with pytest.raises(ConfigError) as err:
+        parse_config(data, "test.yaml")
+    message = str(err.value)
+    assert key in message and reason in message, message
+
+
+def test_check_config_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(CORE)
+    assert main(["check-config", str(good)]) == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(CORE.replace("port: 4242", "port: 99999"))
+    assert main(["check-config", str(bad)]) != 0
+    err = capsys.readouterr().err
+    assert "destinations.pacs.port" in err and "65535" in err
+    assert main(["check-config", str(tmp_path / "missing.yaml")]) != 0
+    (tmp_path / "broken.yaml").write_text("node: [unclosed")
+    assert main(["check-config", str(tmp_path / "broken.yaml")]) != 0
+    assert "not valid YAML" in capsys.readouterr().err
+
+
+def test_cli_overrides_replace_file_values() -> None:
+    config = with_overrides(parse_config(yaml.safe_load(CORE)), port=1234, ae_title="OTHER", storage_dir=None)
+    assert (config.node.port, config.node.ae_title) == (1234, "OTHER")
+    with pytest.raises(ConfigError, match="node.port"):
+        with_overrides(config, port=0)

@@ -1,0 +1,223 @@
+"""The node end to end, as an admin runs it: `dicom-node serve` in a subprocess,
+dcmtk storescu as the sender and dcmtk storescp as the destination.
+
+The analysis is the test-only threshold plugin (tests/fake_plugins.py); the shipped
+configuration uses the real model.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+
+from dicom_node.synthetic.ct_writer import SeriesLayout, StudyIdentity, write_ct_series
+from tests.support import (
+    DCMTK_ENV,
+    FAKE_PLUGIN,
+    NodeProcess,
+    StoreSCP,
+    dense_phantom,
+    dense_route,
+    free_port,
+    node_config,
+    acknowledged_files,
+    require_tool,
+    storescu,
+)
+
+PATIENT = StudyIdentity(patient_name="DOE^JANE^SECRET", patient_id="MRN-77123-SECRET", patient_birth_date="19511231")
+
+
+@pytest.fixture
+def dest(tmp_path: Path) -> Iterator[StoreSCP]:
+    scp = StoreSCP(free_port(), tmp_path / "received").start()
+    yield scp
+    scp.stop()
+
+
+def _node(tmp_path: Path, dest_port: int, **sections: Any) -> NodeProcess:
+    sections = {"destinations": {"dest": {"ae_title": "DEST", "host": "127.0.0.1", "port": dest_port}},
+                "routes": dense_route(["dest"]), "plugins": FAKE_PLUGIN, **sections}
+    cfg = node_config(tmp_path / "var", free_port(), **sections)
+    return NodeProcess(cfg, tmp_path / "node")
+
+
+@pytest.fixture
+def study(tmp_path: Path) -> list[Path]:
+    return write_ct_series(dense_phantom(40), tmp_path / "study", PATIENT, SeriesLayout(pixel_spacing_mm=(1.0, 1.0)))
+
+
+def _dciodvfy_errors(path: Path) -> list[str]:
+    require_tool("dciodvfy")
+    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+
+
+def _results(dest: StoreSCP) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {"SEG": [], "SR": []}
+    for path in dest.files():
+        ds = dcmread(path)
+        out.setdefault(ds.Modality, []).append((path, ds))
+    return out
+
+
+def _study_state(status: dict[str, Any], state: str) -> bool:
+    return any(s["state"] == state for s in status["studies"])
+
+
+def test_study_analysed_and_delivered(tmp_path: Path, dest: StoreSCP, study: list[Path]) -> None:
+    node = _node(tmp_path, dest.port).start()
+    try:
+        assert storescu(node.port, study).returncode == 0
+        status = node.wait_for(lambda s: _study_state(s, "done"), what="study done")
+        job = status["jobs"][0]
+        assert job["state"] == "done" and {"select", "volume", "analyse", "seg", "sr"} <= set(job["timings"])
+        assert status["deliveries"][0]["state"] == "done"
+        results = _results(dest)
+        assert len(results["SEG"]) == 1 and len(results["SR"]) == 1
+        source = dcmread(study[0], stop_before_pixels=True)
+        for path, ds in results["SEG"] + results["SR"]:
+            assert ds.StudyInstanceUID == source.StudyInstanceUID
+            assert ds.PatientID == source.PatientID
+            assert not _dciodvfy_errors(path), _dciodvfy_errors(path)
+        seg = results["SEG"][0][1]
+        assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Lesion 1", "Lesion 2"]
+        assert (seg.SeriesNumber, results["SR"][0][1].SeriesNumber) == (9001, 9002)
+        text = node.cli("status", "--config", str(node.config_path)).stdout
+        assert "done" in text and source.StudyInstanceUID in text
+        # no PHI in any log line of the whole run
+        log = node.log()
+        for secret in ("DOE^JANE", "SECRET", "MRN-77123", "19511231"):
+            assert secret not in log
+    finally:
+        node.stop()
+
+
+def test_late_instances_reopen_and_supersede(tmp_path: Path, dest: StoreSCP, study: list[Path]) -> None:
+    node = _node(tmp_path, dest.port).start()
+    try:
+        assert storescu(node.port, study[:-5]).returncode == 0
+        node.wait_for(lambda s: _study_state(s, "done"), what="first revision done")
+        first = _results(dest)
+        assert storescu(node.port, study[-5:]).returncode == 0
+        node.wait_for(lambda s: _study_state(s, "done") and len(s["jobs"]) == 2, what="second revision")
+        both = _results(dest)
+        assert len(both["SEG"]) == 2 and len(both["SR"]) == 2
+        new = [ds for _, ds in both["SEG"] + both["SR"] if ds.SOPInstanceUID not in
+               {d.SOPInstanceUID for _, d in first["SEG"] + first["SR"]}]
+        assert sorted(int(ds.SeriesNumber) for ds in new) == [9011, 9012]
+        old_series = {ds.SeriesInstanceUID for _, ds in first["SEG"] + first["SR"]}
+        assert not {ds.SeriesInstanceUID for ds in new} & old_series
+        # loop safety: our own results coming back, and a re-sent study, trigger nothing
+        sent = node.cli("send", str(dest.out_dir), "--to", f"DICOMNODE@127.0.0.1:{node.port}")
+        assert "sent 4 of 4 instances" in sent.stdout
+        assert storescu(node.port, study).returncode == 0
+        time.sleep(3)
+        status = node.status()
+        assert len(status["jobs"]) == 2 and _study_state(status, "done")
+    finally:
+        node.stop()
+
+
+def test_destination_down_then_up(tmp_path: Path, study: list[Path]) -> None:
+    port = free_port()
+    node = _node(tmp_path, port).start()
+    scp = StoreSCP(port, tmp_path / "late")
+    try:
+        assert storescu(node.port, study).returncode == 0
+        status = node.wait_for(lambda s: s["deliveries"] and s["deliveries"][0]["attempts"] >= 2,
+                               what="delivery retries")
+        assert status["deliveries"][0]["state"] == "pending"
+        assert "cannot connect" in status["deliveries"][0]["last_error"]
+        text = node.cli("status", "--config", str(node.config_path)).stdout
+        assert "pending" in text and "cannot connect" in text
+        scp.start()
+        status = node.wait_for(lambda s: _study_state(s, "done"), what="delivered after retry")
+        assert status["deliveries"][0]["state"] == "done"
+        assert len(scp.files()) == 2
+    finally:
+        scp.stop()
+        node.stop()
+
+
+def test_kill9_mid_transfer_loses_nothing(tmp_path: Path, dest: StoreSCP, ct150: list[Path]) -> None:
+    node = _node(tmp_path, dest.port).start()
+    require_tool("storescu")
+    sender = subprocess.Popen(
+        ["storescu", "-v", "-aec", "DICOMNODE", "127.0.0.1", str(node.port), *map(str, ct150)],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=DCMTK_ENV,
+    )
+    spool = Path(node.config["node"]["storage_dir"]) / "spool"
+    deadline = time.monotonic() + 60
+    while len(list(spool.rglob("*.dcm"))) < 40 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    node.kill9()
+    _, err = sender.communicate(timeout=60)
+    acked = acknowledged_files(err)
+    assert 40 <= len(acked) < 150, f"{len(acked)} acknowledged"
+    node.start()
+    try:
+        stored = {p.stem for p in spool.rglob("*.dcm")}
+        with sqlite3.connect(spool.parent / "state.sqlite3") as db:
+            registered = {uid for (uid,) in db.execute("SELECT sop_instance_uid FROM instances")}
+        for path in acked:
+            uid = dcmread(path, stop_before_pixels=True).SOPInstanceUID
+            assert uid in stored and uid in registered
+        assert not list(spool.rglob(".incoming-*"))
+        assert storescu(node.port, ct150).returncode == 0  # the rest (and duplicates) again
+        status = node.wait_for(lambda s: _study_state(s, "done"), timeout=180, what="processed after restart")
+        assert status["studies"][0]["instance_count"] == 150
+        assert status["deliveries"][0]["state"] == "done"
+        assert [ds.Modality for _, ds in sum(_results(dest).values(), [])] == ["SR"]  # no dense lesions
+    finally:
+        node.stop()
+
+
+def test_sigterm_finishes_in_flight_and_exits_cleanly(tmp_path: Path, dest: StoreSCP, ct150: list[Path]) -> None:
+    node = _node(tmp_path, dest.port).start()
+    sender = subprocess.Popen(
+        ["storescu", "-v", "-aec", "DICOMNODE", "127.0.0.1", str(node.port), *map(str, ct150)],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=DCMTK_ENV,
+    )
+    spool = Path(node.config["node"]["storage_dir"]) / "spool"
+    while len(list(spool.rglob("*.dcm"))) < 20:
+        time.sleep(0.02)
+    assert node.stop() == 0
+    _, err = sender.communicate(timeout=60)
+    acked = acknowledged_files(err)
+    stored = {p.stem for p in spool.rglob("*.dcm")}
+    assert all(dcmread(p, stop_before_pixels=True).SOPInstanceUID in stored for p in acked)
+    assert "stopped" in node.log()
+    # the listener is gone
+    refused = subprocess.run(["echoscu", "-aec", "DICOMNODE", "127.0.0.1", str(node.port)],
+                             capture_output=True, env=DCMTK_ENV)
+    assert refused.returncode != 0
+
+
+def test_crashing_plugin_fails_job_but_node_keeps_serving(tmp_path: Path, dest: StoreSCP, study: list[Path]) -> None:
+    plugins = {"dense": {"factory": "tests.fake_plugins:create", "options": {"crash": True}}}
+    node = _node(tmp_path, dest.port, plugins=plugins).start()
+    try:
+        assert storescu(node.port, study).returncode == 0
+        status = node.wait_for(lambda s: _study_state(s, "failed"), what="job failed")
+        assert "worker process died" in status["jobs"][0]["reason"]
+        echo = subprocess.run(["echoscu", "-aec", "DICOMNODE", "127.0.0.1", str(node.port)],
+                              capture_output=True, env=DCMTK_ENV)
+        assert echo.returncode == 0
+    finally:
+        node.stop()
+
+
+def test_unknown_plugin_fails_at_start(tmp_path: Path) -> None:
+    cfg = node_config(tmp_path / "var", free_port(),
+                      routes=[{"name": "r", "plugin": "no_such_plugin", "destinations": []}])
+    node = NodeProcess(cfg, tmp_path / "node")
+    with pytest.raises(AssertionError, match="no_such_plugin"):
+        node.start(timeout=60)

@@ -1,0 +1,271 @@
+"""TID 1500 SR encoding: round trip, measurements, regions, provenance, validators."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.sr.codedict import codes
+from pydicom.uid import SegmentationStorage
+
+from dicom_node.errors import EncodeError
+from dicom_node.results import encode_sr
+from dicom_node.results.common import node_version
+
+try:
+    from tests import results_support as rs
+except ModuleNotFoundError:  # tests/ is on sys.path (rootdir-relative import mode)
+    import results_support as rs  # type: ignore[no-redef]
+
+REAL_CT = Path("/work/shared/fixtures/dicom/real_ct_3slice")
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """A written CT series, its Volume, two spheres and the SR file."""
+    out = tmp_path_factory.mktemp("sr")
+    volume = rs.build_volume(rs.write_series(out / "ct"))
+    findings = rs.make_findings(volume)
+    findings.summary = "2 nodules found."
+    sr = encode_sr(volume, findings, rs.INFO, series_number=9002)
+    path = out / "sr.dcm"
+    path.write_bytes(rs.to_bytes(sr))
+    return volume, findings, path
+
+
+@pytest.fixture(scope="module")
+def empty_case(case: tuple, tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """The SR of the same study with no findings."""
+    volume, findings, _ = case
+    empty = dataclasses.replace(
+        findings, label_map=np.zeros_like(findings.label_map), findings=[], summary=""
+    )
+    sr = encode_sr(
+        volume, empty, rs.INFO, series_number=9012, absent_finding_type=codes.SCT.Nodule
+    )
+    path = tmp_path_factory.mktemp("sr_empty") / "sr.dcm"
+    path.write_bytes(rs.to_bytes(sr))
+    return volume, empty, path
+
+
+def report_of(path: Path) -> hd.sr.MeasurementReport:
+    sr = hd.sr.srread(path)
+    assert isinstance(sr, hd.sr.Comprehensive3DSR)
+    return hd.sr.MeasurementReport.from_sequence(sr.content)
+
+
+def single(items: list):  # type: ignore[no-untyped-def]
+    assert len(items) == 1, items
+    return items[0]
+
+
+def test_planar_groups_long_and_short_axis(case: tuple) -> None:
+    volume, findings, path = case
+    report = report_of(path)
+    for finding in findings.findings:
+        group = single(report.get_planar_roi_measurement_groups(tracking_uid=_uid(report, finding)))
+        assert group.tracking_identifier == finding.name
+        assert group.finding_type == finding.codes.type
+        assert group.finding_category == finding.codes.category
+        assert [s.value for s in group.finding_sites] == [finding.codes.site]
+        long_axis = single(group.get_measurements(name=codes.SCT.LongAxis))
+        short_axis = single(group.get_measurements(name=codes.SCT.ShortAxis))
+        assert long_axis.value == pytest.approx(finding.long_axis.length_mm, rel=1e-9)
+        assert short_axis.value == pytest.approx(finding.short_axis.length_mm, rel=1e-9)
+        assert long_axis.unit == codes.UCUM.Millimeter == short_axis.unit
+        region = group.roi
+        assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+        np.testing.assert_allclose(
+            region.value, [finding.long_axis.start, finding.long_axis.end], rtol=1e-6
+        )
+        key = volume.slices[finding.key_slice].sop_instance_uid
+        assert _region_source(region) == key
+
+
+def test_volumetric_groups_volume_mean_hu_and_outlines(case: tuple) -> None:
+    volume, findings, path = case
+    report = report_of(path)
+    uids = [s.sop_instance_uid for s in volume.slices]
+    for finding in findings.findings:
+        tracking_uid = _uid(report, finding)
+        group = single(report.get_volumetric_roi_measurement_groups(tracking_uid=tracking_uid))
+        assert group.tracking_identifier == finding.name
+        assert group.finding_type == finding.codes.type
+        volume_mm3 = single(group.get_measurements(name=codes.SCT.Volume))
+        mean_hu = single(group.get_measurements(name=codes.DCM.MeanAttenuationCoefficient))
+        assert volume_mm3.value == pytest.approx(finding.volume_mm3, rel=1e-9)
+        assert volume_mm3.unit == codes.UCUM.CubicMillimeter
+        assert mean_hu.value == pytest.approx(finding.mean_hu, rel=1e-9)
+        assert mean_hu.unit == codes.UCUM.HounsfieldUnit
+        regions = group.roi
+        assert len(regions) == sum(len(c) for c in finding.contours.values())
+        slices = [uids.index(_region_source(r)) for r in regions]
+        assert slices == sorted(finding.contours)
+        for region, z in zip(regions, slices, strict=True):
+            points = np.asarray(region.value)
+            assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+            np.testing.assert_array_equal(points[0], points[-1])  # closed
+            np.testing.assert_allclose(points[:-1], finding.contours[z][0], rtol=1e-6)
+
+
+def test_tracking_uid_shared_by_the_two_groups_of_a_finding(case: tuple) -> None:
+    _, findings, path = case
+    report = report_of(path)
+    planar = report.get_planar_roi_measurement_groups()
+    volumetric = report.get_volumetric_roi_measurement_groups()
+    assert [g.tracking_uid for g in planar] == [g.tracking_uid for g in volumetric]
+    assert len(set(g.tracking_uid for g in planar)) == len(findings.findings)
+
+
+def test_report_context_library_and_provenance(case: tuple) -> None:
+    volume, findings, path = case
+    sr = pydicom.dcmread(path)
+    report = report_of(path)
+    root = sr.ContentSequence
+    procedure = _children(sr, "121058")  # Procedure reported
+    assert [(c.CodeValue, c.CodingSchemeDesignator) for c in procedure] == [
+        (findings.procedure.value, findings.procedure.scheme_designator)
+    ]
+    observer = single(report.get_observer_contexts(observer_type=codes.cid270.Device))
+    attributes = observer.observer_identifying_attributes
+    assert attributes.uid == rs.INFO.device_uid
+    assert attributes.name == rs.INFO.display_name
+    library = {
+        item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for item in rs.walk(sr)
+        if item.get("ValueType") == "IMAGE" and item.get("RelationshipType") == "CONTAINS"
+    }
+    assert library == {s.sop_instance_uid for s in volume.slices}
+    assert root is not None and sr.StudyInstanceUID == volume.study_instance_uid
+    assert sr.SeriesInstanceUID != volume.series_instance_uid
+    assert sr.SeriesNumber == 9002
+    assert sr.SeriesDescription == "AI Lung Nodules - SR - NOT FOR DIAGNOSTIC USE"
+    assert sr.Manufacturer == "dicom-node"
+    assert list(sr.SoftwareVersions) == [
+        f"dicom-node {node_version()}", f"{rs.INFO.name} {rs.INFO.version}"
+    ]
+    source = pydicom.dcmread(volume.slices[0].path, stop_before_pixels=True)
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "StudyID", "AccessionNumber"):
+        assert sr.get(keyword) == source.get(keyword), keyword
+    equipment = {e.Manufacturer for e in sr.ContributingEquipmentSequence}
+    assert {"dicom-node", rs.INFO.manufacturer} <= equipment
+
+
+def test_states_not_for_diagnostic_use_and_summary(case: tuple) -> None:
+    _, _, path = case
+    texts = _comments(pydicom.dcmread(path))
+    assert any("NOT FOR DIAGNOSTIC USE" in t for t in texts)
+    assert "2 nodules found." in texts
+
+
+def test_never_references_a_segmentation(case: tuple) -> None:
+    _, _, path = case
+    sr = pydicom.dcmread(path)
+    for item in rs.walk(sr):
+        assert item.get("ReferencedSOPClassUID") != SegmentationStorage
+        names = item.get("ConceptNameCodeSequence") or []
+        meanings = {n.CodeMeaning for n in names}
+        assert not meanings & {"Referenced Segment", "Referenced Segmentation Frame"}
+
+
+def test_dciodvfy_and_dsrdump_accept_the_sr(case: tuple) -> None:
+    _, _, path = case
+    errors, output = rs.dciodvfy_errors(path)
+    assert not errors, output
+    _assert_dsrdump_clean(path)
+
+
+def test_no_findings_sr_says_none_found(empty_case: tuple) -> None:
+    _, _, path = empty_case
+    report = report_of(path)
+    assert not report.get_planar_roi_measurement_groups()
+    assert not report.get_volumetric_roi_measurement_groups()
+    group = single(report.get_image_measurement_groups())
+    assert group.finding_type == codes.SCT.Nodule
+    evaluation = single(group.get_qualitative_evaluations(name=codes.SCT.Nodule))
+    assert evaluation.value == codes.SCT.Absent
+    texts = _comments(pydicom.dcmread(path))
+    assert "Analysis completed: no nodule detected." in texts
+    assert any("NOT FOR DIAGNOSTIC USE" in t for t in texts)
+    errors, output = rs.dciodvfy_errors(path)
+    assert not errors, output
+    _assert_dsrdump_clean(path)
+
+
+def test_clinical_use_drops_the_disclaimer(case: tuple) -> None:
+    volume, findings, _ = case
+    clinical = dataclasses.replace(rs.INFO, for_clinical_use=True)
+    sr = encode_sr(volume, findings, clinical, series_number=9002)
+    assert sr.SeriesDescription == "AI Lung Nodules - SR"
+    assert not any("NOT FOR DIAGNOSTIC USE" in t for t in _comments(sr))
+
+
+def test_bad_regions_raise(case: tuple) -> None:
+    volume, findings, _ = case
+    no_outline = dataclasses.replace(findings.findings[0], contours={})
+    with pytest.raises(EncodeError, match="no contours"):
+        encode_sr(volume, dataclasses.replace(findings, findings=[no_outline]), rs.INFO,
+                  series_number=9002)
+    axis = dataclasses.replace(findings.findings[0].long_axis, end=(500.0, 10.0))
+    outside = dataclasses.replace(findings.findings[0], long_axis=axis)
+    with pytest.raises(EncodeError, match="outside the image"):
+        encode_sr(volume, dataclasses.replace(findings, findings=[outside]), rs.INFO,
+                  series_number=9002)
+
+
+def test_real_ct_sr_validates(case: tuple, tmp_path: Path) -> None:
+    """An SR on real scanner slices (empty character set, Implicit VR) validates."""
+    volume = rs.build_volume(sorted(REAL_CT.glob("0[1-3].dcm")))
+    _, findings, _ = case
+    finding = dataclasses.replace(findings.findings[0], key_slice=1, contours={
+        z: [np.array([[200.0, 200.0], [260.0, 200.0], [260.0, 240.0], [200.0, 240.0]])]
+        for z in range(3)
+    })
+    real = dataclasses.replace(
+        findings, label_map=np.zeros(volume.shape, np.uint8), findings=[finding]
+    )
+    path = tmp_path / "real_sr.dcm"
+    path.write_bytes(rs.to_bytes(encode_sr(volume, real, rs.INFO, series_number=9002)))
+    errors, output = rs.dciodvfy_errors(path)
+    assert not errors, output
+    _assert_dsrdump_clean(path)
+
+
+def _assert_dsrdump_clean(path: Path) -> None:
+    result = rs.run_tool("dsrdump", path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "error" not in result.stderr.lower(), result.stderr
+    assert "Imaging Measurement Report" in result.stdout
+
+
+def _uid(report: hd.sr.MeasurementReport, finding) -> str:  # type: ignore[no-untyped-def]
+    groups = report.get_planar_roi_measurement_groups()
+    return single([g.tracking_uid for g in groups if g.tracking_identifier == finding.name])
+
+
+def _region_source(region: hd.sr.ImageRegion) -> str:
+    image = region.ContentSequence[0]
+    return str(image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+
+
+def _children(sr: pydicom.Dataset, concept: str) -> list[pydicom.Dataset]:
+    """Coded values of root-level items with concept name code ``concept``."""
+    return [
+        item.ConceptCodeSequence[0]
+        for item in sr.ContentSequence
+        if item.ConceptNameCodeSequence[0].CodeValue == concept
+    ]
+
+
+def _comments(sr: pydicom.Dataset) -> list[str]:
+    return [
+        str(item.TextValue)
+        for item in rs.walk(sr)
+        if item.get("ValueType") == "TEXT"
+        and item.ConceptNameCodeSequence[0].CodeValue == codes.DCM.Comment.value
+    ]

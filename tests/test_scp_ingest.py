@@ -1,0 +1,191 @@
+"""The Storage SCP with real dcmtk peers: echo, store, compression, policy, bad input."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, generate_uid
+from pynetdicom.ae import ApplicationEntity
+from pynetdicom.dsutils import split_dataset
+from pynetdicom.sop_class import CTImageStorage
+
+from dicom_node.config import parse_config
+from dicom_node.node import Node
+from dicom_node.synthetic.ct_writer import SeriesLayout, simple_ct_volume, write_ct_series
+from tests.support import DCMTK_ENV, free_port, node_config, require_tool, storescu
+
+
+def _start(tmp_path: Path, **sections: Any) -> Node:
+    node = Node(parse_config(node_config(tmp_path / "var", free_port(), **sections)))
+    node.start()
+    return node
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    n = _start(tmp_path, retention={"ignored_days": None})
+    yield n
+    n.stop()
+
+
+def _dataset_bytes(path: Path) -> bytes:
+    _, offset = split_dataset(path)
+    return path.read_bytes()[offset:]
+
+
+def _spooled(node: Node) -> dict[str, Path]:
+    return {p.stem: p for p in node.spool.root.rglob("*.dcm")}
+
+
+def test_echoscu(node: Node) -> None:
+    require_tool("echoscu")
+    result = subprocess.run(["echoscu", "-aec", "DICOMNODE", "127.0.0.1", str(node.port)],
+                            capture_output=True, text=True, env=DCMTK_ENV)
+    assert result.returncode == 0, result.stderr
+
+
+def test_storescu_150_slices_bytes_as_sent(node: Node, ct150: list[Path]) -> None:
+    result = storescu(node.port, ct150[0].parent)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr.count("Received Store Response (Success)") == 150
+    spooled = _spooled(node)
+    assert len(spooled) == 150
+    for path in ct150:
+        uid = dcmread(path, stop_before_pixels=True).SOPInstanceUID
+        assert _dataset_bytes(spooled[uid]) == _dataset_bytes(path)
+    rows = node.db.query("SELECT COUNT(*) AS n FROM instances")
+    assert rows[0]["n"] == 150
+
+
+def _compressed(tmp_path: Path) -> tuple[list[Path], list[Path]]:
+    require_tool("dcmcjpeg")
+    plain = write_ct_series(simple_ct_volume(3, 64, 64), tmp_path / "plain")
+    j2k = write_ct_series(simple_ct_volume(3, 64, 64), tmp_path / "j2k",
+                          layout=SeriesLayout(transfer_syntax=JPEG2000Lossless, series_number=3))
+    jll = []
+    for i, src in enumerate(plain):
+        dst = tmp_path / f"jpegll_{i}.dcm"
+        subprocess.run(["dcmcjpeg", "+e1", str(src), str(dst)], check=True, env=DCMTK_ENV)
+        jll.append(dst)
+    return j2k, jll
+
+
+def test_compressed_transfer_syntaxes_kept_as_sent(node: Node, tmp_path: Path) -> None:
+    j2k, jll = _compressed(tmp_path)
+    # -xv / -xs: propose JPEG 2000 lossless / JPEG lossless SV1, so storescu sends them as stored
+    for files, option in ((j2k, "-xv"), (jll, "-xs")):
+        result = storescu(node.port, files, option)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert result.stderr.count("Received Store Response (Success)") == len(files)
+    files = j2k + jll
+    spooled = _spooled(node)
+    syntaxes = set()
+    for path in files:
+        ds = dcmread(path, stop_before_pixels=True)
+        stored = spooled[ds.SOPInstanceUID]
+        assert dcmread(stored, stop_before_pixels=True).file_meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID
+        assert _dataset_bytes(stored) == _dataset_bytes(path)
+        syntaxes.add(ds.file_meta.TransferSyntaxUID)
+    assert syntaxes == {JPEG2000Lossless, JPEGLosslessSV1}
+
+
+def test_wrong_called_ae_rejected(node: Node, ct150: list[Path]) -> None:
+    result = storescu(node.port, ct150[:1], called="NOTUS")
+    assert result.returncode != 0
+    assert "Called AE Title Not Recognized" in result.stderr
+    assert not _spooled(node)
+
+
+@pytest.mark.parametrize("allowed, calling, accepted", [
+    ([{"ae_title": "PACS"}], "INTRUDER", False),
+    ([{"ae_title": "PACS"}], "PACS", True),
+    ([{"ae_title": "PACS", "host": "10.1.2.3"}], "PACS", False),
+    ([{"ae_title": "PACS", "host": "127.0.0.1"}], "PACS", True),
+])
+def test_calling_ae_allowlist(tmp_path: Path, ct150: list[Path], allowed: list, calling: str, accepted: bool) -> None:
+    n = _start(tmp_path, security={"allowed_callers": allowed})
+    try:
+        result = storescu(n.port, ct150[:1], calling=calling)
+        if accepted:
+            assert result.returncode == 0, result.stderr
+        else:
+            assert "Calling AE Title Not Recognized" in result.stderr
+            assert not _spooled(n)
+    finally:
+        n.stop()
+
+
+def _scu_store(port: int, ds: Dataset) -> Dataset:
+    ae = ApplicationEntity("TESTSCU")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    try:
+        return assoc.send_c_store(ds)
+    finally:
+        assoc.release()
+
+
+def _small_ct(**changes: str) -> Dataset:
+    path = write_ct_series(simple_ct_volume(1, 16, 16), Path(__import__("tempfile").mkdtemp()))[0]
+    ds = dcmread(path)
+    for keyword, value in changes.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    return ds
+
+
+@pytest.mark.parametrize("changes, status", [
+    ({"SOPInstanceUID": "../../../../tmp/evil"}, 0xC000),
+    ({"StudyInstanceUID": "../../escape"}, 0xC000),
+    ({"SeriesInstanceUID": "1.2.3/../../x"}, 0xC000),
+    ({"StudyInstanceUID": "1." + "2" * 70}, 0xC000),
+    ({"StudyInstanceUID": None}, 0xA900),
+    ({"SeriesInstanceUID": None}, 0xA900),
+])
+def test_bad_uids_refused_nothing_written(node: Node, changes: dict, status: int) -> None:
+    rsp = _scu_store(node.port, _small_ct(**changes))
+    assert rsp.Status == status
+    assert "ErrorComment" in rsp
+    storage = node.config.node.storage_dir.parent
+    assert not list(storage.rglob("*evil*")) and not list(storage.rglob("*escape*"))
+    assert not _spooled(node)
+
+
+def test_disk_reserve_answers_out_of_resources(tmp_path: Path, ct150: list[Path]) -> None:
+    n = _start(tmp_path, node={"min_free_disk_mb": 10**9})
+    try:
+        result = storescu(n.port, ct150[:2])
+        assert "Out of Resources" in result.stderr or "OutOfResources" in result.stderr, result.stderr
+        assert "Received Store Response (Success)" not in result.stderr
+        assert not _spooled(n)
+    finally:
+        n.stop()
+
+
+def test_write_error_answers_out_of_resources(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing_write(*_: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("dicom_node.storage.spool.write_durably", failing_write)
+    rsp = _scu_store(node.port, _small_ct())
+    assert rsp.Status == 0xA700
+    assert "No space left" in rsp.ErrorComment
+
+
+def test_duplicate_sop_instance_is_idempotent(node: Node, ct150: list[Path]) -> None:
+    assert storescu(node.port, ct150[:3]).returncode == 0
+    first = {p.stem: p.read_bytes() for p in _spooled(node).values()}
+    result = storescu(node.port, ct150[:3])
+    assert result.stderr.count("Received Store Response (Success)") == 3
+    assert {p.stem: p.read_bytes() for p in _spooled(node).values()} == first
+    assert node.db.query("SELECT COUNT(*) AS n FROM instances")[0]["n"] == 3
+    assert node.db.query("SELECT instance_count FROM studies")[0]["instance_count"] == 3
