@@ -41,7 +41,8 @@ class JobRunner:
                 max_workers=self.config.jobs.max_concurrent_analyses,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=worker_init,
-                initargs=(self.config.jobs.torch_threads,),
+                initargs=(self.config.jobs.torch_threads, self.config.logging.level,
+                          self.config.logging.json_format),
             )
         return self._pool
 

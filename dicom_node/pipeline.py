@@ -80,9 +80,13 @@ def get_plugin(name: str, factory: str | None, options: dict[str, Any]) -> Any:
     return _PLUGINS[name]
 
 
-def worker_init(torch_threads: int | None) -> None:
-    """Process initialiser: thread settings for inference."""
+def worker_init(torch_threads: int | None, log_level: str = "INFO", json_logs: bool = False) -> None:
+    """Process initialiser: logging like the parent's, thread settings for inference."""
     import torch
+
+    from dicom_node.logs import setup_logging
+
+    setup_logging(log_level, json_logs)
 
     threads = torch_threads or max(1, os.cpu_count() or 1)
     torch.set_num_threads(threads)

@@ -26,3 +26,9 @@ __all__ = [
     "SliceRef",
     "Volume",
 ]
+
+# Registry (light imports only; plugin.monai_bundle pulls in torch/MONAI and is loaded
+# through its entry point).
+from plugin.registry import available_plugins, load_plugin
+
+__all__ += ["available_plugins", "load_plugin"]

@@ -1,0 +1,328 @@
+"""Turn a label map into findings: components, volumes, axes and outlines.
+
+Conventions
+-----------
+* Arrays are indexed ``[x, y, z]`` (x = DICOM column, y = DICOM row, z = slice), as in
+  :mod:`plugin.types`. Output pixel coordinates (outlines, axis end points) are
+  ``(column, row)`` in the DICOM SCOORD convention (PS3.3 C.18.6.1.2): the top-left
+  corner of the top-left pixel is ``(0, 0)``, so pixel ``[x, y]`` covers ``x .. x + 1``
+  and its centre is ``(x + 0.5, y + 0.5)``. They can go straight into an SR SCOORD.
+* Connected components use **26-connectivity** in 3D (voxels touching by a face, an
+  edge or a corner belong together). In 2D outlines the foreground is 8-connected.
+* Outlines are the 0.5 iso-line of the binary slice (marching squares): vertices lie
+  half-way between an inside and an outside pixel centre, i.e. in the middle of the
+  pixel edge they share; corners are cut diagonally.
+  Holes are filled first, so every outline is an outer boundary. Collinear vertices
+  are removed; each outline is closed (last vertex == first) with a positive shoelace
+  area in (column, row) (clockwise on screen, where rows point down).
+* Lengths are in mm using the column and row spacings from the affine (the norms of
+  its first two columns), which assumes orthogonal row and column directions (true for
+  DICOM images).
+* Long axis: the longest distance between two outline vertices on the key slice (the
+  exact diameter of the outline polygon). Short axis: the longest chord *exactly*
+  perpendicular to the long axis (angular tolerance 0): lines perpendicular to the
+  long axis are swept through every outline vertex and the extent of the outline on
+  each line is measured; the chord runs between the extreme intersections. For
+  concave or split outlines this chord may cross outside the finding.
+* Volume: voxel count times ``|det(affine[:3, :3])|``. Centroid: the mean voxel index
+  mapped through the LPS affine.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from pydicom.sr.coding import Code
+from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError
+
+from plugin.manifest import LabelSpec
+from plugin.types import Axis, Finding, Findings
+
+logger = logging.getLogger(__name__)
+
+CONNECTIVITY_3D = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity
+
+# Marching squares: cell corners a=(i,j) b=(i+1,j) c=(i+1,j+1) d=(i,j+1); code = a+2b+4c+8d.
+# Edges: 0 = a-b, 1 = b-c, 2 = c-d, 3 = d-a. Saddles keep the inside diagonal connected.
+_CASES: dict[int, tuple[tuple[int, int], ...]] = {
+    1: ((3, 0),),
+    2: ((0, 1),),
+    3: ((3, 1),),
+    4: ((1, 2),),
+    5: ((0, 1), (2, 3)),
+    6: ((0, 2),),
+    7: ((3, 2),),
+    8: ((2, 3),),
+    9: ((0, 2),),
+    10: ((3, 0), (1, 2)),
+    11: ((1, 2),),
+    12: ((1, 3),),
+    13: ((0, 1),),
+    14: ((3, 0),),
+}
+# Edge midpoints in doubled cell coordinates, offsets from (2i, 2j).
+_EDGE_OFFSETS = np.array([[1, 0], [2, 1], [1, 2], [0, 1]], dtype=np.int64)
+
+
+@dataclass
+class _Component:
+    label: int  # manifest label value
+    spec: LabelSpec
+    box: tuple[slice, slice, slice]
+    mask: np.ndarray  # bool, inside ``box``
+    count: int
+    centroid_index: np.ndarray  # (x, y, z) mean voxel index
+
+
+def measure_findings(
+    labels: np.ndarray,
+    hu: np.ndarray,
+    lps_affine: np.ndarray,
+    label_specs: Mapping[int, LabelSpec],
+    *,
+    procedure: Code | None = None,
+) -> Findings:
+    """Measure every finding in ``labels`` (X, Y, Z) and relabel them 1..N, largest first.
+
+    Label values not in ``label_specs`` are ignored (and absent from the result).
+    """
+    if labels.shape != hu.shape or labels.ndim != 3:
+        raise ValueError(f"labels {labels.shape} and hu {hu.shape} must be the same 3D shape")
+    affine = np.asarray(lps_affine, dtype=np.float64)
+    voxel_mm3 = abs(float(np.linalg.det(affine[:3, :3])))
+    spacing = (float(np.linalg.norm(affine[:3, 0])), float(np.linalg.norm(affine[:3, 1])))
+    components = _components(labels, label_specs, voxel_mm3)
+    components.sort(key=lambda c: (-c.count, *np.round(c.centroid_index[::-1], 6), c.label))
+    out = np.zeros(labels.shape, dtype=np.uint16 if len(components) < 65536 else np.int32)
+    findings: list[Finding] = []
+    per_label: dict[int, int] = {}
+    for value, comp in enumerate(components, start=1):
+        out[comp.box][comp.mask] = value
+        per_label[comp.label] = per_label.get(comp.label, 0) + 1
+        name = (
+            f"{comp.spec.name} {per_label[comp.label]}"
+            if comp.spec.per_component
+            else comp.spec.name
+        )
+        findings.append(_finding(value, name, comp, hu, affine, voxel_mm3, spacing))
+    summary = ", ".join(f"{f.name} {f.volume_mm3:.0f} mm3" for f in findings) or "no findings"
+    result = Findings(label_map=out, findings=findings, summary=summary)
+    if procedure is not None:
+        result.procedure = procedure
+    logger.debug("measured %d findings", len(findings))
+    return result
+
+
+def _components(
+    labels: np.ndarray, label_specs: Mapping[int, LabelSpec], voxel_mm3: float
+) -> list[_Component]:
+    unknown = _present_values(labels) - set(label_specs) - {0}
+    if unknown:
+        logger.warning("ignoring label values not in the manifest: %s", sorted(unknown))
+    found: list[_Component] = []
+    for value, spec in sorted(label_specs.items()):
+        before = len(found)
+        mask = labels == value
+        if not mask.any():
+            continue
+        if spec.per_component:
+            comp_map, n = ndimage.label(mask, structure=CONNECTIVITY_3D)
+        else:
+            comp_map, n = mask.astype(np.int32), 1
+        boxes = ndimage.find_objects(comp_map)
+        for index, box in enumerate(boxes, start=1):
+            if box is None:
+                continue
+            local = comp_map[box] == index
+            count = int(local.sum())
+            if count * voxel_mm3 < spec.min_volume_mm3:
+                continue
+            offset = np.array([s.start for s in box], dtype=np.float64)
+            centroid = np.argwhere(local).mean(axis=0) + offset
+            found.append(_Component(value, spec, box, local, count, centroid))
+        logger.debug("label %d: %d component(s), %d kept", value, n, len(found) - before)
+    return found
+
+
+def _present_values(labels: np.ndarray) -> set[int]:
+    """Label values in the map (a bincount is much faster than unique on big maps)."""
+    if labels.size == 0:
+        return set()
+    if labels.dtype.kind in "ui" and labels.min() >= 0 and labels.max() < 1 << 16:
+        return set(np.flatnonzero(np.bincount(labels.ravel())).tolist())
+    return set(np.unique(labels).tolist())
+
+
+def _finding(
+    value: int,
+    name: str,
+    comp: _Component,
+    hu: np.ndarray,
+    affine: np.ndarray,
+    voxel_mm3: float,
+    spacing: tuple[float, float],
+) -> Finding:
+    x0, y0, z0 = (s.start for s in comp.box)
+    contours: dict[int, list[np.ndarray]] = {}
+    for k in range(comp.mask.shape[2]):
+        plane = comp.mask[:, :, k]
+        if plane.any():
+            contours[z0 + k] = [c + (x0, y0) for c in outlines(plane)]
+    areas = comp.mask.sum(axis=(0, 1))
+    candidates = np.flatnonzero(areas == areas.max())
+    key_local = int(candidates[np.argmin(np.abs(candidates + z0 - comp.centroid_index[2]))])
+    key_slice = z0 + key_local
+    long_axis, short_axis = axes(contours[key_slice], spacing)
+    centroid = affine @ np.append(comp.centroid_index, 1.0)
+    return Finding(
+        label=value,
+        name=name,
+        codes=comp.spec.segment_codes(),
+        centroid_mm=(float(centroid[0]), float(centroid[1]), float(centroid[2])),
+        volume_mm3=comp.count * voxel_mm3,
+        mean_hu=float(hu[comp.box][comp.mask].mean()),
+        key_slice=key_slice,
+        long_axis=long_axis,
+        short_axis=short_axis,
+        contours=contours,
+    )
+
+
+def outlines(mask2d: np.ndarray) -> list[np.ndarray]:
+    """Closed outer outlines of a 2D mask indexed ``[column, row]``.
+
+    Returns (N, 2) float arrays of (column, row); see the module conventions.
+    """
+    filled = np.asarray(ndimage.binary_fill_holes(mask2d), dtype=bool)
+    if not filled.any():
+        return []
+    xs, ys = np.nonzero(filled)
+    x0, y0 = int(xs.min()), int(ys.min())
+    padded = np.pad(filled[x0 : xs.max() + 1, y0 : ys.max() + 1], 1).astype(np.int64)
+    starts, ends = _segments(padded)
+    shift = np.array([x0 - 0.5, y0 - 0.5], dtype=np.float64)  # padding, then SCOORD +0.5
+    result = []
+    for loop in _chain(starts, ends):
+        loop = _drop_collinear(loop)
+        if _signed_area(loop) < 0:
+            loop = loop[::-1]
+        closed = np.vstack([loop, loop[:1]]).astype(np.float64) / 2.0 + shift
+        result.append(closed)
+    return result
+
+
+def _segments(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Marching-squares segments as doubled-coordinate end points."""
+    code = p[:-1, :-1] + 2 * p[1:, :-1] + 4 * p[1:, 1:] + 8 * p[:-1, 1:]
+    starts, ends = [], []
+    for case, pairs in _CASES.items():
+        cells = np.argwhere(code == case) * 2
+        if len(cells) == 0:
+            continue
+        for e1, e2 in pairs:
+            starts.append(cells + _EDGE_OFFSETS[e1])
+            ends.append(cells + _EDGE_OFFSETS[e2])
+    return np.concatenate(starts), np.concatenate(ends)
+
+
+def _chain(starts: np.ndarray, ends: np.ndarray) -> list[np.ndarray]:
+    """Join segments (every end point is shared by exactly two) into closed loops."""
+    at: dict[tuple[int, int], list[int]] = {}
+    for index, (s, e) in enumerate(zip(map(tuple, starts.tolist()), map(tuple, ends.tolist()))):
+        at.setdefault(s, []).append(index)
+        at.setdefault(e, []).append(index)
+    used = np.zeros(len(starts), dtype=bool)
+    loops = []
+    for first in range(len(starts)):
+        if used[first]:
+            continue
+        used[first] = True
+        origin = tuple(starts[first].tolist())
+        points = [origin]
+        current, segment = tuple(ends[first].tolist()), first
+        while current != origin:
+            points.append(current)
+            segment = next(s for s in at[current] if s != segment)
+            used[segment] = True
+            s, e = tuple(starts[segment].tolist()), tuple(ends[segment].tolist())
+            current = e if s == current else s
+        loops.append(np.array(points, dtype=np.int64))
+    return loops
+
+
+def _drop_collinear(loop: np.ndarray) -> np.ndarray:
+    before = loop - np.roll(loop, 1, axis=0)
+    after = np.roll(loop, -1, axis=0) - loop
+    cross = before[:, 0] * after[:, 1] - before[:, 1] * after[:, 0]
+    return np.asarray(loop[cross != 0])
+
+
+def _signed_area(loop: np.ndarray) -> float:
+    x, y = loop[:, 0].astype(np.float64), loop[:, 1].astype(np.float64)
+    return 0.5 * float(np.sum(x * np.roll(y, -1) - np.roll(x, -1) * y))
+
+
+def axes(polygons: list[np.ndarray], spacing: tuple[float, float]) -> tuple[Axis, Axis]:
+    """Long and short axis of the outlines of one slice (pixel coordinates, mm lengths)."""
+    scale = np.asarray(spacing, dtype=np.float64)
+    points = np.vstack([p[:-1] for p in polygons]) * scale
+    a, b = _diameter(points)
+    long_len = float(np.linalg.norm(b - a))
+    long_axis = Axis(_pixel(a, scale), _pixel(b, scale), long_len)
+    if long_len == 0.0:
+        return long_axis, long_axis
+    v = (b - a) / long_len
+    u = np.array([-v[1], v[0]])
+    c, d = _widest_perpendicular([p * scale for p in polygons], v, u)
+    short_axis = Axis(_pixel(c, scale), _pixel(d, scale), float(np.linalg.norm(d - c)))
+    return long_axis, short_axis
+
+
+def _pixel(point_mm: np.ndarray, scale: np.ndarray) -> tuple[float, float]:
+    col, row = point_mm / scale
+    return (float(col), float(row))
+
+
+def _diameter(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The two points farthest apart (searched on the convex hull when it exists)."""
+    candidates = points
+    if len(points) > 3:
+        try:
+            candidates = points[ConvexHull(points).vertices]
+        except QhullError:  # all points collinear: the full set is small enough
+            candidates = points
+    diff = candidates[:, None, :] - candidates[None, :, :]
+    dist = np.einsum("ijk,ijk->ij", diff, diff)
+    i, j = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    return candidates[i], candidates[j]
+
+
+def _widest_perpendicular(
+    polygons: list[np.ndarray], v: np.ndarray, u: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """End points (mm) of the longest chord along ``u`` (perpendicular to ``v``)."""
+    starts = np.vstack([p[:-1] for p in polygons])
+    ends = np.vstack([p[1:] for p in polygons])
+    ta, tb, sa, sb = starts @ v, ends @ v, starts @ u, ends @ u
+    lo, hi = np.minimum(ta, tb), np.maximum(ta, tb)
+    best = (-1.0, 0.0, 0.0, 0.0)
+    chunk = max(1, 2_000_000 // max(len(ta), 1))
+    sweeps = np.unique(ta)
+    for begin in range(0, len(sweeps), chunk):
+        t = sweeps[begin : begin + chunk, None]
+        hit = (lo <= t) & (t <= hi)
+        flat = tb == ta
+        frac = np.where(flat, 0.0, (t - ta) / np.where(flat, 1.0, tb - ta))
+        s = sa + frac * (sb - sa)
+        s_max = np.where(hit, np.maximum(s, np.where(flat, sb, s)), -np.inf).max(axis=1)
+        s_min = np.where(hit, np.minimum(s, np.where(flat, sb, s)), np.inf).min(axis=1)
+        width = s_max - s_min
+        k = int(np.argmax(width))
+        if width[k] > best[0]:
+            best = (float(width[k]), float(t[k, 0]), float(s_min[k]), float(s_max[k]))
+    _, t_best, s0, s1 = best
+    return t_best * v + s0 * u, t_best * v + s1 * u
