@@ -115,7 +115,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Show studies, jobs and deliveries."""
-    from dicom_node.status_report import collect, render
+    from dicom_node.status_report import collect, probe_health, render
     from dicom_node.storage.state import StateDB
 
     config = _config_from(args)
@@ -126,6 +126,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         data = collect(db, args.limit)
     finally:
         db.close()
+    data["node"] = probe_health(config)
     print(json.dumps(data, indent=2, default=str) if args.json else render(data))
     return 0
 

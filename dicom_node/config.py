@@ -155,6 +155,14 @@ class RetentionSettings(_Strict):
     delivered_days: float | None = Field(default=7.0, ge=0)
 
 
+class HttpSettings(_Strict):
+    """The operations endpoint: health (liveness, readiness) and Prometheus metrics."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=11180, ge=0, le=65535)
+
+
 class LoggingSettings(_Strict):
     """Log level and format."""
 
@@ -175,6 +183,7 @@ class Config(_Strict):
     jobs: JobSettings = Field(default_factory=JobSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
 
     @model_validator(mode="after")
     def _check_references(self) -> "Config":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class Metrics:
@@ -27,6 +27,23 @@ class Metrics:
             "dicomnode_job_stage_seconds", "Analysis stage durations", ["stage"], registry=self.registry,
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 60, 120, 300),
         )
+
+        self.states = Gauge(
+            "dicomnode_items", "Studies, jobs and deliveries by state", ["kind", "state"],
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "dicomnode_queue_depth", "Jobs queued or running plus deliveries pending", registry=self.registry
+        )
+
+    def refresh(self, counts: dict[str, dict[str, int]]) -> None:
+        """Update the state gauges from the database counts (called at scrape time)."""
+        self.states.clear()
+        for kind, by_state in counts.items():
+            for state, n in by_state.items():
+                self.states.labels(kind, state).set(n)
+        jobs, deliveries = counts.get("jobs", {}), counts.get("deliveries", {})
+        self.queue_depth.set(jobs.get("queued", 0) + jobs.get("running", 0) + deliveries.get("pending", 0))
 
     def association(self, outcome: str) -> None:
         """Count an accepted or rejected association."""

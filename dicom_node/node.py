@@ -6,6 +6,7 @@ import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 
@@ -17,6 +18,7 @@ from dicom_node.ingest import Ingestor, StoreRequest
 from dicom_node.jobs import JobRunner
 from dicom_node.metrics import Metrics
 from dicom_node.net.scp import StorageSCP
+from dicom_node.ops_http import OpsServer
 from dicom_node.storage.spool import Spool
 from dicom_node.storage.state import StateDB
 from dicom_node.storage.work import WorkStore
@@ -44,11 +46,14 @@ class Node:
         self.deliverer = Deliverer(config, self.work, self.metrics)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.plugins_loaded = False
+        self.ops: OpsServer | None = None
 
     def validate_plugins(self) -> None:
         """Load every plugin a route names, so a broken one fails the start."""
         names = sorted({r.plugin for r in self.config.routes})
         if not names:
+            self.plugins_loaded = True
             return
         from plugin.registry import load_plugin
 
@@ -57,6 +62,7 @@ class Node:
             plugin = load_plugin(name, factory=spec.factory if spec else None,
                                  options=dict(spec.options) if spec else {})
             log.info("plugin %s %s validated", plugin.info.name, plugin.info.version)
+        self.plugins_loaded = True
 
     def recover(self) -> None:
         """Resume after a stop or crash: adopt spooled files, requeue jobs."""
@@ -84,8 +90,38 @@ class Node:
         self.validate_plugins()
         self.recover()
         self.scp.start()
+        self._start_ops()
         self._spawn("assembly", self._assembly_loop)
         self._spawn("delivery", self._delivery_loop)
+
+    def _start_ops(self) -> None:
+        http = self.config.http
+        if not http.enabled:
+            return
+        self.ops = OpsServer(http.host, http.port, self.health, self.metrics_registry)
+        self.ops.start()
+        log.info("health and metrics on http://%s:%d/health and /metrics", http.host, self.ops.port)
+
+    def health(self) -> dict[str, Any]:
+        """Liveness and readiness with every check (for /health and `status`)."""
+        try:
+            free_mb = self.spool.free_bytes() // 2**20
+        except OSError:
+            free_mb = -1
+        checks = {
+            "database": self.db.ping(),
+            "disk_above_reserve": free_mb >= self.config.node.min_free_disk_mb,
+            "plugins_loaded": self.plugins_loaded,
+            "dicom_listener": self.scp.server is not None,
+        }
+        return {"live": True, "ready": all(checks.values()), "checks": checks, "free_disk_mb": free_mb,
+                "jobs_running": self.runner.running}
+
+    def metrics_registry(self) -> Any:
+        """The Prometheus registry, with state gauges refreshed from the database."""
+        if self.db.ping():
+            self.metrics.refresh(self.db.counts())
+        return self.metrics.registry
 
     def _spawn(self, name: str, target: Callable[[], None]) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -118,6 +154,8 @@ class Node:
         """Stop accepting, finish in-flight C-STOREs, stop the loops, close the database."""
         log.info("stopping")
         self.scp.stop(self.config.node.shutdown_grace_seconds)
+        if self.ops is not None:
+            self.ops.stop()
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=30)

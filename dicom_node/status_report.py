@@ -4,9 +4,27 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.error
+import urllib.request
 from typing import Any
 
+from dicom_node.config import Config
 from dicom_node.storage.state import StateDB
+
+
+def probe_health(config: Config) -> dict[str, Any]:
+    """Ask a running node's health endpoint; says 'not running' when nobody answers."""
+    http = config.http
+    if not http.enabled or http.port == 0:
+        return {"running": None, "detail": "health endpoint not configured"}
+    host = "127.0.0.1" if http.host in ("0.0.0.0", "") else http.host
+    try:
+        with urllib.request.urlopen(f"http://{host}:{http.port}/health", timeout=2) as rsp:
+            return {"running": True, **json.loads(rsp.read())}
+    except urllib.error.HTTPError as err:
+        return {"running": True, **json.loads(err.read() or b"{}")}
+    except (OSError, ValueError):
+        return {"running": False, "detail": f"no answer on {host}:{http.port}"}
 
 
 def _when(ts: float | None) -> str:
@@ -37,6 +55,16 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line, "  ".join("-" * w for w in widths), *body]) if rows else line + "\n(none)"
 
 
+def _node_line(node: dict[str, Any] | None) -> str:
+    if not node or node.get("running") is None:
+        return "node: " + (node or {}).get("detail", "unknown")
+    if not node["running"]:
+        return f"node: NOT RUNNING ({node['detail']})"
+    failing = [k for k, ok in node.get("checks", {}).items() if not ok]
+    state = "ready" if node.get("ready") else "NOT READY: " + ", ".join(failing)
+    return f"node: running, {state}; free disk {node.get('free_disk_mb')} MiB, {node.get('jobs_running')} jobs running"
+
+
 def render(data: dict[str, Any]) -> str:
     """Human-readable tables."""
     counts = data["counts"]
@@ -54,7 +82,7 @@ def render(data: dict[str, Any]) -> str:
                    _when(d["next_attempt_at"]) if d["state"] == "pending" else _when(d["updated_at"]),
                    d["last_error"] or ""] for d in data["deliveries"]]
     return "\n\n".join([
-        summary,
+        _node_line(data.get("node")) + "\n" + summary,
         "STUDIES\n" + _table(["study", "state", "rev", "instances", "last received", "reason"], studies),
         "JOBS\n" + _table(["id", "study", "route", "state", "tries", "time", "stages", "reason"], jobs),
         "DELIVERIES\n" + _table(["id", "job", "destination", "state", "tries", "next/last", "last error"],

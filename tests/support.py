@@ -42,6 +42,7 @@ def node_config(storage: Path, port: int, **sections: Any) -> dict[str, Any]:
                  "storage_dir": str(storage), "min_free_disk_mb": 1, "shutdown_grace_seconds": 5},
         "assembly": {"default_stable_seconds": 1, "poll_seconds": 0.2},
         "delivery": {"retry_initial_seconds": 0.5, "retry_max_seconds": 2},
+        "http": {"port": free_port()},
     }
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(cfg.get(key), dict):

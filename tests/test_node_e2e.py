@@ -91,13 +91,42 @@ def test_study_analysed_and_delivered(tmp_path: Path, dest: StoreSCP, study: lis
         assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Lesion 1", "Lesion 2"]
         assert (seg.SeriesNumber, results["SR"][0][1].SeriesNumber) == (9001, 9002)
         text = node.cli("status", "--config", str(node.config_path)).stdout
-        assert "done" in text and source.StudyInstanceUID in text
+        assert "done" in text and source.StudyInstanceUID in text and "ready" in text
+        _check_ops_endpoints(node, instances=len(study))
         # no PHI in any log line of the whole run
         log = node.log()
         for secret in ("DOE^JANE", "SECRET", "MRN-77123", "19511231"):
             assert secret not in log
     finally:
         node.stop()
+
+
+def _get(url: str) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as rsp:
+            return rsp.status, rsp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def _check_ops_endpoints(node: NodeProcess, instances: int) -> None:
+    base = f"http://127.0.0.1:{node.config['http']['port']}"
+    code, body = _get(base + "/health/ready")
+    health = __import__("json").loads(body)
+    assert code == 200 and health["ready"] and all(health["checks"].values()), body
+    assert _get(base + "/health/live")[0] == 200
+    code, metrics = _get(base + "/metrics")
+    assert code == 200
+    assert f'dicomnode_instances_received_total{{result="new"}} {float(instances)}' in metrics
+    assert 'dicomnode_associations_total{outcome="accepted"}' in metrics
+    assert 'dicomnode_items{kind="studies",state="done"} 1.0' in metrics
+    assert 'dicomnode_deliveries_total{outcome="sent"} 1.0' in metrics
+    assert 'dicomnode_job_stage_seconds_count{stage="analyse"} 1.0' in metrics
+    assert "dicomnode_queue_depth 0.0" in metrics
+    assert _get(base + "/nope")[0] == 404
 
 
 def test_late_instances_reopen_and_supersede(tmp_path: Path, dest: StoreSCP, study: list[Path]) -> None:
@@ -195,6 +224,9 @@ def test_sigterm_finishes_in_flight_and_exits_cleanly(tmp_path: Path, dest: Stor
     stored = {p.stem for p in spool.rglob("*.dcm")}
     assert all(dcmread(p, stop_before_pixels=True).SOPInstanceUID in stored for p in acked)
     assert "stopped" in node.log()
+    with sqlite3.connect(spool.parent / "state.sqlite3") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert db.execute("SELECT COUNT(*) FROM instances").fetchone()[0] == len(stored)
     # the listener is gone
     refused = subprocess.run(["echoscu", "-aec", "DICOMNODE", "127.0.0.1", str(node.port)],
                              capture_output=True, env=DCMTK_ENV)

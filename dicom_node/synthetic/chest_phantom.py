@@ -48,6 +48,7 @@ class ChestPhantom:
     layout: SeriesLayout
     seed: int
     params: dict[str, Any] = field(default_factory=dict)
+    lung_zyx: np.ndarray | None = None  # bool (Z, rows, columns), the lung fields
 
     @property
     def spacing_zyx(self) -> tuple[float, float, float]:
@@ -696,7 +697,8 @@ def make_chest_phantom(
     layout = _layout(geo, grid, seed)
     params = {"noise_hu": geo.noise_hu, "contrast": an.contrast, "table": draw_table,
               "lung_hu": an.lung_hu}
-    return ChestPhantom(hu, labels, _nodule_records(specs, grid, layout), layout, seed, params)
+    return ChestPhantom(hu, labels, _nodule_records(specs, grid, layout), layout, seed, params,
+                       lung)
 
 
 def _draw_table(hu: np.ndarray, grid: _Grid, an: _Anatomy, rng: np.random.Generator) -> None:
