@@ -138,6 +138,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_conformance(args: argparse.Namespace) -> int:
+    """Print the DICOM Conformance Statement of this configuration."""
+    from dicom_node.conformance import conformance_statement
+
+    print(conformance_statement(_config_from(args)), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="dicom-node", description=__doc__)
@@ -167,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--limit", type=int, default=50)
     status.add_argument("--storage-dir")
     status.set_defaults(func=cmd_status)
+    conf = with_config(sub.add_parser("conformance", help="print the DICOM Conformance Statement"))
+    conf.set_defaults(func=cmd_conformance)
     check = sub.add_parser("check-config", help="validate a configuration file")
     check.add_argument("path")
     check.set_defaults(func=cmd_check_config)
