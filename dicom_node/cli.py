@@ -138,6 +138,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run the demo: phantom in, findings table and PNG out."""
+    from dicom_node.demo import run_demo
+
+    setup_logging("WARNING")
+    return run_demo(Path(args.out), slices=args.slices)
+
+
 def cmd_conformance(args: argparse.Namespace) -> int:
     """Print the DICOM Conformance Statement of this configuration."""
     from dicom_node.conformance import conformance_statement
@@ -175,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--limit", type=int, default=50)
     status.add_argument("--storage-dir")
     status.set_defaults(func=cmd_status)
+    demo = sub.add_parser("demo", help="see it work: a phantom in, findings and a PNG out")
+    demo.add_argument("--out", default="demo-output", help="output folder (default: demo-output)")
+    demo.add_argument("--slices", type=int, default=300)
+    demo.set_defaults(func=cmd_demo)
     conf = with_config(sub.add_parser("conformance", help="print the DICOM Conformance Statement"))
     conf.set_defaults(func=cmd_conformance)
     check = sub.add_parser("check-config", help="validate a configuration file")

@@ -35,3 +35,7 @@ def setup_logging(level: str = "INFO", json_format: bool = False) -> None:
     root.setLevel(level)
     # pynetdicom logs PDU and dataset details at INFO/DEBUG; keep it to warnings.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # Library warnings (deprecations, and some that quote element values) go to the
+    # log, and only errors among them are kept: they could carry patient data.
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.ERROR)
