@@ -167,7 +167,9 @@ def test_destination_down_then_up(tmp_path: Path, study: list[Path]) -> None:
         assert "cannot connect" in status["deliveries"][0]["last_error"]
         text = node.cli("status", "--config", str(node.config_path)).stdout
         assert "pending" in text and "cannot connect" in text
+        assert node.stop() == 0  # the retry schedule survives a restart
         scp.start()
+        node.start()
         status = node.wait_for(lambda s: _study_state(s, "done"), what="delivered after retry")
         assert status["deliveries"][0]["state"] == "done"
         assert len(scp.files()) == 2
