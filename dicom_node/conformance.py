@@ -13,11 +13,10 @@ from importlib.metadata import PackageNotFoundError, version
 
 from pydicom.uid import UID
 from pynetdicom.presentation import StoragePresentationContexts
-from pynetdicom.sop_class import Verification
 
 from dicom_node.config import Config
 from dicom_node.net.scp import ACCEPTED_TRANSFER_SYNTAXES
-from dicom_node.net.scu import UNCOMPRESSED
+from dicom_node.net.scu import UNCOMPRESSED, VERIFICATION
 
 SEG_STORAGE = UID("1.2.840.10008.5.1.4.1.1.66.4")
 COMPREHENSIVE_3D_SR = UID("1.2.840.10008.5.1.4.1.1.88.34")
@@ -68,7 +67,7 @@ def _store_statuses(config: Config) -> list[str]:
 
 def conformance_statement(config: Config) -> str:
     """The conformance statement for ``config``, as Markdown."""
-    storage = [cx.abstract_syntax for cx in StoragePresentationContexts]
+    storage = [str(cx.abstract_syntax) for cx in StoragePresentationContexts]
     lines = [
         f"# DICOM Conformance Statement: dicom-node {_node_version()}",
         "",
@@ -86,7 +85,7 @@ def conformance_statement(config: Config) -> str:
         "",
         "## 3. SOP classes accepted (SCP)",
         "",
-        f"Verification (`{Verification}`) and these {len(storage)} storage SOP classes:",
+        f"Verification (`{VERIFICATION}`) and these {len(storage)} storage SOP classes:",
         "",
         "| SOP class | UID |",
         "|---|---|",

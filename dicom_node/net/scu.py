@@ -20,7 +20,6 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import evt
 from pynetdicom.ae import ApplicationEntity
 from pynetdicom.association import Association
-from pynetdicom.sop_class import Verification
 
 from dicom_node.errors import DeliveryError
 
@@ -28,6 +27,7 @@ log = logging.getLogger(__name__)
 
 MAX_CONTEXTS = 128
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+VERIFICATION = "1.2.840.10008.1.1"
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def _associate(ae: ApplicationEntity, peer: Peer) -> Association:
 def echo(peer: Peer, calling_ae: str, timeout: float = 10.0) -> int:
     """C-ECHO ``peer``; returns the status, raises DeliveryError when unreachable."""
     ae = _make_ae(calling_ae, timeout)
-    ae.add_requested_context(Verification)
+    ae.add_requested_context(VERIFICATION)
     assoc = _associate(ae, peer)
     try:
         rsp = assoc.send_c_echo()

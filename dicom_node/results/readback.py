@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -37,9 +38,9 @@ def _value(group: object, concept: object) -> float:
 
 def read_findings(sr_path: Path) -> list[ReportedFinding]:
     """The findings of a TID 1500 SR written by the node, in report order."""
-    sr = hd.sr.srread(sr_path)
+    content: Any = hd.sr.srread(sr_path).content
     out: dict[str, ReportedFinding] = {}
-    for group in sr.content.get_planar_roi_measurement_groups():
+    for group in content.get_planar_roi_measurement_groups():
         uid = str(group.tracking_uid)
         item = out.setdefault(uid, ReportedFinding(str(group.tracking_identifier), uid))
         item.long_axis_mm = _value(group, codes.SCT.LongAxis)
@@ -47,7 +48,7 @@ def read_findings(sr_path: Path) -> list[ReportedFinding]:
         roi = group.roi
         item.key_image_uid = _image_uid(roi)
         item.long_axis_points = np.asarray(roi.value, dtype=float).reshape(-1, 2)
-    for group in sr.content.get_volumetric_roi_measurement_groups():
+    for group in content.get_volumetric_roi_measurement_groups():
         uid = str(group.tracking_uid)
         item = out.setdefault(uid, ReportedFinding(str(group.tracking_identifier), uid))
         item.volume_mm3 = _value(group, codes.SCT.Volume)
