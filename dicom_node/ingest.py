@@ -12,6 +12,7 @@ study, so a PACS that re-sends a study it already sent causes no new analysis.
 from __future__ import annotations
 
 import logging
+import struct
 from dataclasses import dataclass
 from io import BytesIO
 
@@ -59,7 +60,115 @@ def is_analysable_class(sop_class_uid: str) -> bool:
     return "Image Storage" in name and "Secondary Capture" not in name
 
 
+# The header elements the quick reader takes, with the VR each must have.
+_QUICK_TAGS = {
+    0x00080016: ("SOPClassUID", b"UI"),
+    0x00080018: ("SOPInstanceUID", b"UI"),
+    0x00080060: ("Modality", b"CS"),
+    0x00080070: ("Manufacturer", b"LO"),
+    0x00081030: ("StudyDescription", b"LO"),
+    0x0008103E: ("SeriesDescription", b"LO"),
+    0x00180015: ("BodyPartExamined", b"CS"),
+    0x0020000D: ("StudyInstanceUID", b"UI"),
+    0x0020000E: ("SeriesInstanceUID", b"UI"),
+}
+_LONG_VRS = frozenset((b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"))
+_ALL_VRS = _LONG_VRS | frozenset((b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO",
+                                  b"LT", b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"))
+_IMPLICIT_LE, _EXPLICIT_LE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1"
+_PIXEL_TAGS = frozenset((0x7FE00008, 0x7FE00009, 0x7FE00010))
+_UNSIGNED = struct.Struct("<HHI")
+_EXPLICIT = struct.Struct("<HH2sH")
+
+
+class _Unusual(Exception):
+    """The quick reader met something it leaves to pydicom."""
+
+
+def _explicit_element(data: bytes, pos: int) -> tuple[int, bytes, int, int]:
+    """(tag, VR, value offset, value length) of the Explicit VR LE element at ``pos``."""
+    group, elem, vr, short = _EXPLICIT.unpack_from(data, pos)
+    if vr in _LONG_VRS:
+        (length,) = struct.unpack_from("<I", data, pos + 8)
+        return (group << 16) | elem, vr, pos + 12, length
+    if vr not in _ALL_VRS:
+        raise _Unusual("unknown VR")
+    return (group << 16) | elem, vr, pos + 8, short
+
+
+def _quick_value(raw: bytes) -> str:
+    """A text value decoded as pydicom does, for the plain cases only."""
+    text = raw.rstrip(b" \0")
+    if text[:1] == b" " or any(b < 0x20 or b > 0x7E or b == 0x5C for b in text):
+        raise _Unusual("value needs pydicom's decoding")
+    return text.decode("ascii")
+
+
+def _quick_syntax(data: bytes) -> tuple[bool, int]:
+    """(implicit VR?, dataset offset) from the file meta; plain little endian syntaxes only."""
+    if data[128:132] != b"DICM":
+        raise _Unusual("no preamble")
+    pos, syntax = 132, None
+    while pos + 8 <= len(data) and data[pos:pos + 2] == b"\x02\x00":
+        tag, _vr, start, length = _explicit_element(data, pos)
+        if tag == 0x00020010:
+            syntax = data[start:start + length].rstrip(b" \0").decode("ascii", "replace")
+        pos = start + length
+    if syntax == _IMPLICIT_LE:
+        return True, pos
+    if syntax == _EXPLICIT_LE or (syntax or "").startswith(("1.2.840.10008.1.2.4.", "1.2.840.10008.1.2.5")):
+        if syntax in ("1.2.840.10008.1.2.4.95",):  # JPIP Referenced Deflate
+            raise _Unusual("deflated")
+        return False, pos
+    raise _Unusual("transfer syntax left to pydicom")
+
+
+def _quick_header(data: bytes) -> dict[str, str] | None:
+    """The header elements read straight from the bytes, or None to leave it to pydicom.
+
+    About ten times quicker than ``dcmread`` for the common case. It walks every
+    element up to the pixel data (as ``dcmread(stop_before_pixels=True)`` does) and
+    gives up at anything it does not handle exactly as pydicom would: deflated or big
+    endian data, undefined lengths, tags out of order, unexpected VRs, non-ASCII,
+    multi-valued or space-led values.
+    """
+    try:
+        return _walk_header(data)
+    except (_Unusual, struct.error, UnicodeDecodeError):
+        return None
+
+
+def _walk_header(data: bytes) -> dict[str, str]:
+    implicit, pos = _quick_syntax(data)
+    if implicit and data[pos + 4:pos + 6] in _ALL_VRS:
+        raise _Unusual("explicit VR data under an implicit syntax")
+    out: dict[str, str] = {}
+    last, end = -1, len(data)
+    while pos < end:
+        if implicit:
+            group, elem, length = _UNSIGNED.unpack_from(data, pos)
+            tag, vr, start = (group << 16) | elem, b"", pos + 8
+        else:
+            tag, vr, start, length = _explicit_element(data, pos)
+        if tag in _PIXEL_TAGS:
+            break
+        if tag <= last or length == 0xFFFFFFFF or start + length > end:
+            raise _Unusual("element order or length")
+        wanted = _QUICK_TAGS.get(tag)
+        if wanted is not None:
+            if vr and vr != wanted[1]:
+                raise _Unusual("unexpected VR")
+            value = _quick_value(data[start:start + length])
+            if value:
+                out[wanted[0]] = value
+        last, pos = tag, start + length
+    return out
+
+
 def _header(req: StoreRequest) -> dict[str, str]:
+    quick = _quick_header(req.data)
+    if quick is not None:
+        return quick
     try:
         ds = dcmread(BytesIO(req.data), stop_before_pixels=True, specific_tags=HEADER_TAGS)
     except (InvalidDicomError, ValueError, EOFError, OSError, KeyError, TypeError) as exc:

@@ -103,6 +103,7 @@ def _write(ds: Dataset, folder: Path, kind: str) -> ResultFile:
 def run_job(spec: JobSpec) -> JobOutcome:
     """Run one analysis job end to end; raises NodeError subclasses on failure."""
     from dicom_node.results import encode_seg, encode_sr, result_series_numbers
+    from dicom_node.results.common import load_sources
     from dicom_node.series import build_volume, select_series
 
     outcome = JobOutcome()
@@ -123,11 +124,14 @@ def run_job(spec: JobSpec) -> JobOutcome:
     seg_number, sr_number = result_series_numbers(spec.revision)
     folder = spec.results_dir / str(spec.job_id)
     datasets: list[tuple[str, Dataset]] = []
-    if findings.findings:
-        with _stage(t, "seg"):
-            datasets.append(("SEG", encode_seg(volume, findings, plugin.info, series_number=seg_number)))
+    with _stage(t, "seg"):
+        sources = load_sources(volume)  # source headers, read once for both objects
+        if findings.findings:
+            datasets.append(("SEG", encode_seg(volume, findings, plugin.info, series_number=seg_number,
+                                               sources=sources)))
     with _stage(t, "sr"):
-        datasets.append(("SR", encode_sr(volume, findings, plugin.info, series_number=sr_number)))
+        datasets.append(("SR", encode_sr(volume, findings, plugin.info, series_number=sr_number,
+                                         sources=sources)))
     with _stage(t, "write"):
         outcome.results = [_write(ds, folder, kind) for kind, ds in datasets]
     return outcome

@@ -139,7 +139,15 @@ def test_report_context_library_and_provenance(case: tuple) -> None:
         for item in rs.walk(sr)
         if item.get("ValueType") == "IMAGE" and item.get("RelationshipType") == "CONTAINS"
     }
-    assert library == {s.sop_instance_uid for s in volume.slices}
+    drawn_on = {f.key_slice for f in findings.findings} | {z for f in findings.findings for z in f.contours}
+    assert library == {volume.slices[z].sop_instance_uid for z in drawn_on}
+    evidence = {
+        inst.ReferencedSOPInstanceUID
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for inst in series.ReferencedSOPSequence
+    }
+    assert evidence == {s.sop_instance_uid for s in volume.slices}
     assert root is not None and sr.StudyInstanceUID == volume.study_instance_uid
     assert sr.SeriesInstanceUID != volume.series_instance_uid
     assert sr.SeriesNumber == 9002

@@ -7,9 +7,12 @@ and log one line per association (no PHI: AE titles, addresses, UIDs, counts).
 from __future__ import annotations
 
 import logging
+import re
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
+from io import BytesIO
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -31,7 +34,7 @@ from pydicom.uid import (
     HTJ2KLossless,
     HTJ2KLosslessRPCL,
 )
-from pynetdicom import evt
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
@@ -61,6 +64,54 @@ ACCEPTED_TRANSFER_SYNTAXES = [
     HTJ2K,
     RLELossless,
 ]
+
+
+_PREAMBLE = b"\x00" * 128 + b"DICM"
+_PLAIN_UID = re.compile(r"[0-9.]{1,64}")
+
+
+def _short_element(tag: int, vr: bytes, value: bytes, pad: bytes) -> bytes:
+    if len(value) % 2:
+        value += pad
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+
+
+_META_VERSION = struct.pack("<HH2sHI", 0x0002, 0x0001, b"OB", 0, 2) + b"\x00\x01"
+_META_TAIL = (_short_element(0x00020012, b"UI", PYNETDICOM_IMPLEMENTATION_UID.encode(), b"\x00")
+              + _short_element(0x00020013, b"SH", PYNETDICOM_IMPLEMENTATION_VERSION.encode(), b" "))
+
+
+def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes | None:
+    """Preamble, prefix and File Meta Information for a received dataset.
+
+    Byte for byte what ``event.encoded_dataset(include_meta=True)`` puts before the
+    dataset (pynetdicom's ``create_file_meta`` encoded by pydicom), built directly;
+    None when a UID is not plain digits and dots (pydicom then encodes it).
+    """
+    uids = (sop_class_uid, sop_instance_uid, transfer_syntax)
+    if not all(_PLAIN_UID.fullmatch(uid) for uid in uids):
+        return None
+    body = (_META_VERSION
+            + _short_element(0x00020002, b"UI", sop_class_uid.encode(), b"\x00")
+            + _short_element(0x00020003, b"UI", sop_instance_uid.encode(), b"\x00")
+            + _short_element(0x00020010, b"UI", transfer_syntax.encode(), b"\x00")
+            + _META_TAIL)
+    length = struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body))
+    return _PREAMBLE + length + body
+
+
+def received_bytes(event: evt.Event) -> bytes:
+    """The C-STORE dataset as sent, in the DICOM File Format (one copy of the payload)."""
+    req = event.request
+    meta = file_meta_bytes(str(req.AffectedSOPClassUID or ""), str(req.AffectedSOPInstanceUID or ""),
+                           str(event.context.transfer_syntax))
+    if meta is None:
+        return event.encoded_dataset(include_meta=True)
+    stream = req.DataSet
+    if not isinstance(stream, BytesIO):
+        return event.encoded_dataset(include_meta=True)
+    with stream.getbuffer() as payload:
+        return b"".join((meta, payload))
 
 
 @dataclass
@@ -148,7 +199,7 @@ class StorageSCP:
     def _on_store(self, event: evt.Event) -> Dataset:
         req = event.request
         assoc = event.assoc
-        data = event.encoded_dataset(include_meta=True)
+        data = received_bytes(event)
         outcome = self.ingestor.store(
             StoreRequest(
                 data=data,

@@ -35,6 +35,7 @@ def encode_seg(
     instance_number: int = 1,
     sop_instance_uid: str | None = None,
     omit_empty_frames: bool = True,
+    sources: list[Dataset] | None = None,
 ) -> Dataset:
     """Build the SEG instance for ``findings`` on ``volume``.
 
@@ -44,7 +45,7 @@ def encode_seg(
     if not findings.findings:
         raise EncodeError("no findings: no SEG is produced (send the SR only)")
     common.check_grid(volume, findings.label_map.shape)
-    sources = common.load_sources(volume)
+    sources = sources if sources is not None else common.load_sources(volume)
     frames = segment_frames(findings)
     descriptions = [
         segment_description(number, finding, volume, info)
@@ -84,14 +85,18 @@ def segment_frames(findings: Findings) -> np.ndarray:
         if lookup[finding.label]:
             raise EncodeError(f"label {finding.label} is used by two findings")
         lookup[finding.label] = number
-    numbers = lookup[np.transpose(label_map, (2, 1, 0))]
-    counts = np.bincount(numbers.ravel(), minlength=len(findings.findings) + 1)
-    for finding, count in zip(findings.findings, counts[1:], strict=True):
-        if count == 0:
-            raise EncodeError(f"{finding.name} (label {finding.label}) has no voxels")
     dtype = np.uint8 if len(findings.findings) < 256 else np.uint16
-    result: np.ndarray = numbers.astype(dtype)
-    return result
+    x, y, z = label_map.shape
+    frames = np.zeros((z, y, x), dtype=dtype)
+    counts = np.zeros(len(lookup), dtype=np.int64)
+    # Only slices that hold a label are touched: one pass to find them, then per slice.
+    for k in np.flatnonzero(label_map.any(axis=(0, 1))):
+        frames[k] = lookup[label_map[:, :, k].T]
+        counts += np.bincount(label_map[:, :, k].ravel(), minlength=len(lookup))[: len(lookup)]
+    for finding in findings.findings:
+        if counts[finding.label] == 0:
+            raise EncodeError(f"{finding.name} (label {finding.label}) has no voxels")
+    return frames
 
 
 def segment_description(

@@ -1,7 +1,9 @@
 """Encode findings as a Comprehensive 3D SR holding a TID 1500 Measurement Report.
 
 The report names the imaging procedure analysed (``Findings.procedure``), a device
-observer (the model), an image library of all source images, two measurement
+observer (the model), an image library (TID 1600) of the source images the
+measurements are drawn on (all source images when there is no finding: they are
+the evidence for "none found"), two measurement
 groups per finding (see :mod:`dicom_node.results.sr_content`) and, in the TID 1500
 "Qualitative Evaluations" container, free-text comments: the plugin summary and,
 unless the plugin is cleared for clinical use, "NOT FOR DIAGNOSTIC USE".
@@ -39,6 +41,7 @@ def encode_sr(
     instance_number: int = 1,
     sop_instance_uid: str | None = None,
     absent_finding_type: Code | None = None,
+    sources: list[Dataset] | None = None,
 ) -> Dataset:
     """Build the TID 1500 SR for ``findings`` on ``volume``.
 
@@ -46,7 +49,7 @@ def encode_sr(
     (e.g. SCT Nodule); it defaults to SCT "Finding". Raises :class:`EncodeError`
     when the inputs cannot be encoded.
     """
-    sources = common.load_sources(volume)
+    sources = sources if sources is not None else common.load_sources(volume)
     report = _report(volume, findings, info, sources, absent_finding_type)
     kwargs: dict[str, Any] = {
         "series_instance_uid": common.new_uid(series_instance_uid),
@@ -107,6 +110,17 @@ def comments(findings: Findings, info: PluginInfo, absent: Code) -> list[str]:
     return texts
 
 
+def library_images(findings: Findings, sources: list[Dataset]) -> list[Dataset]:
+    """The images for the image library: those the findings are drawn on."""
+    if not findings.findings:
+        return sources
+    used: set[int] = set()
+    for finding in findings.findings:
+        used.add(finding.key_slice)
+        used.update(finding.contours)
+    return [sources[z] for z in sorted(used) if 0 <= z < len(sources)]
+
+
 def _report(
     volume: Volume,
     findings: Findings,
@@ -125,7 +139,7 @@ def _report(
             observation_context=sr_content.observation_context(info),
             procedure_reported=findings.procedure,
             imaging_measurements=groups,
-            referenced_images=sources,
+            referenced_images=library_images(findings, sources),
         )
     except (ValueError, TypeError) as e:
         raise EncodeError(f"cannot build measurement report: {e}") from e

@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,10 @@ log = logging.getLogger(__name__)
 
 TMP_PREFIX = ".incoming-"
 SUFFIX = ".dcm"
+
+# The checksum is computed while the file is written and flushed (hashlib and the
+# flushes release the GIL), instead of after them on the C-STORE's critical path.
+_HASHERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="spool-sha256")
 
 
 @dataclass(frozen=True)
@@ -46,8 +51,13 @@ def _sync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def write_durably(path: Path, data: bytes) -> SpooledFile:
     """Write ``data`` to ``path`` atomically and durably (temp, sync, rename, dir sync)."""
+    digest = _HASHERS.submit(_sha256, data)
     folder = path.parent
     new_folder = not folder.exists()
     if new_folder:
@@ -68,7 +78,7 @@ def write_durably(path: Path, data: bytes) -> SpooledFile:
     os.close(fd)
     os.replace(tmp, path)
     _sync_dir(folder)
-    return SpooledFile(path, len(data), hashlib.sha256(data).hexdigest())
+    return SpooledFile(path, len(data), digest.result())
 
 
 class Spool:
