@@ -12,7 +12,9 @@ study, so a PACS that re-sends a study it already sent causes no new analysis.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import struct
+import threading
 from dataclasses import dataclass
 from io import BytesIO
 
@@ -211,6 +213,8 @@ class Ingestor:
         self.db = db
         self.min_free_bytes = min_free_bytes
         self.max_instance_bytes = max_instance_bytes
+        self._reader: sqlite3.Connection | None = None
+        self._reader_lock = threading.Lock()
 
     def store(self, req: StoreRequest) -> StoreOutcome:
         """Handle one C-STORE; never raises."""
@@ -255,12 +259,22 @@ class Ingestor:
         return StoreOutcome(statuses.SUCCESS, "", disposition, study_uid)
 
     def _is_duplicate(self, sop_uid: str) -> bool:
+        """True when the instance is already stored (committed).
+
+        Reads through a connection of its own: in WAL mode a reader never waits for
+        the writer, so with several associations this check does not queue behind
+        another instance's commit (and its flush), as it would on the shared one.
+        """
         try:
-            rows = self.db.query(
-                "SELECT 1 FROM instances WHERE sop_instance_uid=? AND purged=0", (sop_uid,)
-            )
-        except StorageError as exc:
-            raise IngestError(str(exc), statuses.OUT_OF_RESOURCES) from exc
+            with self._reader_lock:
+                if self._reader is None:
+                    self._reader = sqlite3.connect(self.db.path, isolation_level=None,
+                                                   check_same_thread=False, timeout=30)
+                rows = self._reader.execute(
+                    "SELECT 1 FROM instances WHERE sop_instance_uid=? AND purged=0", (sop_uid,)
+                ).fetchall()
+        except sqlite3.Error as exc:
+            raise IngestError(f"state database query failed: {exc}", statuses.OUT_OF_RESOURCES) from exc
         return bool(rows)
 
     def _check_space(self, incoming: int) -> None:

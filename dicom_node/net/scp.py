@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from io import BytesIO
-from typing import Any
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -35,6 +35,7 @@ from pydicom.uid import (
     HTJ2KLosslessRPCL,
 )
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
@@ -102,7 +103,7 @@ def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: 
 
 def received_bytes(event: evt.Event) -> bytes:
     """The C-STORE dataset as sent, in the DICOM File Format (one copy of the payload)."""
-    req = event.request
+    req = cast(C_STORE, event.request)
     meta = file_meta_bytes(str(req.AffectedSOPClassUID or ""), str(req.AffectedSOPInstanceUID or ""),
                            str(event.context.transfer_syntax))
     if meta is None:
