@@ -8,6 +8,7 @@ behind a lock; every state change is recorded in ``transitions`` with a timestam
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -19,6 +20,8 @@ from typing import Any
 
 from dicom_node.errors import StorageError
 from dicom_node.storage.schema import SCHEMA
+
+log = logging.getLogger(__name__)
 
 # Study states
 RECEIVING, PROCESSING, DONE, IGNORED, FAILED = "receiving", "processing", "done", "ignored", "failed"
@@ -122,7 +125,9 @@ class StateDB:
     def transition(
         conn: sqlite3.Connection, kind: str, key: str, old: str | None, new: str, detail: str = ""
     ) -> None:
-        """Record a state change."""
+        """Record a state change; every study state change also gets one log line."""
+        if kind == "study":
+            log.info("study %s: %s -> %s%s", key, old or "new", new, f" ({detail})" if detail else "")
         conn.execute(
             "INSERT INTO transitions(kind, key, from_state, to_state, at, detail) VALUES (?,?,?,?,?,?)",
             (kind, key, old, new, time.time(), detail or None),

@@ -246,8 +246,13 @@ class WorkStore:
         reasons += [f"delivery to {d['destination']} {d['state']}: {d['last_error']}" for d in bad]
         new_state = FAILED if reasons else DONE
         reason = "; ".join(reasons) or note or None
+        started = c.execute(
+            "SELECT MIN(created_at) AS t FROM jobs WHERE study_uid=? AND revision=?",
+            (study_uid, study["revision"]),
+        ).fetchone()["t"]
+        took = f"{time.time() - started:.1f} s after dispatch" if started else ""
         c.execute(
             "UPDATE studies SET state=?, reason=?, updated_at=? WHERE study_uid=?",
             (new_state, reason, time.time(), study_uid),
         )
-        StateDB.transition(c, "study", study_uid, PROCESSING, new_state, reason or "")
+        StateDB.transition(c, "study", study_uid, PROCESSING, new_state, "; ".join(filter(None, [took, reason])))
