@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 
+from dicom_node.audit import AuditLog
 from dicom_node.config import Config
 from dicom_node.routing import matching_routes
 from dicom_node.storage.spool import Spool
@@ -25,12 +26,13 @@ log = logging.getLogger(__name__)
 class Assembler:
     """Periodic checks: stability, dispatch, and retention."""
 
-    def __init__(self, config: Config, db: StateDB, work: WorkStore, spool: Spool, metrics: object = None) -> None:
+    def __init__(self, config: Config, db: StateDB, work: WorkStore, spool: Spool,
+                 audit: AuditLog | None = None) -> None:
         self.config = config
         self.db = db
         self.work = work
         self.spool = spool
-        self.metrics = metrics
+        self.audit = audit
         self._last_retention = 0.0
 
     def tick(self, now: float | None = None) -> None:
@@ -49,13 +51,20 @@ class Assembler:
         if not routes:
             if quiet >= self.config.assembly.default_stable_seconds:
                 self.db.set_study_state(uid, IGNORED, "no route matches")
+                self._audit(study, outcome="ignored", routes=[])
                 log.info("study %s ignored: no route matches (%d instances)", uid, study["instance_count"])
             return
         if quiet < max(r.stable_seconds for r in routes):
             return
         revision = self.work.dispatch_study(uid, [(r.name, r.plugin) for r in routes])
+        self._audit(study, outcome="dispatched", routes=[r.name for r in routes], revision=revision)
         log.info("study %s stable after %.1f s: %d instances, routes %s, revision %d",
                  uid, quiet, study["instance_count"], ",".join(r.name for r in routes), revision)
+
+    def _audit(self, study: dict, **fields: object) -> None:
+        if self.audit is not None:
+            self.audit.record("study-received", study_uid=study["study_uid"],
+                              instances=study["instance_count"], **fields)
 
     def apply_retention(self, now: float) -> None:
         """Remove spooled studies the retention policy no longer keeps."""

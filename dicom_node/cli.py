@@ -138,6 +138,22 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Print audit records (JSON lines), filtered by time and event type."""
+    from dicom_node.audit import parse_since, read_records
+
+    config = _config_from(args)
+    try:
+        since = parse_since(args.since) if args.since else None
+    except ValueError as exc:
+        raise NodeError(str(exc)) from exc
+    if not config.audit_path.exists():
+        raise NodeError(f"no audit log at {config.audit_path}: has the node run with this storage_dir?")
+    for entry in read_records(config.audit_path, since, args.event):
+        print(json.dumps(entry))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the demo: phantom in, findings table and PNG out."""
     from dicom_node.demo import run_demo
@@ -183,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--limit", type=int, default=50)
     status.add_argument("--storage-dir")
     status.set_defaults(func=cmd_status)
+    audit = with_config(sub.add_parser("audit", help="print the audit trail (JSON lines)"))
+    audit.add_argument("--since", help="ISO time (UTC if no zone) or a duration back from now: 30m, 2h, 7d")
+    audit.add_argument("--event", choices=["association", "study-received", "analysis", "delivery",
+                                           "config-loaded"])
+    audit.add_argument("--storage-dir")
+    audit.set_defaults(func=cmd_audit)
     demo = sub.add_parser("demo", help="see it work: a phantom in, findings and a PNG out")
     demo.add_argument("--out", default="demo-output", help="output folder (default: demo-output)")
     demo.add_argument("--slices", type=int, default=300)

@@ -211,6 +211,11 @@ class Config(_Strict):
         return self.node.storage_dir / "results"
 
     @property
+    def audit_path(self) -> Path:
+        """The append-only audit trail (JSON lines)."""
+        return self.node.storage_dir / "audit.jsonl"
+
+    @property
     def database_path(self) -> Path:
         """The SQLite state database."""
         return self.node.storage_dir / "state.sqlite3"

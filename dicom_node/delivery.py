@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dicom_node.audit import AuditLog
 from dicom_node.config import Config
 from dicom_node.errors import DeliveryError
 from dicom_node.net import statuses
@@ -33,10 +34,12 @@ def backoff_seconds(attempts: int, initial: float, maximum: float) -> float:
 class Deliverer:
     """Works through due deliveries, one association per delivery attempt."""
 
-    def __init__(self, config: Config, work: WorkStore, metrics: Any = None) -> None:
+    def __init__(self, config: Config, work: WorkStore, metrics: Any = None,
+                 audit: AuditLog | None = None) -> None:
         self.config = config
         self.work = work
         self.metrics = metrics
+        self.audit = audit
 
     def tick(self, now: float | None = None) -> None:
         """Attempt every delivery that is due."""
@@ -67,6 +70,10 @@ class Deliverer:
                 on_status=lambda f, s: self.work.record_status(did, f.sop_instance_uid, s),
             )
         except DeliveryError as exc:
+            if self.audit is not None:
+                self.audit.record("delivery", delivery_id=did, job_id=delivery["job_id"],
+                                  destination=delivery["destination"], peer=str(peer),
+                                  outcome="no association", error=str(exc))
             self._retry_or_fail(delivery, str(exc))
             return
         self._evaluate(delivery, peer, result, len(files))
@@ -74,6 +81,11 @@ class Deliverer:
     def _evaluate(self, delivery: dict[str, Any], peer: Peer, result: dict[str, int], expected: int) -> None:
         did = delivery["id"]
         bad = {uid: s for uid, s in result.items() if not statuses.is_success_or_warning(s)}
+        if self.audit is not None:
+            self.audit.record("delivery", delivery_id=did, job_id=delivery["job_id"],
+                              destination=delivery["destination"], peer=str(peer),
+                              statuses={uid: s for uid, s in result.items()},
+                              outcome="done" if len(result) == expected and not bad else "not confirmed")
         if len(result) == expected and not bad:
             self.work.end_delivery(did, DONE)
             if self.metrics is not None:

@@ -15,10 +15,12 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
+from dicom_node.audit import AuditLog
 from dicom_node.config import Config
 from dicom_node.pipeline import JobOutcome, JobSpec, run_job_safely, worker_init
 from dicom_node.storage.state import ResultRecord, StateDB
 from dicom_node.storage.work import WorkStore
+from plugin.types import PluginInfo
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +28,14 @@ log = logging.getLogger(__name__)
 class JobRunner:
     """Dispatches jobs to a process pool, at most ``max_concurrent_analyses`` at once."""
 
-    def __init__(self, config: Config, db: StateDB, work: WorkStore, metrics: Any = None) -> None:
+    def __init__(self, config: Config, db: StateDB, work: WorkStore, metrics: Any = None,
+                 audit: AuditLog | None = None) -> None:
         self.config = config
         self.db = db
         self.work = work
         self.metrics = metrics
+        self.audit = audit
+        self.plugin_infos: dict[str, PluginInfo] = {}
         self._pool: ProcessPoolExecutor | None = None
         self._running: dict[int, Future[JobOutcome | str]] = {}
         self._lock = threading.Lock()
@@ -97,6 +102,7 @@ class JobRunner:
             return  # stopping: the job stays running and is requeued at the next start
         if isinstance(result, str):
             self.work.fail_job(job_id, result)
+            self._audit(job, "failed", reason=result)
             log.error("job %d failed after %.1f s: %s", job_id, elapsed, result)
             return
         self._record(job, result, elapsed)
@@ -109,6 +115,8 @@ class JobRunner:
         deadline = self.config.delivery.deadline_hours * 3600
         current = self.work.finish_job(job["id"], records, destinations, outcome.timings, deadline,
                                        note=outcome.note)
+        self._audit(job, "done" if current else "superseded", reason=outcome.note or None,
+                    findings=outcome.findings, results=[r.sop_instance_uid for r in records])
         stages = " ".join(f"{k}={v:.2f}s" for k, v in outcome.timings.items())
         if self.metrics is not None:
             self.metrics.job_finished(outcome.timings)
@@ -118,6 +126,14 @@ class JobRunner:
         log.info("job %d done in %.1f s: study %s, %d findings, %d result objects%s; %s",
                  job["id"], elapsed, job["study_uid"], outcome.findings, len(records),
                  f" ({outcome.note})" if outcome.note else "", stages)
+
+    def _audit(self, job: dict[str, Any], outcome: str, **fields: Any) -> None:
+        if self.audit is None:
+            return
+        info = self.plugin_infos.get(job["plugin"])
+        self.audit.record("analysis", job_id=job["id"], study_uid=job["study_uid"], route=job["route"],
+                          plugin=info.name if info else job["plugin"],
+                          version=info.version if info else None, outcome=outcome, **fields)
 
     def stop(self) -> None:
         """Stop the pool; running jobs go back to the queue on the next start."""

@@ -11,6 +11,7 @@ from typing import Any
 from pydicom import dcmread
 
 from dicom_node.assembly import Assembler
+from dicom_node.audit import AuditLog, config_hash
 from dicom_node.config import Config
 from dicom_node.delivery import Deliverer
 from dicom_node.errors import PluginError
@@ -32,6 +33,7 @@ class Node:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.metrics = Metrics()
+        self.audit = AuditLog(config.audit_path)
         self.db = StateDB(config.database_path)
         self.work = WorkStore(self.db)
         self.spool = Spool(config.spool_dir)
@@ -41,9 +43,9 @@ class Node:
             max_instance_bytes=config.node.max_instance_mb * 2**20,
         )
         self.scp = StorageSCP(config, self.ingestor, self.metrics)
-        self.assembler = Assembler(config, self.db, self.work, self.spool, self.metrics)
-        self.runner = JobRunner(config, self.db, self.work, self.metrics)
-        self.deliverer = Deliverer(config, self.work, self.metrics)
+        self.assembler = Assembler(config, self.db, self.work, self.spool, self.audit)
+        self.runner = JobRunner(config, self.db, self.work, self.metrics, self.audit)
+        self.deliverer = Deliverer(config, self.work, self.metrics, self.audit)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.plugins_loaded = False
@@ -62,6 +64,7 @@ class Node:
             plugin = load_plugin(name, factory=spec.factory if spec else None,
                                  options=dict(spec.options) if spec else {})
             log.info("plugin %s %s validated", plugin.info.name, plugin.info.version)
+            self.runner.plugin_infos[name] = plugin.info
         self.plugins_loaded = True
 
     def recover(self) -> None:
@@ -87,6 +90,9 @@ class Node:
 
     def start(self) -> None:
         """Validate, recover, start listening and start the background loops."""
+        self.audit.record("config-loaded", sha256=config_hash(self.config.model_dump_json()),
+                          ae_title=self.config.node.ae_title, port=self.config.node.port,
+                          routes=[r.name for r in self.config.routes])
         self.validate_plugins()
         self.recover()
         self.scp.start()

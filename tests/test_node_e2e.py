@@ -93,6 +93,7 @@ def test_study_analysed_and_delivered(tmp_path: Path, dest: StoreSCP, study: lis
         text = node.cli("status", "--config", str(node.config_path)).stdout
         assert "done" in text and source.StudyInstanceUID in text and "ready" in text
         _check_ops_endpoints(node, instances=len(study))
+        _check_audit(node, source.StudyInstanceUID)
         # no PHI in any log line of the whole run
         log = node.log()
         for secret in ("DOE^JANE", "SECRET", "MRN-77123", "19511231"):
@@ -127,6 +128,29 @@ def _check_ops_endpoints(node: NodeProcess, instances: int) -> None:
     assert 'dicomnode_job_stage_seconds_count{stage="analyse"} 1.0' in metrics
     assert "dicomnode_queue_depth 0.0" in metrics
     assert _get(base + "/nope")[0] == 404
+
+
+def _check_audit(node: NodeProcess, study_uid: str) -> None:
+    import json
+
+    out = node.cli("audit", "--config", str(node.config_path), "--since", "1h").stdout
+    records = [json.loads(line) for line in out.splitlines()]
+    events = [r["event"] for r in records]
+    assert events[0] == "config-loaded" and len(records[0]["sha256"]) == 64
+    received = next(r for r in records if r["event"] == "study-received")
+    assert received["study_uid"] == study_uid and received["instances"] == 40
+    analysis = next(r for r in records if r["event"] == "analysis")
+    assert (analysis["plugin"], analysis["version"], analysis["outcome"]) == ("dense_test", "0.0.1", "done")
+    delivery = next(r for r in records if r["event"] == "delivery")
+    assert delivery["outcome"] == "done" and set(delivery["statuses"].values()) == {0}
+    assert sorted(delivery["statuses"]) == sorted(analysis["results"])
+    only = node.cli("audit", "--config", str(node.config_path), "--event", "analysis").stdout
+    assert len(only.splitlines()) == 1
+    future = node.cli("audit", "--config", str(node.config_path), "--since", "2999-01-01T00:00").stdout
+    assert future == ""
+    raw = (Path(node.config["node"]["storage_dir"]) / "audit.jsonl").read_text()
+    for secret in ("DOE^JANE", "SECRET", "MRN-77123", "19511231"):
+        assert secret not in raw
 
 
 def test_late_instances_reopen_and_supersede(tmp_path: Path, dest: StoreSCP, study: list[Path]) -> None:
