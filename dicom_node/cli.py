@@ -38,8 +38,9 @@ def _peer(dest: str, config: Config):  # -> Peer
     from dicom_node.net.scu import Peer
 
     if dest in config.destinations:
-        d = config.destinations[dest]
-        return Peer(d.ae_title, d.host, d.port)
+        from dicom_node.delivery import peer_for
+
+        return peer_for(config.destinations[dest])
     m = _PEER_RE.match(dest)
     if not m:
         known = ", ".join(config.destinations) or "none configured"

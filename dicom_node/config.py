@@ -57,6 +57,54 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+TLSVersion = Literal["TLSv1.2", "TLSv1.3"]
+
+
+def _readable(path: Path | None, key: str) -> None:
+    if path is not None and not Path(path).is_file():
+        raise ValueError(f"{key}: {path} is not a readable file")
+
+
+class ListenerTLS(_Strict):
+    """DICOM TLS on the listener (PS3.15 B.1 Basic TLS Secure Transport Connection)."""
+
+    enabled: bool = False
+    certificate: Path | None = None
+    private_key: Path | None = None
+    ca_certificates: Path | None = None  # set: callers must present a certificate signed by it
+    min_version: TLSVersion = "TLSv1.2"
+    ciphers: str | None = None  # OpenSSL cipher list for TLS 1.2 (default: Python's secure set)
+
+    @model_validator(mode="after")
+    def _files(self) -> "ListenerTLS":
+        if self.enabled and (self.certificate is None or self.private_key is None):
+            raise ValueError("tls.enabled needs tls.certificate and tls.private_key")
+        for key in ("certificate", "private_key", "ca_certificates"):
+            _readable(getattr(self, key), f"tls.{key}")
+        return self
+
+
+class DestinationTLS(_Strict):
+    """DICOM TLS towards a destination; the server's certificate is verified by default."""
+
+    enabled: bool = False
+    ca_certificates: Path | None = None  # default: the system's trusted CAs
+    verify: bool = True  # check the server certificate and its host name
+    server_hostname: str | None = None  # name to expect in the certificate (default: host)
+    certificate: Path | None = None  # our client certificate, for mutual TLS
+    private_key: Path | None = None
+    min_version: TLSVersion = "TLSv1.2"
+    ciphers: str | None = None
+
+    @model_validator(mode="after")
+    def _files(self) -> "DestinationTLS":
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("tls.certificate and tls.private_key go together")
+        for key in ("certificate", "private_key", "ca_certificates"):
+            _readable(getattr(self, key), f"tls.{key}")
+        return self
+
+
 class NodeSettings(_Strict):
     """The listener and where the node keeps its data."""
 
@@ -72,6 +120,7 @@ class NodeSettings(_Strict):
     min_free_disk_mb: int = Field(default=1024, ge=0)
     max_instance_mb: int = Field(default=2048, ge=1)
     shutdown_grace_seconds: float = Field(default=30.0, ge=0)
+    tls: ListenerTLS = Field(default_factory=ListenerTLS)
 
 
 class AllowedCaller(_Strict):
@@ -93,6 +142,7 @@ class Destination(_Strict):
     ae_title: AETitle
     host: str
     port: Port
+    tls: DestinationTLS = Field(default_factory=DestinationTLS)
 
 
 class Route(_Strict):

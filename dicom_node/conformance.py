@@ -48,6 +48,13 @@ def _policy(config: Config) -> list[str]:
         f"Timeouts: ACSE {node.acse_timeout_seconds:g} s, DIMSE {node.dimse_timeout_seconds:g} s, "
         f"network {node.network_timeout_seconds:g} s.",
         "- Asynchronous operations: not supported (one operation at a time per association).",
+        "- Security: " + (
+            f"DICOM TLS (Basic TLS Secure Transport Connection profile), {node.tls.min_version} or newer"
+            + (", client certificates required (mutual TLS)" if node.tls.ca_certificates else "")
+            if node.tls.enabled else
+            "plain TCP in this configuration; DICOM TLS (Basic TLS Secure Transport Connection "
+            "profile, TLS 1.2+) is available on the listener and per destination"
+        ) + ".",
     ]
 
 

@@ -16,14 +16,21 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.audit import AuditLog
-from dicom_node.config import Config
+from dicom_node.config import Config, Destination
 from dicom_node.errors import DeliveryError
 from dicom_node.net import statuses
 from dicom_node.net.scu import Peer, describe_file, store_files
+from dicom_node.net.tls import client_context
 from dicom_node.storage.state import DONE, FAILED, REJECTED
 from dicom_node.storage.work import WorkStore
 
 log = logging.getLogger(__name__)
+
+
+def peer_for(dest: Destination) -> Peer:
+    """The SCU peer of a configured destination, with its TLS context when enabled."""
+    tls = client_context(dest.tls) if dest.tls.enabled else None
+    return Peer(dest.ae_title, dest.host, dest.port, tls, dest.tls.server_hostname)
 
 
 def backoff_seconds(attempts: int, initial: float, maximum: float) -> float:
@@ -49,7 +56,7 @@ class Deliverer:
 
     def _peer(self, name: str) -> Peer | None:
         dest = self.config.destinations.get(name)
-        return Peer(dest.ae_title, dest.host, dest.port) if dest else None
+        return peer_for(dest) if dest else None
 
     def attempt(self, delivery: dict[str, Any]) -> None:
         """One attempt at one delivery; updates its state."""

@@ -43,6 +43,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from dicom_node.config import Config
 from dicom_node.ingest import Ingestor, StoreRequest
 from dicom_node.net.policy import CallerPolicy, NodeAE
+from dicom_node.net.tls import server_context
 
 log = logging.getLogger(__name__)
 
@@ -170,10 +171,13 @@ class StorageSCP:
             (evt.EVT_RELEASED, self._on_closed),
             (evt.EVT_ABORTED, self._on_closed),
         ]
+        tls = server_context(node.tls) if node.tls.enabled else None
         self.server = self.ae.start_server(
-            (node.host, node.port), block=False, evt_handlers=handlers
+            (node.host, node.port), block=False, evt_handlers=handlers, ssl_context=tls
         )
-        log.info("listening as %s on %s:%d", node.ae_title, node.host, self.port)
+        log.info("listening as %s on %s:%d%s", node.ae_title, node.host, self.port,
+                 " (DICOM TLS" + (", client certificates required)" if node.tls.ca_certificates else ")")
+                 if tls else "")
 
     def stop(self, grace_seconds: float) -> None:
         """Stop accepting, let in-flight associations finish, then abort the rest."""

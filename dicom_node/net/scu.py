@@ -9,6 +9,8 @@ syntax actually present, sent as stored.
 from __future__ import annotations
 
 import logging
+import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -32,14 +34,16 @@ VERIFICATION = "1.2.840.10008.1.1"
 
 @dataclass(frozen=True)
 class Peer:
-    """Where to connect: AE title, host and port."""
+    """Where to connect: AE title, host and port, and TLS when used."""
 
     ae_title: str
     host: str
     port: int
+    tls: ssl.SSLContext | None = None
+    server_hostname: str | None = None
 
     def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
+        return f"{self.ae_title}@{self.host}:{self.port}" + (" (TLS)" if self.tls else "")
 
 
 @dataclass(frozen=True)
@@ -95,15 +99,30 @@ def _make_ae(calling_ae: str, timeout: float) -> ApplicationEntity:
 
 def _associate(ae: ApplicationEntity, peer: Peer) -> Association:
     connected = threading.Event()
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title,
+    tls_args = (peer.tls, peer.server_hostname or peer.host) if peer.tls is not None else None
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args,
                          evt_handlers=[(evt.EVT_CONN_OPEN, lambda _: connected.set())])
     if assoc.is_established:
         return assoc
     if not connected.is_set():
-        raise DeliveryError(f"cannot connect to {peer} (refused or unreachable)")
+        problem = _tls_problem(peer) if peer.tls is not None else None
+        raise DeliveryError(f"cannot connect to {peer}: {problem or 'refused or unreachable'}")
     if assoc.is_rejected:
         raise DeliveryError(f"association rejected by {peer} (check its AE title and allowlist)")
     raise DeliveryError(f"association aborted by {peer}")
+
+
+def _tls_problem(peer: Peer, timeout: float = 5.0) -> str | None:
+    """Why a TLS connection to ``peer`` fails (e.g. certificate verify failed), if it does."""
+    assert peer.tls is not None
+    try:
+        with socket.create_connection((peer.host, peer.port), timeout=timeout) as raw:
+            with peer.tls.wrap_socket(raw, server_hostname=peer.server_hostname or peer.host):
+                return None
+    except ssl.SSLError as exc:
+        return f"TLS handshake failed: {exc.reason or exc}"
+    except OSError as exc:
+        return exc.strerror or str(exc)
 
 
 def echo(peer: Peer, calling_ae: str, timeout: float = 10.0) -> int:
