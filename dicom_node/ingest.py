@@ -171,15 +171,17 @@ def _header(req: StoreRequest) -> dict[str, str]:
     quick = _quick_header(req.data)
     if quick is not None:
         return quick
+    # Untrusted bytes: whatever the parser raises (unknown VRs, absurd lengths, bad
+    # encodings...) means "cannot understand", never a crash of the handler.
     try:
         ds = dcmread(BytesIO(req.data), stop_before_pixels=True, specific_tags=HEADER_TAGS)
-    except (InvalidDicomError, ValueError, EOFError, OSError, KeyError, TypeError) as exc:
+    except Exception as exc:
         raise IngestError(f"cannot parse dataset: {type(exc).__name__}", statuses.CANNOT_UNDERSTAND) from exc
     out: dict[str, str] = {}
     for keyword in HEADER_TAGS:
         try:
             value = ds.get(keyword)
-        except (ValueError, TypeError, KeyError) as exc:
+        except Exception as exc:
             raise IngestError(f"cannot decode {keyword}", statuses.CANNOT_UNDERSTAND) from exc
         if value is not None and str(value) != "":
             out[keyword] = str(value)
@@ -223,6 +225,9 @@ class Ingestor:
         except IngestError as exc:
             log.warning("C-STORE refused (0x%04X): %s; sop=%s", exc.status, exc, clean_uid(req.sop_instance_uid)[:64])
             return StoreOutcome(exc.status, str(exc), "refused")
+        except Exception:  # a bug of ours: the peer gets a failure status, the node keeps serving
+            log.exception("C-STORE failed unexpectedly; sop=%s", clean_uid(req.sop_instance_uid)[:64])
+            return StoreOutcome(statuses.PROCESSING_FAILURE, "internal error, see the node's log", "refused")
 
     def _store(self, req: StoreRequest) -> StoreOutcome:
         if len(req.data) > self.max_instance_bytes:

@@ -214,11 +214,13 @@ def read_header(path: Path) -> SliceHeader:
     Raises:
         SeriesError: the file cannot be read or is not a DICOM instance.
     """
+    # Untrusted bytes: pydicom decodes lazily, so a damaged element (unknown VR, bad
+    # number, absurd length) may raise anything on access; all of it is "unreadable".
     try:
         ds = _read_dataset(path)
-    except (OSError, InvalidDicomError, ValueError, EOFError) as e:
-        raise SeriesError(f"cannot read DICOM header of {path.name}: {e}") from e
-    header = header_from_dataset(ds, Path(path))
+        header = header_from_dataset(ds, Path(path))
+    except Exception as e:
+        raise SeriesError(f"cannot read DICOM header of {Path(path).name}: {type(e).__name__}: {e}") from e
     if not header.sop_instance_uid or not header.series_instance_uid:
         raise SeriesError(f"{path.name} has no SOP Instance UID or Series Instance UID")
     return header

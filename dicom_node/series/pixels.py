@@ -64,16 +64,18 @@ def read_slice_hu(path: Path, out: np.ndarray, index: int) -> None:
     name = f"slice {index}"
     try:
         ds = pydicom.dcmread(path)
-    except (OSError, ValueError, EOFError, pydicom.errors.InvalidDicomError) as e:
-        raise SeriesError(f"{name}: cannot read {Path(path).name}: {e}") from e
-    _check_pixel_module(ds, name)
-    stored = _decode(ds, name)
+        _check_pixel_module(ds, name)
+        stored = _decode(ds, name)
+        slope, intercept = rescale(ds)
+    except SeriesError:
+        raise
+    except Exception as e:  # untrusted bytes: any parser failure means "cannot read"
+        raise SeriesError(f"{name}: cannot read {Path(path).name}: {type(e).__name__}: {e}") from e
     if stored.shape != out.shape:
         raise SeriesError(
             f"{name}: pixel data is {stored.shape[0]}x{stored.shape[1]}, "
             f"expected {out.shape[0]}x{out.shape[1]} (rows x columns)"
         )
-    slope, intercept = rescale(ds)
     out[...] = stored
     if slope != 1.0:
         out *= np.float32(slope)
