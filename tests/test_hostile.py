@@ -1,0 +1,124 @@
+"""Hostile and broken peers: silent and aborting associations, unknown SOP classes and
+private transfer syntaxes, oversize instances, broken pixel data. Each gets a precise
+status or a recorded reason, and the node keeps serving other peers."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+from pynetdicom.ae import ApplicationEntity
+from pynetdicom.sop_class import CTImageStorage
+
+from dicom_node.config import parse_config
+from dicom_node.node import Node
+from dicom_node.synthetic.ct_writer import simple_ct_volume, write_ct_series
+from tests.support import DCMTK_ENV, free_port, node_config, storescu
+
+
+def _start(tmp_path: Path, **sections: Any) -> Node:
+    node = Node(parse_config(node_config(tmp_path / "var", free_port(), **sections)))
+    node.start()
+    return node
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    n = _start(tmp_path, node={"acse_timeout_seconds": 1, "network_timeout_seconds": 2},
+               retention={"ignored_days": None})
+    yield n
+    n.stop()
+
+
+def _echo_ok(port: int) -> bool:
+    return subprocess.run(["echoscu", "-aec", "DICOMNODE", "127.0.0.1", str(port)],
+                          capture_output=True, env=DCMTK_ENV).returncode == 0
+
+
+def test_silent_connections_time_out_and_others_are_served(node: Node) -> None:
+    silent = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(3)]
+    try:
+        assert _echo_ok(node.port)  # served while the silent peers sit there
+        time.sleep(2.5)  # past the ACSE timeout: the node has dropped them
+        assert not [a for a in node.scp.ae.active_associations if a.is_alive()]
+        for s in silent:
+            s.settimeout(2)
+            assert s.recv(1024) == b""  # closed by the node
+    finally:
+        for s in silent:
+            s.close()
+    assert _echo_ok(node.port)
+
+
+def test_abort_half_way_stores_only_complete_instances(node: Node, tmp_path: Path) -> None:
+    files = write_ct_series(simple_ct_volume(4, 64, 64), tmp_path / "ct")
+    ae = ApplicationEntity("ABORTER")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    for path in files[:2]:
+        assert assoc.send_c_store(dcmread(path)).Status == 0
+    assoc.abort()
+    time.sleep(0.5)
+    assert len(list(node.spool.root.rglob("*.dcm"))) == 2
+    assert _echo_ok(node.port)
+    assert storescu(node.port, files).returncode == 0  # the sender retries; duplicates are fine
+    assert node.db.query("SELECT COUNT(*) AS n FROM instances")[0]["n"] == 4
+
+
+def test_unknown_sop_class_and_private_transfer_syntax_are_not_accepted(node: Node, tmp_path: Path) -> None:
+    ae = ApplicationEntity("ODDBALL")
+    ae.add_requested_context("1.2.999.1.2.3", ["1.2.840.10008.1.2.1"])  # unknown SOP class
+    ae.add_requested_context(CTImageStorage, ["1.2.999.7.7"])  # private transfer syntax
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
+    # pynetdicom rejects an association where no context was accepted
+    accepted = assoc.accepted_contexts if assoc.is_established else []
+    assert accepted == []
+    if assoc.is_established:
+        assoc.release()
+    assert _echo_ok(node.port)
+    assert not list(node.spool.root.rglob("*.dcm"))
+
+
+def test_oversize_instance_is_refused_out_of_resources(tmp_path: Path) -> None:
+    node = _start(tmp_path, node={"max_instance_mb": 1})
+    try:
+        files = write_ct_series(simple_ct_volume(1, 1024, 1024), tmp_path / "big")  # 2 MiB
+        result = storescu(node.port, files)
+        assert "Out of Resources" in result.stderr or "OutOfResources" in result.stderr, result.stderr
+        assert not list(node.spool.root.rglob("*.dcm"))
+        assert _echo_ok(node.port)
+    finally:
+        node.stop()
+
+
+@pytest.mark.parametrize("damage, reason", [
+    ("short", "cannot decode pixel data"),
+    ("missing", "no pixel data"),
+])
+def test_broken_pixel_data_fails_the_job_with_its_reason(tmp_path: Path, damage: str, reason: str) -> None:
+    from tests.support import FAKE_PLUGIN, NodeProcess, dense_phantom, dense_route
+
+    files = write_ct_series(dense_phantom(12, 32), tmp_path / "ct")
+    ds = dcmread(files[5])
+    if damage == "short":
+        ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]  # half of Rows x Columns x 16 bits
+    else:
+        del ds.PixelData
+    ds.save_as(files[5], enforce_file_format=True)
+    cfg = node_config(tmp_path / "var", free_port(), plugins=FAKE_PLUGIN, routes=dense_route([]))
+    proc = NodeProcess(cfg, tmp_path / "node").start()
+    try:
+        assert storescu(proc.port, files).returncode == 0
+        status = proc.wait_for(lambda s: any(j["state"] == "failed" for j in s["jobs"]), what="job failed")
+        assert reason in status["jobs"][0]["reason"] and "slice" in status["jobs"][0]["reason"]
+        assert status["studies"][0]["state"] == "failed"
+        assert _echo_ok(proc.port)
+    finally:
+        proc.stop()
