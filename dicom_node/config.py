@@ -196,6 +196,8 @@ class JobSettings(_Strict):
 
     max_concurrent_analyses: int = Field(default=1, ge=1, le=64)
     torch_threads: int | None = Field(default=None, ge=1)
+    max_series_slices: int = Field(default=2000, ge=1)  # longer series are refused with a reason
+    max_volume_mb: int = Field(default=4096, ge=1)  # float32 volume size guard (memory)
 
 
 class RetentionSettings(_Strict):

@@ -70,6 +70,8 @@ class JobRunner:
             files=self.db.study_files(job["study_uid"]),
             results_dir=self.config.results_dir,
             revision=job["revision"],
+            max_series_slices=self.config.jobs.max_series_slices,
+            max_volume_mb=self.config.jobs.max_volume_mb,
         )
 
     def _submit(self, job: dict[str, Any]) -> None:

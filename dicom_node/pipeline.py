@@ -39,6 +39,8 @@ class JobSpec:
     files: list[Path]
     results_dir: Path
     revision: int
+    max_series_slices: int = 2000
+    max_volume_mb: int = 4096
 
 
 @dataclass(frozen=True)
@@ -116,8 +118,11 @@ def run_job(spec: JobSpec) -> JobOutcome:
             outcome.note = str(exc)
             log.info("job %d study %s: nothing to analyse: %s", spec.job_id, spec.study_uid, exc)
             return outcome
+    if len(selection.paths) > spec.max_series_slices:
+        raise SeriesError(f"series {selection.series_instance_uid} has {len(selection.paths)} slices; "
+                          f"the limit is {spec.max_series_slices} (jobs.max_series_slices)")
     with _stage(t, "volume"):
-        volume = build_volume(selection.paths)
+        volume = build_volume(selection.paths, max_voxels=spec.max_volume_mb * 2**20 // 4)
     with _stage(t, "analyse"):
         findings = plugin.analyse(volume)
     outcome.findings = len(findings.findings)

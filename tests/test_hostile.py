@@ -122,3 +122,21 @@ def test_broken_pixel_data_fails_the_job_with_its_reason(tmp_path: Path, damage:
         assert _echo_ok(proc.port)
     finally:
         proc.stop()
+
+
+@pytest.mark.parametrize("jobs, reason", [
+    ({"max_series_slices": 10}, "the limit is 10 (jobs.max_series_slices)"),
+    ({"max_volume_mb": 1}, "series too large"),
+])
+def test_resource_limits_refuse_a_series_with_a_reason(tmp_path: Path, jobs: dict, reason: str) -> None:
+    from tests.support import FAKE_PLUGIN, NodeProcess, dense_phantom, dense_route
+
+    files = write_ct_series(dense_phantom(20, 128), tmp_path / "ct")  # 20 x 128 x 128 float32 > 1 MiB
+    cfg = node_config(tmp_path / "var", free_port(), plugins=FAKE_PLUGIN, routes=dense_route([]), jobs=jobs)
+    proc = NodeProcess(cfg, tmp_path / "node").start()
+    try:
+        assert storescu(proc.port, files).returncode == 0
+        status = proc.wait_for(lambda s: any(j["state"] == "failed" for j in s["jobs"]), what="job refused")
+        assert reason in status["jobs"][0]["reason"], status["jobs"][0]["reason"]
+    finally:
+        proc.stop()
