@@ -189,3 +189,14 @@ def test_duplicate_sop_instance_is_idempotent(node: Node, ct150: list[Path]) -> 
     assert {p.stem: p.read_bytes() for p in _spooled(node).values()} == first
     assert node.db.query("SELECT COUNT(*) AS n FROM instances")[0]["n"] == 3
     assert node.db.query("SELECT instance_count FROM studies")[0]["instance_count"] == 3
+
+
+def test_disk_reserve_stops_then_resumes_when_space_returns(node: Node, ct150: list[Path],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    real_free = node.spool.free_bytes
+    monkeypatch.setattr(node.spool, "free_bytes", lambda: 0)
+    refused = storescu(node.port, ct150[:1])
+    assert "Out of Resources" in refused.stderr or "OutOfResources" in refused.stderr
+    monkeypatch.setattr(node.spool, "free_bytes", real_free)
+    accepted = storescu(node.port, ct150[:1])
+    assert accepted.returncode == 0 and "Received Store Response (Success)" in accepted.stderr
