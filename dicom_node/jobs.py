@@ -17,7 +17,7 @@ from typing import Any
 
 from dicom_node.audit import AuditLog
 from dicom_node.config import Config
-from dicom_node.pipeline import JobOutcome, JobSpec, run_job_safely, worker_init
+from dicom_node.pipeline import JobOutcome, JobSpec, run_job_safely, warm_up, worker_init
 from dicom_node.storage.state import ResultRecord, StateDB
 from dicom_node.storage.work import WorkStore
 from plugin.types import PluginInfo
@@ -50,6 +50,20 @@ class JobRunner:
                           self.config.logging.json_format),
             )
         return self._pool
+
+    def warm_up(self) -> None:
+        """Start the workers now and load every routed plugin in them, so the first
+        study does not wait for process start and model loading."""
+        names = sorted({r.plugin for r in self.config.routes})
+        if not names:
+            return
+        specs = []
+        for name in names:
+            plugin = self.config.plugins.get(name)
+            specs.append((name, plugin.factory if plugin else None, dict(plugin.options) if plugin else {}))
+        pool = self._get_pool()
+        for _ in range(self.config.jobs.max_concurrent_analyses):
+            pool.submit(warm_up, specs)
 
     def tick(self) -> None:
         """Start queued jobs while there is capacity."""

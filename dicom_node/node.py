@@ -95,6 +95,7 @@ class Node:
                           routes=[r.name for r in self.config.routes])
         self.validate_plugins()
         self.recover()
+        self.runner.warm_up()
         self.scp.start()
         self._start_ops()
         self._spawn("assembly", self._assembly_loop)

@@ -82,6 +82,13 @@ def get_plugin(name: str, factory: str | None, options: dict[str, Any]) -> Any:
     return _PLUGINS[name]
 
 
+def warm_up(plugins: list[tuple[str, str | None, dict[str, Any]]]) -> int:
+    """Load plugins into this worker ahead of the first job (model load off the clock)."""
+    for name, factory, options in plugins:
+        get_plugin(name, factory, options)
+    return os.getpid()
+
+
 def worker_init(torch_threads: int | None, log_level: str = "INFO", json_logs: bool = False) -> None:
     """Process initialiser: logging like the parent's, thread settings for inference."""
     import torch
