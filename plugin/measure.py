@@ -97,7 +97,8 @@ def measure_findings(
     spacing = (float(np.linalg.norm(affine[:3, 0])), float(np.linalg.norm(affine[:3, 1])))
     components = _components(labels, label_specs, voxel_mm3)
     components.sort(key=lambda c: (-c.count, *np.round(c.centroid_index[::-1], 6), c.label))
-    out = np.zeros(labels.shape, dtype=np.uint16 if len(components) < 65536 else np.int32)
+    out = np.zeros(labels.shape, dtype=np.uint8 if len(components) < 256
+                   else np.uint16 if len(components) < 65536 else np.int32)
     findings: list[Finding] = []
     per_label: dict[int, int] = {}
     for value, comp in enumerate(components, start=1):
@@ -127,17 +128,20 @@ def _components(
     for value, spec in sorted(label_specs.items()):
         before = len(found)
         mask = labels == value
-        if not mask.any():
+        region = _bounding_box(mask)
+        if region is None:
             continue
+        mask = mask[region]  # components are found in the box around the label only
         if spec.per_component:
             comp_map, n = ndimage.label(mask, structure=CONNECTIVITY_3D)
         else:
             comp_map, n = mask.astype(np.int32), 1
         boxes = ndimage.find_objects(comp_map)
-        for index, box in enumerate(boxes, start=1):
-            if box is None:
+        for index, local_box in enumerate(boxes, start=1):
+            if local_box is None:
                 continue
-            local = comp_map[box] == index
+            local = comp_map[local_box] == index
+            box = tuple(slice(r.start + b.start, r.start + b.stop) for r, b in zip(region, local_box))
             count = int(local.sum())
             if count * voxel_mm3 < spec.min_volume_mm3:
                 continue
@@ -148,12 +152,28 @@ def _components(
     return found
 
 
+def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """The smallest box holding every true voxel of ``mask``, or None if it is empty."""
+    box = []
+    for axis in range(mask.ndim):
+        others = tuple(a for a in range(mask.ndim) if a != axis)
+        hits = np.flatnonzero(mask.any(axis=others))
+        if hits.size == 0:
+            return None
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return tuple(box)
+
+
 def _present_values(labels: np.ndarray) -> set[int]:
     """Label values in the map (a bincount is much faster than unique on big maps)."""
     if labels.size == 0:
         return set()
     if labels.dtype.kind in "ui" and labels.min() >= 0 and labels.max() < 1 << 16:
-        return set(np.flatnonzero(np.bincount(labels.ravel())).tolist())
+        counts = np.zeros(int(labels.max()) + 1, dtype=np.int64)
+        for z in range(0, labels.shape[-1], 32):  # by slabs: bincount copies its input to intp
+            slab = labels[..., z : z + 32].ravel()
+            counts += np.bincount(slab, minlength=counts.size)
+        return set(np.flatnonzero(counts).tolist())
     return set(np.unique(labels).tolist())
 
 

@@ -60,6 +60,7 @@ _DROPPED_TYPES = (
 )
 PRED_KEY = "pred"
 AFFINE_TOLERANCE_MM = 1e-3
+LABEL_SLAB = 32  # slices converted at a time from the prediction to the label map
 
 
 class MonaiBundlePlugin:
@@ -188,6 +189,7 @@ class MonaiBundlePlugin:
         with self._threads(), torch.inference_mode():
             pred = self._run(image)
         labels = self._label_map(pred, image)
+        del pred  # the label map replaces the (float) prediction before measuring
         hu = _numpy(image.as_tensor()[0]).astype(np.float32, copy=False)
         findings = measure_findings(
             labels,
@@ -232,11 +234,16 @@ class MonaiBundlePlugin:
         return data[PRED_KEY]
 
     def _label_map(self, pred: Any, image: MetaTensor) -> np.ndarray:
+        """The prediction as an integer label map on the source grid.
+
+        Converted slab by slab into the smallest unsigned type that holds the labels,
+        so no full-size float copy of the prediction is made.
+        """
         spatial = tuple(image.shape[1:])
-        array = _numpy(torch.as_tensor(pred).float())
-        if array.ndim == 4 and array.shape[0] == 1:
-            array = array[0]
-        if array.shape != spatial:
+        tensor = torch.as_tensor(pred.as_tensor() if isinstance(pred, MetaTensor) else pred).detach().cpu()
+        if tensor.ndim == 4 and tensor.shape[0] == 1:
+            tensor = tensor[0]
+        if tuple(tensor.shape) != spatial:
             expected = ", ".join(map(str, spatial))
             raise self._fail(
                 f"output {PRED_KEY!r} has shape {tuple(np.shape(pred))}, expected (1, {expected})"
@@ -248,10 +255,23 @@ class MonaiBundlePlugin:
             delta = float(np.abs(found - source).max())
             if delta > AFFINE_TOLERANCE_MM:
                 raise self._fail(f"output affine differs from the source affine by {delta:.4g}")
-        labels = np.rint(array)
-        if not np.array_equal(labels, array) or labels.min(initial=0) < 0:
+        return self._integer_labels(tensor)
+
+    def _integer_labels(self, tensor: torch.Tensor) -> np.ndarray:
+        low, high = (float(v) for v in torch.aminmax(tensor.float() if tensor.dtype == torch.bool else tensor))
+        if low < 0:
             raise self._fail("postprocessing must produce a non-negative integer label map")
-        return np.asarray(labels, dtype=np.int32)
+        dtype = np.uint8 if high < 256 else np.uint16 if high < 65536 else np.int32
+        out = np.empty(tuple(tensor.shape), dtype=dtype)
+        for z in range(0, tensor.shape[-1], LABEL_SLAB):
+            slab = tensor[..., z : z + LABEL_SLAB]
+            if slab.is_floating_point():
+                rounded = torch.round(slab)
+                if not torch.equal(rounded, slab):
+                    raise self._fail("postprocessing must produce a non-negative integer label map")
+                slab = rounded
+            out[..., z : z + LABEL_SLAB] = slab.numpy().astype(dtype, copy=False)
+        return out
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.amp:
