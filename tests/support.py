@@ -52,6 +52,16 @@ def node_config(storage: Path, port: int, **sections: Any) -> dict[str, Any]:
     return cfg
 
 
+def start_node(tmp_path: Path, **sections: Any) -> Any:
+    """An in-process node (real listener on a free loopback port), started."""
+    from dicom_node.config import parse_config
+    from dicom_node.node import Node
+
+    node = Node(parse_config(node_config(tmp_path / "var", free_port(), **sections)))
+    node.start()
+    return node
+
+
 @dataclass
 class NodeProcess:
     """``dicom-node serve`` in a subprocess, as an admin would run it."""

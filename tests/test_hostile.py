@@ -9,28 +9,20 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from pydicom import dcmread
 from pynetdicom.ae import ApplicationEntity
 from pynetdicom.sop_class import CTImageStorage
 
-from dicom_node.config import parse_config
 from dicom_node.node import Node
 from dicom_node.synthetic.ct_writer import simple_ct_volume, write_ct_series
-from tests.support import DCMTK_ENV, free_port, node_config, storescu
-
-
-def _start(tmp_path: Path, **sections: Any) -> Node:
-    node = Node(parse_config(node_config(tmp_path / "var", free_port(), **sections)))
-    node.start()
-    return node
+from tests.support import start_node, DCMTK_ENV, free_port, node_config, storescu
 
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[Node]:
-    n = _start(tmp_path, node={"acse_timeout_seconds": 1, "network_timeout_seconds": 2},
+    n = start_node(tmp_path, node={"acse_timeout_seconds": 1, "network_timeout_seconds": 2},
                retention={"ignored_days": None})
     yield n
     n.stop()
@@ -87,7 +79,7 @@ def test_unknown_sop_class_and_private_transfer_syntax_are_not_accepted(node: No
 
 
 def test_oversize_instance_is_refused_out_of_resources(tmp_path: Path) -> None:
-    node = _start(tmp_path, node={"max_instance_mb": 1})
+    node = start_node(tmp_path, node={"max_instance_mb": 1})
     try:
         files = write_ct_series(simple_ct_volume(1, 1024, 1024), tmp_path / "big")  # 2 MiB
         result = storescu(node.port, files)

@@ -9,27 +9,20 @@ from typing import Any
 
 import pytest
 from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1
 from pynetdicom.ae import ApplicationEntity
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import CTImageStorage
 
-from dicom_node.config import parse_config
 from dicom_node.node import Node
 from dicom_node.synthetic.ct_writer import SeriesLayout, simple_ct_volume, write_ct_series
-from tests.support import DCMTK_ENV, free_port, node_config, require_tool, storescu
-
-
-def _start(tmp_path: Path, **sections: Any) -> Node:
-    node = Node(parse_config(node_config(tmp_path / "var", free_port(), **sections)))
-    node.start()
-    return node
+from tests.support import start_node, DCMTK_ENV, require_tool, storescu
 
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[Node]:
-    n = _start(tmp_path, retention={"ignored_days": None})
+    n = start_node(tmp_path, retention={"ignored_days": None})
     yield n
     n.stop()
 
@@ -109,7 +102,7 @@ def test_wrong_called_ae_rejected(node: Node, ct150: list[Path]) -> None:
     ([{"ae_title": "PACS", "host": "127.0.0.1"}], "PACS", True),
 ])
 def test_calling_ae_allowlist(tmp_path: Path, ct150: list[Path], allowed: list, calling: str, accepted: bool) -> None:
-    n = _start(tmp_path, security={"allowed_callers": allowed})
+    n = start_node(tmp_path, security={"allowed_callers": allowed})
     try:
         result = storescu(n.port, ct150[:1], calling=calling)
         if accepted:
@@ -161,7 +154,7 @@ def test_bad_uids_refused_nothing_written(node: Node, changes: dict, status: int
 
 
 def test_disk_reserve_answers_out_of_resources(tmp_path: Path, ct150: list[Path]) -> None:
-    n = _start(tmp_path, node={"min_free_disk_mb": 10**9})
+    n = start_node(tmp_path, node={"min_free_disk_mb": 10**9})
     try:
         result = storescu(n.port, ct150[:2])
         assert "Out of Resources" in result.stderr or "OutOfResources" in result.stderr, result.stderr
