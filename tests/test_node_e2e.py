@@ -279,3 +279,17 @@ def test_unknown_plugin_fails_at_start(tmp_path: Path) -> None:
     node = NodeProcess(cfg, tmp_path / "node")
     with pytest.raises(AssertionError, match="no_such_plugin"):
         node.start(timeout=60)
+
+
+def test_no_qualifying_series_is_recorded_with_the_reason(tmp_path: Path, dest: StoreSCP) -> None:
+    short = write_ct_series(dense_phantom(5), tmp_path / "short", PATIENT)
+    node = _node(tmp_path, dest.port).start()
+    try:
+        assert storescu(node.port, short).returncode == 0
+        status = node.wait_for(lambda s: _study_state(s, "done"), what="study done without analysis")
+        reason = status["studies"][0]["reason"]
+        assert "too few slices (5 < 8)" in reason, reason
+        assert status["jobs"][0]["reason"] == reason and not status["deliveries"]
+        assert "nothing to analyse" in node.log() and not dest.files()
+    finally:
+        node.stop()
