@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from io import BytesIO
 
 from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from dicom_node.errors import IngestError, StorageError

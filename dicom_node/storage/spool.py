@@ -2,9 +2,11 @@
 
 Layout: ``<spool>/<StudyInstanceUID>/<SOPInstanceUID>.dcm``. A file is written to a
 hidden temporary name in the same folder, flushed with ``fdatasync``, renamed into
-place and the folder is synced. On ext4 the folder sync after a file sync is nearly
-free (measured: 1.5 ms for write+sync of 512 KiB, +0.1 ms for rename+folder sync), so
-each instance pays one real flush and associations never wait on each other.
+place and the folder is synced. Each instance thus pays two flushes here (file, then
+folder) plus the database commit. Their cost depends on the disk: 1.5 ms + 0.1 ms was
+measured on one ext4 machine, but 1.8-2.6 ms + 1.5-2.0 ms on the 2-vCPU benchmark VM
+(``python -m bench.profile_ingest``), where they are most of an instance's time.
+Associations never wait on each other here.
 
 A crash can leave a temporary file (never acknowledged: removed on start) or a
 renamed file whose database row was never committed (complete, because it was synced
