@@ -1,7 +1,8 @@
 """The state database: instances, series, studies, jobs, results and deliveries.
 
-SQLite in WAL mode with ``synchronous=FULL``: a commit is on disk when it returns
-(measured here: 0.15 ms per commit). One connection is shared by the node's threads
+SQLite in WAL mode with ``synchronous=FULL``: a commit is on disk when it returns.
+The one exception is the registration of a received instance, whose spooled file is
+the durable record (see :meth:`StateDB.transaction`). One connection is shared by the node's threads
 behind a lock; every state change is recorded in ``transitions`` with a timestamp.
 """
 
@@ -87,23 +88,35 @@ class StateDB:
             self._conn.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction; commits (durably) on success, rolls back on error."""
+    def transaction(self, flush: bool = True) -> Iterator[sqlite3.Connection]:
+        """A write transaction; commits on success, rolls back on error.
+
+        ``flush=False`` commits without waiting for the disk (``synchronous=NORMAL``):
+        the change survives a crash of the process but not of the machine. It is used
+        only to register spooled instances, whose files are already flushed: after a
+        power loss, start-up recovery registers any spooled file the database lost.
+        """
         with self._lock:
+            if not flush:
+                self._conn.execute("PRAGMA synchronous=NORMAL")
             try:
-                self._conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise StorageError(f"state database unavailable: {exc}") from exc
-            try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            try:
-                self._conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                self._conn.execute("ROLLBACK")
-                raise StorageError(f"state database commit failed: {exc}") from exc
+                try:
+                    self._conn.execute("BEGIN IMMEDIATE")
+                except sqlite3.Error as exc:
+                    raise StorageError(f"state database unavailable: {exc}") from exc
+                try:
+                    yield self._conn
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+                try:
+                    self._conn.execute("COMMIT")
+                except sqlite3.Error as exc:
+                    self._conn.execute("ROLLBACK")
+                    raise StorageError(f"state database commit failed: {exc}") from exc
+            finally:
+                if not flush:
+                    self._conn.execute("PRAGMA synchronous=FULL")
 
     def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[Row]:
         """Run a read query and return rows as dicts."""
@@ -136,9 +149,13 @@ class StateDB:
     # ---- instances and studies -------------------------------------------------
 
     def register_instance(self, rec: InstanceRecord) -> str:
-        """Record a spooled instance; returns 'new', 'duplicate' or 'restored'."""
+        """Record a spooled instance; returns 'new', 'duplicate' or 'restored'.
+
+        The spooled file is already flushed, so the commit does not wait for the disk
+        (see :meth:`transaction`); recovery re-registers a file the database lost.
+        """
         now = time.time()
-        with self.transaction() as c:
+        with self.transaction(flush=False) as c:
             row = c.execute(
                 "SELECT purged FROM instances WHERE sop_instance_uid=?", (rec.sop_instance_uid,)
             ).fetchone()
