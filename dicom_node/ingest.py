@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from io import BytesIO
 
 from pydicom import dcmread
+from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 from dicom_node.errors import IngestError, StorageError
@@ -30,7 +31,8 @@ from dicom_node.uids import clean_uid, uid_problem
 log = logging.getLogger(__name__)
 
 ROUTING_TAGS = ("Modality", "BodyPartExamined", "SeriesDescription", "StudyDescription", "Manufacturer")
-HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", *ROUTING_TAGS]
+HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "ImageType",
+               *ROUTING_TAGS]
 
 
 @dataclass(frozen=True)
@@ -61,8 +63,21 @@ def is_analysable_class(sop_class_uid: str) -> bool:
     return "Image Storage" in name and "Secondary Capture" not in name
 
 
+def is_analysable(sop_class_uid: str, image_type: str) -> bool:
+    """May this instance be analysed (and re-open its study)?
+
+    Original images only: not SR/SEG/PR/KO/SC and other non-image objects, not
+    DERIVED images (reformats, MIPs) and not localizers.
+    """
+    values = [v.strip().upper() for v in image_type.split("\\")] if image_type else []
+    if values and values[0] == "DERIVED" or "LOCALIZER" in values:
+        return False
+    return is_analysable_class(sop_class_uid)
+
+
 # The header elements the quick reader takes, with the VR each must have.
 _QUICK_TAGS = {
+    0x00080008: ("ImageType", b"CS"),
     0x00080016: ("SOPClassUID", b"UI"),
     0x00080018: ("SOPInstanceUID", b"UI"),
     0x00080060: ("Modality", b"CS"),
@@ -183,7 +198,7 @@ def _header(req: StoreRequest) -> dict[str, str]:
         except Exception as exc:
             raise IngestError(f"cannot decode {keyword}", statuses.CANNOT_UNDERSTAND) from exc
         if value is not None and str(value) != "":
-            out[keyword] = str(value)
+            out[keyword] = "\\".join(map(str, value)) if isinstance(value, MultiValue) else str(value)
     return out
 
 
@@ -255,7 +270,7 @@ class Ingestor:
                 series_attrs={**{k: header[k] for k in ROUTING_TAGS if k in header},
                               "SOPClassUID": sop_class, "CalledAETitle": req.called_ae.strip(),
                               "CallingAETitle": req.calling_ae.strip()},
-                analysable=is_analysable_class(sop_class),
+                analysable=is_analysable(sop_class, header.get("ImageType", "")),
             )
             disposition = self.db.register_instance(record)
         except StorageError as exc:

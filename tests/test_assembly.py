@@ -56,3 +56,31 @@ def test_unmatched_study_is_ignored_then_removed_by_retention(tmp_path: Path) ->
         assert not node.db.query("SELECT * FROM jobs")
     finally:
         node.stop()
+
+
+def test_derived_series_and_localizers_never_reopen_a_study(tmp_path: Path) -> None:
+    from dicom_node.ingest import is_analysable
+
+    ct = "1.2.840.10008.5.1.4.1.1.2"
+    assert is_analysable(ct, "ORIGINAL\\PRIMARY\\AXIAL")
+    assert not is_analysable(ct, "DERIVED\\SECONDARY\\MPR")
+    assert not is_analysable(ct, "ORIGINAL\\PRIMARY\\LOCALIZER")
+    assert not is_analysable("1.2.840.10008.5.1.4.1.1.88.34", "")  # an SR
+    route = {"name": "ct", "match": {"Modality": "CT"}, "plugin": "p", "destinations": []}
+    node = Node(parse_config(node_config(tmp_path / "var", free_port(), routes=[route])))
+    node.validate_plugins = lambda: None  # type: ignore[method-assign]
+    node.start()
+    try:
+        from dicom_node.synthetic.ct_writer import StudyIdentity
+
+        study = StudyIdentity()
+        reformat = write_ct_series(simple_ct_volume(3, 16, 16), tmp_path / "mpr", study,
+                                   SeriesLayout(image_type=("DERIVED", "SECONDARY", "MPR"), series_number=5))
+        assert storescu(node.port, reformat).returncode == 0
+        rows = node.db.query("SELECT analysable FROM series")
+        assert rows == [{"analysable": 0}]
+        original = write_ct_series(simple_ct_volume(3, 16, 16), tmp_path / "orig", study, SeriesLayout())
+        assert storescu(node.port, original).returncode == 0
+        assert sorted(r["analysable"] for r in node.db.query("SELECT analysable FROM series")) == [0, 1]
+    finally:
+        node.stop()
