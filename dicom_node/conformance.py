@@ -12,7 +12,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from pydicom.uid import UID
-from pynetdicom.presentation import StoragePresentationContexts
+from pynetdicom.presentation import AllStoragePresentationContexts
 
 from dicom_node.config import Config
 from dicom_node.net.scp import ACCEPTED_TRANSFER_SYNTAXES
@@ -74,7 +74,7 @@ def _store_statuses(config: Config) -> list[str]:
 
 def conformance_statement(config: Config) -> str:
     """The conformance statement for ``config``, as Markdown."""
-    storage = [str(cx.abstract_syntax) for cx in StoragePresentationContexts]
+    storage = [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts]
     lines = [
         f"# DICOM Conformance Statement: dicom-node {_node_version()}",
         "",

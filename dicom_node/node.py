@@ -42,7 +42,7 @@ class Node:
             min_free_bytes=config.node.min_free_disk_mb * 2**20,
             max_instance_bytes=config.node.max_instance_mb * 2**20,
         )
-        self.scp = StorageSCP(config, self.ingestor, self.metrics)
+        self.scp = StorageSCP(config, self.ingestor, self.metrics, self.audit)
         self.assembler = Assembler(config, self.db, self.work, self.spool, self.audit)
         self.runner = JobRunner(config, self.db, self.work, self.metrics, self.audit)
         self.deliverer = Deliverer(config, self.work, self.metrics, self.audit)

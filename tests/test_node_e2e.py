@@ -137,6 +137,8 @@ def _check_audit(node: NodeProcess, study_uid: str) -> None:
     records = [json.loads(line) for line in out.splitlines()]
     events = [r["event"] for r in records]
     assert events[0] == "config-loaded" and len(records[0]["sha256"]) == 64
+    association = next(r for r in records if r["event"] == "association")
+    assert association["outcome"] == "accepted" and association["calling_ae"] == "STORESCU"
     received = next(r for r in records if r["event"] == "study-received")
     assert received["study_uid"] == study_uid and received["instances"] == 40
     analysis = next(r for r in records if r["event"] == "analysis")

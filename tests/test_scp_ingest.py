@@ -110,6 +110,10 @@ def test_calling_ae_allowlist(tmp_path: Path, ct150: list[Path], allowed: list, 
         else:
             assert "Calling AE Title Not Recognized" in result.stderr
             assert not _spooled(n)
+            audit = [__import__("json").loads(line) for line in n.config.audit_path.read_text().splitlines()]
+            rejected = [r for r in audit if r["event"] == "association" and r["outcome"] == "rejected"]
+            assert rejected and rejected[0]["reason"] == "calling AE title not recognised"
+            assert rejected[0]["calling_ae"] == calling
     finally:
         n.stop()
 

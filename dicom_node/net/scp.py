@@ -36,7 +36,7 @@ from pydicom.uid import (
 )
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.presentation import StoragePresentationContexts
+from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -131,10 +131,11 @@ class AssociationStats:
 class StorageSCP:
     """Owns the pynetdicom AE and its listening server."""
 
-    def __init__(self, config: Config, ingestor: Ingestor, metrics: Any = None) -> None:
+    def __init__(self, config: Config, ingestor: Ingestor, metrics: Any = None, audit: Any = None) -> None:
         self.config = config
         self.ingestor = ingestor
         self.metrics = metrics
+        self.audit = audit
         self.policy = CallerPolicy(config.security.allowed_callers)
         self.ae = self._make_ae()
         self.server: ThreadedAssociationServer | None = None
@@ -150,7 +151,7 @@ class StorageSCP:
         ae.dimse_timeout = node.dimse_timeout_seconds
         ae.network_timeout = node.network_timeout_seconds
         ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        for cx in StoragePresentationContexts:
+        for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
         return ae
 
@@ -237,15 +238,22 @@ class StorageSCP:
             self.metrics.association("accepted")
         log.info("association %s accepted: calling=%s called=%s peer=%s",
                  assoc.native_id, assoc.requestor.ae_title, assoc.acceptor.ae_title, peer)
+        if self.audit is not None:
+            self.audit.record("association", outcome="accepted", calling_ae=assoc.requestor.ae_title.strip(),
+                              called_ae=assoc.acceptor.ae_title.strip(), peer=peer)
 
     def _on_rejected(self, event: evt.Event) -> None:
         assoc = event.assoc
         reason = self.rejection_reason(assoc)
         if self.metrics is not None:
             self.metrics.association(f"rejected_{reason.replace(' ', '_')}")
+        called = assoc.requestor.primitive.called_ae_title if assoc.requestor.primitive else "?"
         log.warning("association rejected (%s): calling=%s called=%s peer=%s",
-                    reason, assoc.requestor.ae_title, assoc.requestor.primitive.called_ae_title
-                    if assoc.requestor.primitive else "?", assoc.requestor.address)
+                    reason, assoc.requestor.ae_title, called, assoc.requestor.address)
+        if self.audit is not None:
+            self.audit.record("association", outcome="rejected", reason=reason,
+                              calling_ae=assoc.requestor.ae_title.strip(), called_ae=str(called).strip(),
+                              peer=f"{assoc.requestor.address}:{assoc.requestor.port}")
 
     def rejection_reason(self, assoc: Any) -> str:
         """Name the reason an association was rejected (recomputed from the policy)."""
