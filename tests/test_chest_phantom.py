@@ -11,12 +11,14 @@ from scipy import ndimage
 
 from dicom_node.synthetic.chest_phantom import make_chest_phantom, write_chest_phantom
 
-SMALL = dict(slices=48, rows=128, pixel_spacing_mm=1.0, slice_spacing_mm=1.25)
+SMALL = {"slices": 48, "rows": 128, "pixel_spacing_mm": 1.0, "slice_spacing_mm": 1.25}
 
 
 @pytest.fixture(scope="module")
 def phantom():  # type: ignore[no-untyped-def]
-    return make_chest_phantom(3, nodule_diameters_mm=[10.0, 8.0], noise_hu=10.0, **SMALL)
+    return make_chest_phantom(
+        3, nodule_diameters_mm=[10.0, 8.0], noise_hu=10.0, **SMALL
+    )
 
 
 def test_shapes_and_types(phantom) -> None:  # type: ignore[no-untyped-def]
@@ -46,7 +48,7 @@ def test_labels_are_at_the_nodules(phantom) -> None:  # type: ignore[no-untyped-
     comp, n = ndimage.label(phantom.labels_zyx > 0)
     assert n == 2
     for nod in phantom.nodules:
-        idx = tuple(int(round(c)) for c in nod.centre_voxel_zyx)
+        idx = tuple(round(c) for c in nod.centre_voxel_zyx)
         assert phantom.labels_zyx[idx] == 1
         size = (comp == comp[idx]).sum() * float(np.prod(phantom.spacing_zyx))
         sphere = np.pi / 6 * nod.diameter_mm**3
@@ -83,8 +85,16 @@ def test_random_geometry_in_ranges() -> None:
 
 
 def test_write_roundtrip(tmp_path: Path) -> None:
-    paths, p = write_chest_phantom(tmp_path, 5, slices=4, rows=64, pixel_spacing_mm=1.0,
-                                   slice_spacing_mm=2.0, signed=False, bits_stored=12)
+    paths, p = write_chest_phantom(
+        tmp_path,
+        5,
+        slices=4,
+        rows=64,
+        pixel_spacing_mm=1.0,
+        slice_spacing_mm=2.0,
+        signed=False,
+        bits_stored=12,
+    )
     assert len(paths) == 4
     ds = pydicom.dcmread(paths[2])
     assert ds.PixelRepresentation == 0 and ds.BitsStored == 12

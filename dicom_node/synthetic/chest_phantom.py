@@ -14,9 +14,10 @@ in DICOM patient coordinates (LPS) with an axial orientation.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -122,8 +123,17 @@ def _sample_geometry(rng: np.random.Generator, kw: dict[str, Any]) -> _Geometry:
     bits = kw.get("bits_stored") or int(rng.choice([12, 16]))
     rows = int(kw.get("rows", 512))
     cols = int(kw.get("columns") or rows)
-    return _Geometry(slices, rows, cols, float(pixel), float(slice_mm), float(thickness),
-                     noise, signed, bits)
+    return _Geometry(
+        slices,
+        rows,
+        cols,
+        float(pixel),
+        float(slice_mm),
+        float(thickness),
+        noise,
+        signed,
+        bits,
+    )
 
 
 @dataclass
@@ -145,15 +155,21 @@ def _make_grid(geo: _Geometry, rng: np.random.Generator) -> _Grid:
     x += rng.uniform(-0.03, 0.03) * fov_x
     y += rng.uniform(-0.03, 0.03) * fov_y
     z = np.arange(geo.slices) * geo.slice_mm
-    return _Grid(x.astype(np.float32), y.astype(np.float32), z.astype(np.float32),
-                 (geo.slice_mm, geo.pixel_mm, geo.pixel_mm))
+    return _Grid(
+        x.astype(np.float32),
+        y.astype(np.float32),
+        z.astype(np.float32),
+        (geo.slice_mm, geo.pixel_mm, geo.pixel_mm),
+    )
 
 
 def _smooth_wave(rng: np.random.Generator, t: np.ndarray, amp: float) -> np.ndarray:
     """A smooth random function of ``t`` (a few low-frequency sinusoids)."""
     out = np.zeros_like(t)
     for k in range(1, 4):
-        out += rng.uniform(-1, 1) / k * np.sin(np.pi * k * t + rng.uniform(0, 2 * np.pi))
+        out += (
+            rng.uniform(-1, 1) / k * np.sin(np.pi * k * t + rng.uniform(0, 2 * np.pi))
+        )
     return amp * out
 
 
@@ -200,20 +216,31 @@ def _sample_anatomy(grid: _Grid, rng: np.random.Generator) -> _Anatomy:
     inner = 1 - fat - 0.12
     lungs = []
     for side in (-1.0, 1.0):  # -1: patient right (negative x), +1: patient left
-        lungs.append({
-            "side": side,
-            "u": side * rng.uniform(0.36, 0.45) * inner / 0.78,
-            "v": rng.uniform(-0.08, 0.05),
-            "su": rng.uniform(0.28, 0.36) * inner / 0.78,
-            "sv": rng.uniform(0.52, 0.64) * inner / 0.78,
-            "rot": rng.uniform(-0.3, 0.3) * side,
-            "wave_u": _smooth_wave(rng, t_z, 0.05),
-            "wave_v": _smooth_wave(rng, t_z, 0.05),
-        })
+        lungs.append(
+            {
+                "side": side,
+                "u": side * rng.uniform(0.36, 0.45) * inner / 0.78,
+                "v": rng.uniform(-0.08, 0.05),
+                "su": rng.uniform(0.28, 0.36) * inner / 0.78,
+                "sv": rng.uniform(0.52, 0.64) * inner / 0.78,
+                "rot": rng.uniform(-0.3, 0.3) * side,
+                "wave_u": _smooth_wave(rng, t_z, 0.05),
+                "wave_v": _smooth_wave(rng, t_z, 0.05),
+            }
+        )
     contrast = bool(rng.random() < 0.4)
-    return _Anatomy(cx, cy.astype(np.float32), ax_z.astype(np.float32),
-                    ay_z.astype(np.float32), fat, lung_t, lungs,
-                    float(rng.uniform(-900, -780)), float(rng.uniform(0, 90)), contrast)
+    return _Anatomy(
+        cx,
+        cy.astype(np.float32),
+        ax_z.astype(np.float32),
+        ay_z.astype(np.float32),
+        fat,
+        lung_t,
+        lungs,
+        float(rng.uniform(-900, -780)),
+        float(rng.uniform(0, 90)),
+        contrast,
+    )
 
 
 def _lung_profile(t: np.ndarray) -> np.ndarray:
@@ -249,8 +276,9 @@ def _lung_mask(u: np.ndarray, v: np.ndarray, an: _Anatomy) -> np.ndarray:
     return mask
 
 
-def _draw_body(grid: _Grid, an: _Anatomy, rng: np.random.Generator
-               ) -> tuple[np.ndarray, np.ndarray]:
+def _draw_body(
+    grid: _Grid, an: _Anatomy, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """HU of the body without vessels or nodules, and the lung mask."""
     u, v = _body_uv(grid, an)
     q2 = u * u + v * v
@@ -269,8 +297,14 @@ def _draw_body(grid: _Grid, an: _Anatomy, rng: np.random.Generator
     return hu, lung
 
 
-def _draw_ribs(hu: np.ndarray, grid: _Grid, an: _Anatomy, q2: np.ndarray, u: np.ndarray,
-               rng: np.random.Generator) -> None:
+def _draw_ribs(
+    hu: np.ndarray,
+    grid: _Grid,
+    an: _Anatomy,
+    q2: np.ndarray,
+    u: np.ndarray,
+    rng: np.random.Generator,
+) -> None:
     r_out = 1 - an.fat - 0.015
     r_in = r_out - rng.uniform(0.05, 0.08)
     period = rng.uniform(24, 34)
@@ -282,8 +316,9 @@ def _draw_ribs(hu: np.ndarray, grid: _Grid, an: _Anatomy, q2: np.ndarray, u: np.
     hu[ribs] = rng.uniform(450, 900)
 
 
-def _disc(grid: _Grid, cx: np.ndarray | float, cy: np.ndarray | float,
-          rx: float, ry: float) -> np.ndarray:
+def _disc(
+    grid: _Grid, cx: np.ndarray | float, cy: np.ndarray | float, rx: float, ry: float
+) -> np.ndarray:
     cxa = np.broadcast_to(np.asarray(cx, dtype=np.float32), grid.z.shape)
     cya = np.broadcast_to(np.asarray(cy, dtype=np.float32), grid.z.shape)
     dx = (grid.x[None, None, :] - cxa[:, None, None]) / rx
@@ -291,8 +326,13 @@ def _disc(grid: _Grid, cx: np.ndarray | float, cy: np.ndarray | float,
     return dx * dx + dy * dy <= 1.0
 
 
-def _draw_mediastinum(hu: np.ndarray, lung: np.ndarray, grid: _Grid, an: _Anatomy,
-                      rng: np.random.Generator) -> None:
+def _draw_mediastinum(
+    hu: np.ndarray,
+    lung: np.ndarray,
+    grid: _Grid,
+    an: _Anatomy,
+    rng: np.random.Generator,
+) -> None:
     """Spine, aorta, heart, trachea and sternum; they carve out the lungs."""
     t = np.nan_to_num(an.lung_t, nan=-1.0)
     spine_y = an.cy + an.ay * rng.uniform(0.55, 0.68)
@@ -308,10 +348,17 @@ def _draw_mediastinum(hu: np.ndarray, lung: np.ndarray, grid: _Grid, an: _Anatom
     lung &= ~_disc(grid, an.cx, spine_y, vr + 3, vr + 3)
     blood = rng.uniform(150, 350) if an.contrast else rng.uniform(30, 55)
     ao_r = rng.uniform(10, 16)
-    aorta = _disc(grid, an.cx + vr * 0.9 + ao_r * 0.6, spine_y - vr - ao_r * 0.4, ao_r, ao_r)
+    aorta = _disc(
+        grid, an.cx + vr * 0.9 + ao_r * 0.6, spine_y - vr - ao_r * 0.4, ao_r, ao_r
+    )
     hu[aorta] = blood
-    lung &= ~_disc(grid, an.cx + vr * 0.9 + ao_r * 0.6, spine_y - vr - ao_r * 0.4,
-                   ao_r + 2, ao_r + 2)
+    lung &= ~_disc(
+        grid,
+        an.cx + vr * 0.9 + ao_r * 0.6,
+        spine_y - vr - ao_r * 0.4,
+        ao_r + 2,
+        ao_r + 2,
+    )
     heart_scale = np.clip(1 - ((t - 0.22) / 0.38) ** 2, 0, 1) ** 0.5 * (t >= -0.05)
     hx = an.ax * rng.uniform(0.25, 0.36) * heart_scale + 1e-3
     hy = an.ay * rng.uniform(0.35, 0.5) * heart_scale + 1e-3
@@ -323,7 +370,7 @@ def _draw_mediastinum(hu: np.ndarray, lung: np.ndarray, grid: _Grid, an: _Anatom
     med_half = an.ax * rng.uniform(0.06, 0.1)
     mid = np.abs(grid.x - an.cx)[None, None, :] < med_half[:, None, None]
     lung &= ~mid
-    trachea_on = (t > rng.uniform(0.55, 0.7))
+    trachea_on = t > rng.uniform(0.55, 0.7)
     tr = _disc(grid, an.cx, an.cy - an.ay * 0.1, 9, 8) & trachea_on[:, None, None]
     wall = _disc(grid, an.cx, an.cy - an.ay * 0.1, 11, 10) & trachea_on[:, None, None]
     hu[wall] = 40.0
@@ -332,8 +379,9 @@ def _draw_mediastinum(hu: np.ndarray, lung: np.ndarray, grid: _Grid, an: _Anatom
     hu[sternum & (t > 0.1)[:, None, None]] = rng.uniform(300, 600)
 
 
-def _ellipse_zvar(grid: _Grid, cx: float, cy: np.ndarray, rx: np.ndarray,
-                  ry: np.ndarray) -> np.ndarray:
+def _ellipse_zvar(
+    grid: _Grid, cx: float, cy: np.ndarray, rx: np.ndarray, ry: np.ndarray
+) -> np.ndarray:
     dx = (grid.x[None, None, :] - cx) / rx[:, None, None]
     dy = (grid.y[None, :, None] - cy[:, None, None]) / ry[:, None, None]
     return dx * dx + dy * dy <= 1.0
@@ -349,7 +397,9 @@ class _Segment:
     radius: float
 
 
-def _bbox(grid: _Grid, lo: np.ndarray, hi: np.ndarray) -> tuple[slice, slice, slice] | None:
+def _bbox(
+    grid: _Grid, lo: np.ndarray, hi: np.ndarray
+) -> tuple[slice, slice, slice] | None:
     """Index slices covering the mm box [lo, hi] (z, y, x); None if outside."""
     out = []
     for axis, coords in enumerate((grid.z, grid.y, grid.x)):
@@ -363,14 +413,19 @@ def _bbox(grid: _Grid, lo: np.ndarray, hi: np.ndarray) -> tuple[slice, slice, sl
     return out[0], out[1], out[2]
 
 
-def _local_coords(grid: _Grid, box: tuple[slice, slice, slice]
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return (grid.z[box[0]][:, None, None], grid.y[box[1]][None, :, None],
-            grid.x[box[2]][None, None, :])
+def _local_coords(
+    grid: _Grid, box: tuple[slice, slice, slice]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return (
+        grid.z[box[0]][:, None, None],
+        grid.y[box[1]][None, :, None],
+        grid.x[box[2]][None, None, :],
+    )
 
 
-def _segment_distance(grid: _Grid, box: tuple[slice, slice, slice], seg: _Segment
-                      ) -> np.ndarray:
+def _segment_distance(
+    grid: _Grid, box: tuple[slice, slice, slice], seg: _Segment
+) -> np.ndarray:
     zz, yy, xx = _local_coords(grid, box)
     d = (seg.p1 - seg.p0).astype(np.float32)
     length2 = float(d @ d) + 1e-6
@@ -380,17 +435,27 @@ def _segment_distance(grid: _Grid, box: tuple[slice, slice, slice], seg: _Segmen
     return np.sqrt(ez * ez + ey * ey + ex * ex)
 
 
-def _grow_tree(rng: np.random.Generator, start: np.ndarray, direction: np.ndarray,
-               radius: float, depth: int, out: list[_Segment]) -> None:
+def _grow_tree(
+    rng: np.random.Generator,
+    start: np.ndarray,
+    direction: np.ndarray,
+    radius: float,
+    depth: int,
+    out: list[_Segment],
+) -> None:
     if radius < 0.5 or depth > 7:
         return
     length = radius * rng.uniform(8, 15)
     direction = direction / (np.linalg.norm(direction) + 1e-9)
     end = start + direction * length
-    out.append(_Segment(start.astype(np.float32), end.astype(np.float32), float(radius)))
+    out.append(
+        _Segment(start.astype(np.float32), end.astype(np.float32), float(radius))
+    )
     for _ in range(2):
         turn = rng.normal(0, 0.55, size=3)
-        _grow_tree(rng, end, direction + turn, radius * rng.uniform(0.62, 0.8), depth + 1, out)
+        _grow_tree(
+            rng, end, direction + turn, radius * rng.uniform(0.62, 0.8), depth + 1, out
+        )
 
 
 def _lung_centres(grid: _Grid, an: _Anatomy) -> list[tuple[np.ndarray, float]]:
@@ -406,18 +471,36 @@ def _lung_centres(grid: _Grid, an: _Anatomy) -> list[tuple[np.ndarray, float]]:
     return out
 
 
-def _draw_vessels(hu: np.ndarray, lung: np.ndarray, grid: _Grid, an: _Anatomy,
-                  rng: np.random.Generator) -> list[_Segment]:
+def _draw_vessels(
+    hu: np.ndarray,
+    lung: np.ndarray,
+    grid: _Grid,
+    an: _Anatomy,
+    rng: np.random.Generator,
+) -> list[_Segment]:
     segments: list[_Segment] = []
     scale = float(np.mean(an.ax)) / 170.0
     density = rng.uniform(0.7, 1.3)
     for hilum, side in _lung_centres(grid, an):
         for _ in range(int(rng.integers(10, 18) * density)):
-            start = hilum + np.array([rng.normal(0, 25), rng.normal(0, 8), 0], dtype=np.float32)
-            direction = np.array([rng.normal(0, 1.3), rng.normal(0, 0.6),
-                                  side * abs(rng.normal(0.8, 0.4))])
-            _grow_tree(rng, start, direction, rng.uniform(2.5, 5.0) * max(scale, 0.4), 0,
-                       segments)
+            start = hilum + np.array(
+                [rng.normal(0, 25), rng.normal(0, 8), 0], dtype=np.float32
+            )
+            direction = np.array(
+                [
+                    rng.normal(0, 1.3),
+                    rng.normal(0, 0.6),
+                    side * abs(rng.normal(0.8, 0.4)),
+                ]
+            )
+            _grow_tree(
+                rng,
+                start,
+                direction,
+                rng.uniform(2.5, 5.0) * max(scale, 0.4),
+                0,
+                segments,
+            )
     blood = rng.uniform(20, 60) if not an.contrast else rng.uniform(120, 300)
     edge = max(grid.spacing_zyx) * 0.7
     for seg in segments:
@@ -426,7 +509,9 @@ def _draw_vessels(hu: np.ndarray, lung: np.ndarray, grid: _Grid, an: _Anatomy,
         box = _bbox(grid, lo, hi)
         if box is None:
             continue
-        occ = np.clip(0.5 + (seg.radius - _segment_distance(grid, box, seg)) / edge, 0, 1)
+        occ = np.clip(
+            0.5 + (seg.radius - _segment_distance(grid, box, seg)) / edge, 0, 1
+        )
         inside = lung[box]
         sub = hu[box]
         blend = sub + occ * (blood - sub)
@@ -448,21 +533,27 @@ class _NoduleSpec:
     lobes: list[tuple[np.ndarray, float]]  # (offset mm, radius mm), first is the core
 
 
-def _nodule_lobes(rng: np.random.Generator, diameter: float, kind: str
-                  ) -> list[tuple[np.ndarray, float]]:
+def _nodule_lobes(
+    rng: np.random.Generator, diameter: float, kind: str
+) -> list[tuple[np.ndarray, float]]:
     r = diameter / 2
     lobes = [(np.zeros(3, dtype=np.float32), r)]
     if kind == "irregular":
         for _ in range(int(rng.integers(3, 7))):
             d = rng.normal(size=3)
             d /= np.linalg.norm(d)
-            lobes.append(((d * r * rng.uniform(0.45, 0.7)).astype(np.float32),
-                          r * rng.uniform(0.35, 0.6)))
+            lobes.append(
+                (
+                    (d * r * rng.uniform(0.45, 0.7)).astype(np.float32),
+                    r * rng.uniform(0.35, 0.6),
+                )
+            )
     return lobes
 
 
-def _signed_distance(grid: _Grid, box: tuple[slice, slice, slice], spec: _NoduleSpec
-                     ) -> np.ndarray:
+def _signed_distance(
+    grid: _Grid, box: tuple[slice, slice, slice], spec: _NoduleSpec
+) -> np.ndarray:
     zz, yy, xx = _local_coords(grid, box)
     out = None
     for offset, radius in spec.lobes:
@@ -473,24 +564,28 @@ def _signed_distance(grid: _Grid, box: tuple[slice, slice, slice], spec: _Nodule
     return out
 
 
-def _random_lung_point(rng: np.random.Generator, lung: np.ndarray, grid: _Grid,
-                       margin_mm: float) -> np.ndarray | None:
+def _random_lung_point(
+    rng: np.random.Generator, lung: np.ndarray, grid: _Grid, margin_mm: float
+) -> np.ndarray | None:
     """A random voxel centre (mm) inside the lungs at least ``margin_mm`` from walls."""
-    step = max(1, int(round(4.0 / grid.spacing_zyx[1])))
-    zstep = max(1, int(round(4.0 / grid.spacing_zyx[0])))
+    step = max(1, round(4.0 / grid.spacing_zyx[1]))
+    zstep = max(1, round(4.0 / grid.spacing_zyx[0]))
     sub = lung[::zstep, ::step, ::step]
     if not sub.any():
         return None
-    iters = max(1, int(round(margin_mm / 4.0)))
+    iters = max(1, round(margin_mm / 4.0))
     core = ndimage.binary_erosion(sub, iterations=iters) if iters > 0 else sub
     idx = np.argwhere(core if core.any() else sub)
     k = idx[rng.integers(len(idx))]
-    return np.array([grid.z[k[0] * zstep], grid.y[k[1] * step], grid.x[k[2] * step]],
-                    dtype=np.float32)
+    return np.array(
+        [grid.z[k[0] * zstep], grid.y[k[1] * step], grid.x[k[2] * step]],
+        dtype=np.float32,
+    )
 
 
-def _pleural_point(rng: np.random.Generator, lung: np.ndarray, grid: _Grid,
-                   radius: float) -> np.ndarray | None:
+def _pleural_point(
+    rng: np.random.Generator, lung: np.ndarray, grid: _Grid, radius: float
+) -> np.ndarray | None:
     """A point inside the lung about ``0.7 radius`` from the pleura."""
     p = _random_lung_point(rng, lung, grid, radius + 4)
     if p is None:
@@ -512,15 +607,20 @@ def _to_index(grid: _Grid, p: np.ndarray) -> tuple[int, int, int] | None:
     out = []
     for axis, coords in enumerate((grid.z, grid.y, grid.x)):
         step = float(coords[1] - coords[0]) if coords.size > 1 else 1.0
-        i = int(round((p[axis] - coords[0]) / step))
+        i = round((p[axis] - coords[0]) / step)
         if i < 0 or i >= coords.size:
             return None
         out.append(i)
     return out[0], out[1], out[2]
 
 
-def _vascular_point(rng: np.random.Generator, segments: list[_Segment], lung: np.ndarray,
-                    grid: _Grid, radius: float) -> np.ndarray | None:
+def _vascular_point(
+    rng: np.random.Generator,
+    segments: list[_Segment],
+    lung: np.ndarray,
+    grid: _Grid,
+    radius: float,
+) -> np.ndarray | None:
     candidates = [s for s in segments if s.radius >= 1.0]
     for _ in range(30):
         if not candidates:
@@ -530,22 +630,37 @@ def _vascular_point(rng: np.random.Generator, segments: list[_Segment], lung: np
         axis = seg.p1 - seg.p0
         perp = np.cross(axis, rng.normal(size=3))
         perp /= np.linalg.norm(perp) + 1e-9
-        c = (p + perp * (radius + seg.radius) * rng.uniform(0.6, 0.9)).astype(np.float32)
+        c = (p + perp * (radius + seg.radius) * rng.uniform(0.6, 0.9)).astype(
+            np.float32
+        )
         if _inside_lung(lung, grid, c, radius * 0.8):
             return c
     return None
 
 
 def _inside_lung(lung: np.ndarray, grid: _Grid, c: np.ndarray, radius: float) -> bool:
-    for d in ([0, 0, 0], [1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]):
+    for d in (
+        [0, 0, 0],
+        [1, 0, 0],
+        [-1, 0, 0],
+        [0, 1, 0],
+        [0, -1, 0],
+        [0, 0, 1],
+        [0, 0, -1],
+    ):
         ijk = _to_index(grid, c + np.asarray(d, dtype=np.float32) * radius)
         if ijk is None or not lung[ijk]:
             return False
     return True
 
 
-def _sample_nodules(rng: np.random.Generator, lung: np.ndarray, grid: _Grid,
-                    segments: list[_Segment], kw: dict[str, Any]) -> list[_NoduleSpec]:
+def _sample_nodules(
+    rng: np.random.Generator,
+    lung: np.ndarray,
+    grid: _Grid,
+    segments: list[_Segment],
+    kw: dict[str, Any],
+) -> list[_NoduleSpec]:
     diameters = kw.get("nodule_diameters_mm")
     if diameters is None:
         count = kw.get("n_nodules")
@@ -554,16 +669,24 @@ def _sample_nodules(rng: np.random.Generator, lung: np.ndarray, grid: _Grid,
     kinds = kw.get("nodule_kinds")
     specs: list[_NoduleSpec] = []
     for n, diameter in enumerate(diameters):
-        kind = kinds[n] if kinds else ("irregular" if rng.random() < 0.4 else "spherical")
+        kind = (
+            kinds[n] if kinds else ("irregular" if rng.random() < 0.4 else "spherical")
+        )
         spec = _place_nodule(rng, lung, grid, segments, float(diameter), kind, specs)
         if spec is not None:
             specs.append(spec)
     return specs
 
 
-def _place_nodule(rng: np.random.Generator, lung: np.ndarray, grid: _Grid,
-                  segments: list[_Segment], diameter: float, kind: str,
-                  placed: list[_NoduleSpec]) -> _NoduleSpec | None:
+def _place_nodule(
+    rng: np.random.Generator,
+    lung: np.ndarray,
+    grid: _Grid,
+    segments: list[_Segment],
+    diameter: float,
+    kind: str,
+    placed: list[_NoduleSpec],
+) -> _NoduleSpec | None:
     r = diameter / 2
     for _ in range(40):
         roll = rng.random()
@@ -576,15 +699,30 @@ def _place_nodule(rng: np.random.Generator, lung: np.ndarray, grid: _Grid,
             c = _random_lung_point(rng, lung, grid, r + 3)
         if c is None or not _inside_lung(lung, grid, c, 0.0):
             continue
-        if any(np.linalg.norm(c - p.centre) < (r + p.diameter / 2) * 1.3 + 5 for p in placed):
+        if any(
+            np.linalg.norm(c - p.centre) < (r + p.diameter / 2) * 1.3 + 5
+            for p in placed
+        ):
             continue
-        return _NoduleSpec(c, diameter, kind, pleural, vascular,
-                           float(rng.uniform(-100, 100)), _nodule_lobes(rng, diameter, kind))
+        return _NoduleSpec(
+            c,
+            diameter,
+            kind,
+            pleural,
+            vascular,
+            float(rng.uniform(-100, 100)),
+            _nodule_lobes(rng, diameter, kind),
+        )
     return None
 
 
-def _draw_nodules(hu: np.ndarray, labels: np.ndarray, lung: np.ndarray, grid: _Grid,
-                  specs: list[_NoduleSpec]) -> None:
+def _draw_nodules(
+    hu: np.ndarray,
+    labels: np.ndarray,
+    lung: np.ndarray,
+    grid: _Grid,
+    specs: list[_NoduleSpec],
+) -> None:
     edge = max(grid.spacing_zyx) * 0.7
     for spec in specs:
         reach = max(float(np.linalg.norm(o)) + rr for o, rr in spec.lobes) + edge + 1
@@ -605,7 +743,7 @@ def _draw_nodules(hu: np.ndarray, labels: np.ndarray, lung: np.ndarray, grid: _G
 def _blur_inplane(hu: np.ndarray) -> None:
     """A cheap [1 2 1]/4 blur along rows and columns, in place, a few slices at a time."""
     for k in range(0, hu.shape[0], 8):
-        block = hu[k:k + 8]
+        block = hu[k : k + 8]
         for axis in (1, 2):
             a = np.swapaxes(block, 0, axis)
             mid = a[1:-1] * 0.5
@@ -626,7 +764,11 @@ def _thickness_blur(hu: np.ndarray, geo: _Geometry) -> None:
 
 
 def _layout(geo: _Geometry, grid: _Grid, seed: int) -> SeriesLayout:
-    origin = (float(grid.x[0]), float(grid.y[0]), float(grid.z[0]) - 0.5 * float(grid.z[-1]))
+    origin = (
+        float(grid.x[0]),
+        float(grid.y[0]),
+        float(grid.z[0]) - 0.5 * float(grid.z[-1]),
+    )
     return SeriesLayout(
         pixel_spacing_mm=(geo.pixel_mm, geo.pixel_mm),
         slice_spacing_mm=geo.slice_mm,
@@ -638,15 +780,21 @@ def _layout(geo: _Geometry, grid: _Grid, seed: int) -> SeriesLayout:
     )
 
 
-def _nodule_records(specs: list[_NoduleSpec], grid: _Grid, layout: SeriesLayout
-                    ) -> list[Nodule]:
+def _nodule_records(
+    specs: list[_NoduleSpec], grid: _Grid, layout: SeriesLayout
+) -> list[Nodule]:
     out = []
     z0 = layout.origin_mm[2] - float(grid.z[0])
     for n, s in enumerate(specs):
-        vox = tuple(float((s.centre[a] - c[0]) / grid.spacing_zyx[a])
-                    for a, c in enumerate((grid.z, grid.y, grid.x)))
+        kz, ky, kx = (
+            float((s.centre[a] - c[0]) / grid.spacing_zyx[a])
+            for a, c in enumerate((grid.z, grid.y, grid.x))
+        )
+        vox = (kz, ky, kx)
         mm = (float(s.centre[2]), float(s.centre[1]), float(s.centre[0]) + z0)
-        out.append(Nodule(n + 1, vox, mm, s.diameter, s.kind, s.pleural, s.vascular, s.hu))
+        out.append(
+            Nodule(n + 1, vox, mm, s.diameter, s.kind, s.pleural, s.vascular, s.hu)
+        )
     return out
 
 
@@ -675,9 +823,17 @@ def make_chest_phantom(
     ``len(phantom.nodules)`` may be smaller than asked for on tiny grids.
     """
     rng = np.random.default_rng(seed)
-    kw = dict(slices=slices, rows=rows, columns=columns, pixel_spacing_mm=pixel_spacing_mm,
-              slice_spacing_mm=slice_spacing_mm, slice_thickness_mm=slice_thickness_mm,
-              noise_hu=noise_hu, signed=signed, bits_stored=bits_stored)
+    kw = {
+        "slices": slices,
+        "rows": rows,
+        "columns": columns,
+        "pixel_spacing_mm": pixel_spacing_mm,
+        "slice_spacing_mm": slice_spacing_mm,
+        "slice_thickness_mm": slice_thickness_mm,
+        "noise_hu": noise_hu,
+        "signed": signed,
+        "bits_stored": bits_stored,
+    }
     geo = _sample_geometry(rng, kw)
     grid = _make_grid(geo, rng)
     an = _sample_anatomy(grid, rng)
@@ -686,8 +842,17 @@ def make_chest_phantom(
     if draw_table:
         _draw_table(hu, grid, an, rng)
     segments = _draw_vessels(hu, lung, grid, an, rng)
-    specs = _sample_nodules(rng, lung, grid, segments, dict(
-        n_nodules=n_nodules, nodule_diameters_mm=nodule_diameters_mm, nodule_kinds=nodule_kinds))
+    specs = _sample_nodules(
+        rng,
+        lung,
+        grid,
+        segments,
+        {
+            "n_nodules": n_nodules,
+            "nodule_diameters_mm": nodule_diameters_mm,
+            "nodule_kinds": nodule_kinds,
+        },
+    )
     labels = np.zeros(grid.shape, dtype=np.uint8)
     _draw_nodules(hu, labels, lung, grid, specs)
     _blur_inplane(hu)
@@ -695,26 +860,39 @@ def make_chest_phantom(
     _add_noise(hu, geo.noise_hu, rng)
     np.clip(hu, -1024.0, 3000.0, out=hu)
     layout = _layout(geo, grid, seed)
-    params = {"noise_hu": geo.noise_hu, "contrast": an.contrast, "table": draw_table,
-              "lung_hu": an.lung_hu}
-    return ChestPhantom(hu, labels, _nodule_records(specs, grid, layout), layout, seed, params,
-                       lung)
+    params = {
+        "noise_hu": geo.noise_hu,
+        "contrast": an.contrast,
+        "table": draw_table,
+        "lung_hu": an.lung_hu,
+    }
+    return ChestPhantom(
+        hu, labels, _nodule_records(specs, grid, layout), layout, seed, params, lung
+    )
 
 
-def _draw_table(hu: np.ndarray, grid: _Grid, an: _Anatomy, rng: np.random.Generator) -> None:
+def _draw_table(
+    hu: np.ndarray, grid: _Grid, an: _Anatomy, rng: np.random.Generator
+) -> None:
     top = float(np.max(an.cy + an.ay)) + rng.uniform(3, 20)
     thick = rng.uniform(5, 15)
     curve = rng.uniform(0.0, 0.0006)
     yy = grid.y[:, None] - (top + curve * (grid.x[None, :] - an.cx) ** 2)
-    plate = (yy >= 0) & (yy <= thick) & (np.abs(grid.x[None, :] - an.cx) < rng.uniform(180, 240))
+    plate = (
+        (yy >= 0)
+        & (yy <= thick)
+        & (np.abs(grid.x[None, :] - an.cx) < rng.uniform(180, 240))
+    )
     if plate.any():
         hu[:, plate] = rng.uniform(-400, 150)
 
 
-def write_chest_phantom(out_dir: Path | str, seed: int, *,
-                        study: StudyIdentity | None = None,
-                        **kw: Any) -> tuple[list[Path], ChestPhantom]:
+def write_chest_phantom(
+    out_dir: Path | str, seed: int, *, study: StudyIdentity | None = None, **kw: Any
+) -> tuple[list[Path], ChestPhantom]:
     """Generate a phantom with :func:`make_chest_phantom` and write it as a CT series."""
     phantom = make_chest_phantom(seed, **kw)
-    paths = write_ct_series(phantom.hu_zyx, Path(out_dir), study=study, layout=phantom.layout)
+    paths = write_ct_series(
+        phantom.hu_zyx, Path(out_dir), study=study, layout=phantom.layout
+    )
     return paths, phantom

@@ -1,0 +1,262 @@
+"""Evaluate the lung-nodule bundle on held-out chest-CT phantoms.
+
+    python models/lung_nodules/evaluate.py                   # seeds 10000..10019
+    python models/lung_nodules/evaluate.py --seeds 10000 10001 --json out.json
+
+The phantoms come from seeds that training never uses (training: 0..999). Each is run
+through the bundle in memory the way the generic MONAI bundle plugin runs it (see
+``bundle_runner.py``): a (1, X, Y, Z) MetaTensor in HU with an RAS affine built from
+the phantom geometry; the bundle's preprocessing, network, inferer and postprocessing;
+a label map on the source grid. Per scan it reports:
+
+* sensitivity for nodules >= 6 mm (detected = some kept predicted component overlaps it);
+* false positives (kept predicted components that overlap no nodule at all);
+* long-axis error (mm) of each detected nodule >= 6 mm: the longest in-plane extent on
+  the axial slice of largest area, for the prediction and the ground truth alike;
+* Dice of each detected nodule >= 6 mm (ground truth vs the predicted components
+  that overlap it).
+
+Predicted components smaller than the manifest's ``min_volume_mm3`` are dropped first,
+as the plugin does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from scipy import ndimage
+from scipy.spatial.distance import pdist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bundle_runner import BUNDLE_ROOT, BundleRunner, make_metatensor
+
+from dicom_node.synthetic.chest_phantom import ChestPhantom, make_chest_phantom
+from plugin.types import Volume
+
+EVAL_SEEDS = tuple(range(10000, 10020))
+MIN_DIAMETER_MM = 6.0
+STRUCTURE = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity
+
+
+@dataclass
+class ScanResult:
+    """Metrics of one evaluated scan."""
+
+    seed: int
+    shape_zyx: tuple[int, int, int]
+    spacing_zyx: tuple[float, float, float]
+    nodules: int
+    nodules_ge6: int
+    detected_ge6: int
+    false_positives: int
+    long_axis_errors_mm: list[float] = field(default_factory=list)
+    dice: list[float] = field(default_factory=list)
+    missed_diameters_mm: list[float] = field(default_factory=list)
+    inference_s: float = 0.0
+
+
+def min_volume_mm3(bundle_root: Path = BUNDLE_ROOT) -> float:
+    manifest = yaml.safe_load((bundle_root / "manifest.yaml").read_text())
+    return float(manifest["labels"][1].get("min_volume_mm3", 0))
+
+
+def eval_phantom(seed: int) -> ChestPhantom:
+    """Held-out phantom ``seed``: random geometry, 2-6 nodules of 4-30 mm."""
+    rng = np.random.default_rng(seed)
+    return make_chest_phantom(seed, n_nodules=int(rng.integers(2, 7)))
+
+
+def predicted_components(
+    pred_zyx: np.ndarray, voxel_mm3: float, min_mm3: float
+) -> tuple[np.ndarray, int]:
+    """Connected components of the prediction, small ones removed (renumbered 1..n)."""
+    comp, n = ndimage.label(pred_zyx > 0, structure=STRUCTURE)
+    if n == 0:
+        return comp, 0
+    sizes = np.bincount(comp.ravel(), minlength=n + 1) * voxel_mm3
+    keep = np.flatnonzero(sizes >= min_mm3)
+    keep = keep[keep > 0]
+    lut = np.zeros(n + 1, dtype=np.int32)
+    lut[keep] = np.arange(1, len(keep) + 1)
+    return lut[comp], len(keep)
+
+
+def long_axis_mm(
+    mask_zyx: np.ndarray, spacing_zyx: tuple[float, float, float]
+) -> float:
+    """Longest in-plane extent (mm) on the axial slice where the mask is largest."""
+    areas = mask_zyx.reshape(mask_zyx.shape[0], -1).sum(axis=1)
+    if areas.max() == 0:
+        return 0.0
+    sl = mask_zyx[int(np.argmax(areas))]
+    edge = sl & ~ndimage.binary_erosion(sl)
+    pts = np.argwhere(edge).astype(np.float64) * np.array(spacing_zyx[1:])
+    if len(pts) < 2:
+        return float(max(spacing_zyx[1:]))
+    return float(pdist(pts).max())
+
+
+def score(phantom: ChestPhantom, pred_zyx: np.ndarray, min_mm3: float) -> ScanResult:
+    """Compare a predicted label map (Z, Y, X) with the phantom's ground truth."""
+    spacing = phantom.spacing_zyx
+    comp, n_pred = predicted_components(pred_zyx, float(np.prod(spacing)), min_mm3)
+    gt, n_gt = ndimage.label(phantom.labels_zyx > 0, structure=STRUCTURE)
+    diameters = _gt_diameters(phantom, gt, n_gt)
+    res = ScanResult(
+        phantom.seed,
+        tuple(pred_zyx.shape),
+        spacing,
+        n_gt,
+        int(sum(d >= MIN_DIAMETER_MM for d in diameters.values())),
+        0,
+        0,
+    )
+    matched: set[int] = set()
+    boxes = ndimage.find_objects(gt)
+    for g in range(1, n_gt + 1):
+        box = _grow(boxes[g - 1], gt.shape, 8)
+        gmask = gt[box] == g
+        hits = np.unique(comp[box][gmask])
+        hits = hits[hits > 0]
+        matched.update(int(h) for h in hits)
+        if diameters[g] < MIN_DIAMETER_MM:
+            continue
+        if len(hits) == 0:
+            res.missed_diameters_mm.append(round(diameters[g], 1))
+            continue
+        res.detected_ge6 += 1
+        pmask = np.isin(comp[box], hits)
+        inter = float(np.logical_and(gmask, pmask).sum())
+        res.dice.append(2 * inter / float(gmask.sum() + pmask.sum()))
+        res.long_axis_errors_mm.append(
+            abs(long_axis_mm(pmask, spacing) - long_axis_mm(gmask, spacing))
+        )
+    res.false_positives = n_pred - len(matched)
+    return res
+
+
+def _gt_diameters(phantom: ChestPhantom, gt: np.ndarray, n_gt: int) -> dict[int, float]:
+    """Nominal diameter of each ground-truth component (from the nodule records)."""
+    out = {g: 0.0 for g in range(1, n_gt + 1)}
+    for nod in phantom.nodules:
+        idx = tuple(round(c) for c in nod.centre_voxel_zyx)
+        g = int(gt[idx]) if all(0 <= i < s for i, s in zip(idx, gt.shape)) else 0
+        if g:
+            out[g] = max(out[g], nod.diameter_mm)
+    for g, d in out.items():  # a component without a record: equivalent diameter
+        if d == 0.0:
+            vol = float((gt == g).sum()) * float(np.prod(phantom.spacing_zyx))
+            out[g] = float((6 * vol / np.pi) ** (1 / 3))
+    return out
+
+
+def _grow(box: tuple[slice, ...], shape: tuple[int, ...], m: int) -> tuple[slice, ...]:
+    return tuple(
+        slice(max(s.start - m, 0), min(s.stop + m, n)) for s, n in zip(box, shape)
+    )
+
+
+def make_runner(kind: str = "plugin", weights: Path | None = None) -> Any:
+    """The generic plugin (``kind="plugin"``) or this folder's minimal in-memory runner."""
+    if kind == "plugin" and weights is None:
+        from plugin.monai_bundle import MonaiBundlePlugin
+
+        return MonaiBundlePlugin(BUNDLE_ROOT, device="cpu")
+    return BundleRunner(weights=weights)
+
+
+def as_volume(phantom: ChestPhantom) -> Volume:
+    """The phantom as the node would hand it to a plugin (no source files)."""
+    image = make_metatensor(phantom.image_xyz(), phantom.ras_affine())
+    dz, dy, dx = phantom.spacing_zyx
+    return Volume(
+        image=image,
+        slices=[],
+        study_instance_uid="2.25.1",
+        series_instance_uid="2.25.2",
+        frame_of_reference_uid="2.25.3",
+        spacing_mm=(dx, dy, dz),
+    )
+
+
+def run_bundle(runner: Any, phantom: ChestPhantom) -> tuple[np.ndarray, float]:
+    """Label map (Z, Y, X) for ``phantom`` and the analysis wall time."""
+    volume = as_volume(phantom)
+    t0 = time.perf_counter()
+    if isinstance(runner, BundleRunner):
+        pred_xyz = runner(volume.image)
+    else:
+        pred_xyz = (runner.analyse(volume).label_map > 0).astype(np.uint8)
+    return pred_xyz.transpose(2, 1, 0), time.perf_counter() - t0
+
+
+def summarise(results: list[ScanResult]) -> dict[str, float]:
+    ge6 = sum(r.nodules_ge6 for r in results)
+    det = sum(r.detected_ge6 for r in results)
+    errs = [e for r in results for e in r.long_axis_errors_mm]
+    dice = [d for r in results for d in r.dice]
+    return {
+        "scans": len(results),
+        "nodules_ge6mm": ge6,
+        "sensitivity_ge6mm": round(det / ge6, 3) if ge6 else float("nan"),
+        "false_positives_per_scan": round(
+            float(np.mean([r.false_positives for r in results])), 3
+        ),
+        "median_long_axis_error_mm": round(float(np.median(errs)), 2)
+        if errs
+        else float("nan"),
+        "mean_dice_ge6mm": round(float(np.mean(dice)), 3) if dice else float("nan"),
+        "min_dice_ge6mm": round(float(np.min(dice)), 3) if dice else float("nan"),
+        "fraction_dice_ge_0.70": round(float(np.mean(np.array(dice) >= 0.7)), 3)
+        if dice
+        else 0.0,
+        "median_inference_s": round(
+            float(np.median([r.inference_s for r in results])), 2
+        ),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="*", default=list(EVAL_SEEDS))
+    ap.add_argument("--weights", type=Path, default=None)
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runner", choices=("plugin", "local"), default="plugin")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    runner = make_runner(args.runner, args.weights)
+    min_mm3 = min_volume_mm3()
+    results = []
+    for seed in args.seeds:
+        if seed < 10000:
+            raise SystemExit(
+                "evaluation seeds start at 10000 (lower seeds are for training)"
+            )
+        phantom = eval_phantom(seed)
+        pred, seconds = run_bundle(runner, phantom)
+        res = score(phantom, pred, min_mm3)
+        res.inference_s = round(seconds, 2)
+        results.append(res)
+        print(json.dumps({k: v for k, v in asdict(res).items()}), flush=True)
+    summary = summarise(results)
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {"summary": summary, "scans": [asdict(r) for r in results]}, indent=2
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,375 @@
+"""Train the lung-nodule bundle from scratch on generated chest-CT phantoms (CPU).
+
+    nice -n 15 python models/lung_nodules/train.py            # writes models/model.pt
+
+Seeded and reproducible (fixed seeds, fixed iteration count, 2 torch threads). The
+training phantoms come from :mod:`dicom_node.synthetic.chest_phantom` with seeds
+``TRAIN_SEED_BASE + i`` (i < ``--cases``); ``evaluate.py`` uses seeds from 10000,
+which training never touches. Each phantom is drawn at a random acquisition geometry,
+then put through the bundle's own preprocessing (read from configs/inference.json),
+so the network learns at the bundle's working resolution from varied source grids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.losses import DiceCELoss
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    Orientationd,
+    ScaleIntensityRanged,
+    Spacingd,
+)
+from scipy import ndimage
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bundle_runner import BUNDLE_ROOT, load_parser, make_metatensor
+
+from dicom_node.synthetic.chest_phantom import make_chest_phantom
+
+LOG = logging.getLogger("train")
+TRAIN_SEED_BASE = 0  # training phantoms use seeds 0 .. cases-1; evaluation uses 10000+
+EVAL_SEED_MIN = 10000
+KEYS = ["image", "label", "lung"]
+BODY_LEVEL = 500 / 1400  # -500 HU on the bundle's [-1000, 400] HU scale
+# Patch centre mix per stage: nodule, dense near lung, lung, anywhere, body (soft tissue)
+STAGE1_MIX = (0.45, 0.25, 0.18, 0.12, 0.0)
+STAGE2_MIX = (0.40, 0.20, 0.10, 0.0, 0.30)
+STAGE2_SEED_BASE = 100  # stage-2 phantoms: seeds 100..; all full-coverage chests
+
+
+@dataclass
+class Case:
+    """One preprocessed training phantom at the working resolution."""
+
+    image: np.ndarray  # float16 (X, Y, Z), scaled to [0, 1]
+    label: np.ndarray  # uint8 (X, Y, Z)
+    fg: np.ndarray  # (N, 3) nodule voxel indices (subsampled)
+    lung: np.ndarray  # (M, 3) lung voxel indices (subsampled)
+    hard: (
+        np.ndarray
+    )  # (K, 3) dense non-nodule voxels at or near the lungs (vessels, walls)
+    body: np.ndarray  # (L, 3) voxels inside the body (HU > -500)
+
+
+def bundle_preprocessing() -> Compose:
+    """The bundle's preprocessing for image + label (label resampled then thresholded)."""
+    parser = load_parser()
+    steps = {t["_target_"]: t for t in parser["preprocessing"]["transforms"]}
+    scale = steps["ScaleIntensityRanged"]
+    crop = steps["CropForegroundd"]
+    return Compose(
+        [
+            Orientationd(keys=KEYS, axcodes=steps["Orientationd"]["axcodes"]),
+            CropForegroundd(
+                keys=KEYS,
+                source_key="image",
+                select_fn=lambda x: x > -500,
+                margin=crop["margin"],
+                allow_smaller=True,
+            ),
+            Spacingd(
+                keys=KEYS,
+                pixdim=parser.get_parsed_content("pixdim"),
+                mode=("bilinear", "bilinear", "bilinear"),
+            ),
+            ScaleIntensityRanged(
+                keys="image",
+                a_min=scale["a_min"],
+                a_max=scale["a_max"],
+                b_min=scale["b_min"],
+                b_max=scale["b_max"],
+                clip=True,
+            ),
+        ]
+    )
+
+
+def phantom_kwargs(seed: int) -> dict:
+    """Varied acquisition and nodule parameters for training phantom ``seed``.
+
+    Every third phantom covers the whole chest (lung apex to below the diaphragm);
+    the others cover a 90-160 mm slab so that more of them fit in memory.
+    """
+    rng = np.random.default_rng(seed + 777)
+    dz = float(rng.choice([0.625, 0.8, 1.0, 1.25, 1.25, 1.5, 2.0, 2.5, 3.0, 5.0]))
+    coverage = rng.uniform(280, 380) if seed % 3 == 0 else rng.uniform(90, 160)
+    if seed % 3 == 0:
+        dz = max(dz, 1.25)
+    count = int(rng.integers(3, 8))
+    diam = np.exp(rng.uniform(np.log(3.5), np.log(30.0), size=count))
+    return {
+        "slices": max(round(coverage / dz), 20),
+        "rows": int(rng.choice([384, 512, 512])),
+        "pixel_spacing_mm": float(rng.uniform(0.5, 1.0)),
+        "slice_spacing_mm": dz,
+        "noise_hu": float(rng.uniform(3, 45)),
+        "nodule_diameters_mm": [float(d) for d in diam],
+    }
+
+
+def phantom_kwargs_full(seed: int) -> dict:
+    """Stage-2 phantoms: whole chests (apex to below the diaphragm), 1.25-5 mm slices."""
+    kw = phantom_kwargs(seed)
+    rng = np.random.default_rng(seed + 999)
+    dz = float(rng.choice([1.25, 1.25, 1.5, 2.0, 2.5, 3.0, 5.0]))
+    kw.update(slice_spacing_mm=dz, slices=max(round(rng.uniform(300, 400) / dz), 20))
+    return kw
+
+
+def _indices(
+    mask: np.ndarray, rng: np.random.Generator, limit: int, step: int = 1
+) -> np.ndarray:
+    idx = np.argwhere(mask[::step, ::step, ::step]) * step
+    return idx[rng.permutation(len(idx))[:limit]]
+
+
+def make_case(seed: int, prep: Compose) -> Case:
+    """Generate and preprocess training phantom ``seed``."""
+    assert seed < EVAL_SEED_MIN, "training must never use evaluation seeds"
+    kwargs = (
+        phantom_kwargs_full(seed) if seed >= STAGE2_SEED_BASE else phantom_kwargs(seed)
+    )
+    ph = make_chest_phantom(seed, **kwargs)
+    affine = ph.ras_affine()
+    assert ph.lung_zyx is not None
+    data = prep(
+        {
+            "image": make_metatensor(ph.image_xyz(), affine),
+            "label": make_metatensor(ph.labels_xyz().astype(np.float32), affine),
+            "lung": make_metatensor(
+                ph.lung_zyx.transpose(2, 1, 0).astype(np.float32), affine
+            ),
+        }
+    )
+    image = data["image"][0].numpy().astype(np.float16)
+    label = (data["label"][0].numpy() >= 0.5).astype(np.uint8)
+    lung = data["lung"][0].numpy() >= 0.5
+    rng = np.random.default_rng(seed)
+    near = ndimage.binary_dilation(lung[::2, ::2, ::2], iterations=3)
+    dense = (image[::2, ::2, ::2] > 0.45) & (label[::2, ::2, ::2] == 0) & near
+    return Case(
+        image,
+        label,
+        _indices(label > 0, rng, 20000),
+        _indices(lung, rng, 50000, 2),
+        _indices(dense, rng, 50000) * 2,
+        _indices(image > BODY_LEVEL, rng, 50000, 2),
+    )
+
+
+def sample_patch(
+    case: Case,
+    size: tuple[int, int, int],
+    rng: np.random.Generator,
+    mix: tuple[float, ...] = STAGE1_MIX,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A patch centred on a nodule, on dense tissue next to the lungs (vessels, walls,
+    heart border), on lung, anywhere in the volume or anywhere in the body; ``mix``
+    gives the probabilities in that order."""
+    roll = rng.random()
+    edges = np.cumsum(mix)
+    shape = np.array(case.image.shape)
+    if roll < edges[0] and len(case.fg):
+        centre = case.fg[rng.integers(len(case.fg))] + rng.integers(-12, 13, size=3)
+    elif roll < edges[1] and len(case.hard):
+        centre = case.hard[rng.integers(len(case.hard))]
+    elif roll < edges[2] and len(case.lung):
+        centre = case.lung[rng.integers(len(case.lung))]
+    elif roll < edges[3] or not len(case.body):
+        centre = rng.integers(0, shape)
+    else:
+        centre = case.body[rng.integers(len(case.body))]
+    size_a = np.array(size)
+    start = np.clip(centre - size_a // 2, 0, np.maximum(shape - size_a, 0))
+    sl = tuple(slice(int(s), int(s) + int(n)) for s, n in zip(start, size_a))
+    img = np.zeros(size, dtype=np.float32)
+    lab = np.zeros(size, dtype=np.float32)
+    part = case.image[sl]
+    img[tuple(slice(0, n) for n in part.shape)] = part
+    lab[tuple(slice(0, n) for n in part.shape)] = case.label[sl]
+    return img, lab
+
+
+def augment(
+    img: np.ndarray, lab: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Flips, in-plane 90-degree turns, intensity scale/shift, blur and noise."""
+    for axis in range(3):
+        if rng.random() < 0.5:
+            img, lab = np.flip(img, axis), np.flip(lab, axis)
+    if rng.random() < 0.5:
+        img, lab = np.swapaxes(img, 0, 1), np.swapaxes(lab, 0, 1)
+    img = np.ascontiguousarray(img)
+    lab = np.ascontiguousarray(lab)
+    if rng.random() < 0.25:
+        img = ndimage.gaussian_filter(img, sigma=rng.uniform(0.3, 1.0, size=3)).astype(
+            np.float32
+        )
+    img = img * rng.uniform(0.88, 1.12) + rng.uniform(-0.05, 0.05)
+    if rng.random() < 0.6:
+        img = img + rng.normal(0, rng.uniform(0.0, 0.035), size=img.shape).astype(
+            np.float32
+        )
+    return img.astype(np.float32), lab
+
+
+def build_network() -> torch.nn.Module:
+    """``network_def`` of the bundle (random initialisation)."""
+    return load_parser().get_parsed_content("network_def")
+
+
+def load_cases(seeds: range, prep: Compose) -> list[Case]:
+    cases = []
+    for seed in seeds:
+        cases.append(make_case(seed, prep))
+        LOG.info(
+            "case %d: shape %s, nodule voxels %d",
+            seed,
+            cases[-1].image.shape,
+            int(cases[-1].label.sum()),
+        )
+    return cases
+
+
+def run_stage(
+    net: torch.nn.Module, cases: list[Case], args: argparse.Namespace, stage: int
+) -> float:
+    """One training stage (its own seeds, optimiser and one-cycle schedule)."""
+    seed = args.seed + stage - 1
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    iters, lr = (args.iters, args.lr) if stage == 1 else (args.iters2, args.lr2)
+    mix = STAGE1_MIX if stage == 1 else STAGE2_MIX
+    net.train()
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=iters, pct_start=0.05
+    )
+    loss_fn = DiceCELoss(sigmoid=True, batch=True, lambda_ce=1.0, lambda_dice=1.0)
+    patch = tuple(args.patch)
+    running, t0 = 0.0, time.time()
+    for it in range(1, iters + 1):
+        imgs, labs = [], []
+        for _ in range(args.batch):
+            case = cases[rng.integers(len(cases))]
+            img, lab = augment(*sample_patch(case, patch, rng, mix), rng)
+            imgs.append(img)
+            labs.append(lab)
+        x = torch.from_numpy(np.stack(imgs)[:, None])
+        y = torch.from_numpy(np.stack(labs)[:, None])
+        loss = loss_fn(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        value = float(loss.detach())
+        running = 0.98 * running + 0.02 * value if it > 1 else value
+        if it % 50 == 0 or it == iters:
+            LOG.info(
+                "stage %d iter %d/%d loss %.4f (%.0f s)",
+                stage,
+                it,
+                iters,
+                running,
+                time.time() - t0,
+            )
+        if it % 250 == 0:
+            save(net, args.out)
+    save(net, args.out)
+    return running
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Stage 1: 4500 iterations on slabs and chests (seeds 0..cases-1). Stage 2: 1200
+    iterations at a lower rate on whole chests (seeds 100..) with more patches from
+    soft tissue away from the lungs (false-positive control)."""
+    torch.set_num_threads(args.threads)
+    t0, c0 = time.time(), time.process_time()
+    prep = bundle_preprocessing()
+    torch.manual_seed(args.seed)
+    net = build_network()
+    stats: dict = {
+        "batch": args.batch,
+        "patch": list(args.patch),
+        "threads": args.threads,
+        "seed": args.seed,
+    }
+    if 1 in args.stages:
+        cases = load_cases(range(TRAIN_SEED_BASE, TRAIN_SEED_BASE + args.cases), prep)
+        loss = run_stage(net, cases, args, 1)
+        del cases
+        stats["stage1"] = {
+            "cases": args.cases,
+            "iters": args.iters,
+            "final_loss": round(loss, 4),
+            "wall_s": round(time.time() - t0, 1),
+        }
+    if 2 in args.stages:
+        t1 = time.time()
+        cases = load_cases(
+            range(STAGE2_SEED_BASE, STAGE2_SEED_BASE + args.cases2), prep
+        )
+        if 1 not in args.stages:
+            net.load_state_dict(
+                torch.load(args.init, map_location="cpu", weights_only=True)
+            )
+        loss = run_stage(net, cases, args, 2)
+        stats["stage2"] = {
+            "cases": args.cases2,
+            "iters": args.iters2,
+            "final_loss": round(loss, 4),
+            "wall_s": round(time.time() - t1, 1),
+        }
+    stats.update(
+        wall_s=round(time.time() - t0, 1), cpu_s=round(time.process_time() - c0, 1)
+    )
+    LOG.info("done: %s", stats)
+    return stats
+
+
+def save(net: torch.nn.Module, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    torch.save(state, out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", type=int, default=56)
+    ap.add_argument("--cases2", type=int, default=24)
+    ap.add_argument("--iters2", type=int, default=1200)
+    ap.add_argument("--lr2", type=float, default=1e-3)
+    ap.add_argument("--stages", type=int, nargs="+", default=[1, 2])
+    ap.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="weights to start stage 2 from when stage 1 is skipped",
+    )
+    ap.add_argument("--iters", type=int, default=4500)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--patch", type=int, nargs=3, default=[96, 96, 64])
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=BUNDLE_ROOT / "models" / "model.pt")
+    ap.add_argument("--stats", type=Path, default=BUNDLE_ROOT / "train_stats.json")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    stats = train(args)
+    args.stats.write_text(json.dumps(stats, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
