@@ -132,6 +132,8 @@ def run_job(spec: JobSpec) -> JobOutcome:
         volume = build_volume(selection.paths, max_voxels=spec.max_volume_mb * 2**20 // 4)
     with _stage(t, "analyse"):
         findings = plugin.analyse(volume)
+    for name, seconds in getattr(findings, "timings", {}).items():
+        t[f"analyse.{name}"] = float(seconds)
     outcome.findings = len(findings.findings)
     seg_number, sr_number = result_series_numbers(spec.revision)
     folder = spec.results_dir / str(spec.job_id)

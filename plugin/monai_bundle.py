@@ -186,8 +186,10 @@ class MonaiBundlePlugin:
                 f"expected a MetaTensor (1, X, Y, Z), got {getattr(image, 'shape', None)}"
             )
         started = time.monotonic()
+        timings: dict[str, float] = {}
         with self._threads(), torch.inference_mode():
-            pred = self._run(image)
+            pred = self._run(image, timings)
+        mark = time.monotonic()
         labels = self._label_map(pred, image)
         del pred  # the label map replaces the (float) prediction before measuring
         hu = _numpy(image.as_tensor()[0]).astype(np.float32, copy=False)
@@ -198,6 +200,8 @@ class MonaiBundlePlugin:
             self.manifest.labels,
             procedure=self.manifest.procedure_code(),
         )
+        timings["measure"] = time.monotonic() - mark
+        findings.timings = timings
         logger.info(
             "study %s series %s: %s found %d finding(s) in %.1f s",
             volume.study_instance_uid,
@@ -208,23 +212,30 @@ class MonaiBundlePlugin:
         )
         return findings
 
-    def _run(self, image: MetaTensor) -> Any:
+    def _run(self, image: MetaTensor, timings: dict[str, float]) -> Any:
+        """Preprocessing, inferer and postprocessing; their durations go to ``timings``."""
         try:
+            mark = time.monotonic()
             data = self.preprocessing({self.image_key: image.detach().clone().float()})
+            timings["preprocessing"] = time.monotonic() - mark
             if not isinstance(data, dict) or self.image_key not in data:
                 raise self._fail("preprocessing must return one dict holding the image")
             x = data[self.image_key]
             plain = x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
             batch = plain.unsqueeze(0).to(self.device)
+            mark = time.monotonic()
             with self._autocast():
                 out = self.inferer(batch, self.network)
+            timings["inference"] = time.monotonic() - mark
             if not isinstance(out, torch.Tensor):
                 raise self._fail(f"the inferer returned a {type(out).__name__}, not a tensor")
             pred = out[0].float()
             data[PRED_KEY] = (
                 MetaTensor(pred, meta=dict(x.meta)) if isinstance(x, MetaTensor) else pred
             )
+            mark = time.monotonic()
             data = self.postprocessing(data)
+            timings["postprocessing"] = time.monotonic() - mark
         except PluginError:
             raise
         except Exception as e:  # bundle transforms may raise anything; reported with the cause

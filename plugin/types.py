@@ -131,3 +131,6 @@ class Findings:
         default_factory=lambda: Code("25045-6", "LN", "CT unspecified body region")
     )
     summary: str = ""
+    # optional sub-stage timings of the analysis (seconds), e.g. preprocessing,
+    # inference, postprocessing, measure; the node records them with its own stages
+    timings: dict[str, float] = field(default_factory=dict)
