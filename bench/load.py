@@ -37,7 +37,8 @@ REJECTED = "Association Rejected"
 
 
 def _uid(sender: int, kind: int, index: int, round_: int) -> str:
-    return f"{ROOT}.{sender:02d}.{kind}.{index:04d}.{round_:08d}"
+    """Fixed-width components that never start with 0 (valid UIDs of equal length)."""
+    return f"{ROOT}.{10 + sender}.{kind}.{1000 + index}.{10000000 + round_}"
 
 
 def templates(senders: int, slices: int, size: int) -> dict[int, list[tuple[str, bytes]]]:
