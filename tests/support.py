@@ -16,6 +16,7 @@ import numpy as np
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+SHARED_FIXTURES = REPO.parent / "shared" / "fixtures"  # the shared/ folder beside the checkout
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 

@@ -35,8 +35,9 @@ from monai.data.meta_tensor import MetaTensor
 from dicom_node.errors import PluginError
 from plugin.monai_bundle import MonaiBundlePlugin, create
 from plugin.types import Volume
+from tests.support import SHARED_FIXTURES
 
-FIXTURE = Path("/work/shared/fixtures/monai_bundles/spleen_ct_segmentation")
+FIXTURE = SHARED_FIXTURES / "monai_bundles" / "spleen_ct_segmentation"
 SPLEEN = ("78961009", "SCT", "Spleen")
 THRESHOLD_NET = {
     "_target_": "torch.nn.Conv3d",

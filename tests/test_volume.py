@@ -33,8 +33,9 @@ from dicom_node.synthetic.ct_writer import (
     write_ct_series,
 )
 from plugin.types import LPS_TO_RAS, SeriesCriteria, Volume
+from tests.support import SHARED_FIXTURES
 
-REAL_CT = Path("/work/shared/fixtures/dicom/real_ct_3slice")
+REAL_CT = SHARED_FIXTURES / "dicom" / "real_ct_3slice"
 SLICES, ROWS, COLUMNS = 20, 32, 32
 
 
