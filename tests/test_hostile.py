@@ -132,3 +132,17 @@ def test_resource_limits_refuse_a_series_with_a_reason(tmp_path: Path, jobs: dic
         assert reason in status["jobs"][0]["reason"], status["jobs"][0]["reason"]
     finally:
         proc.stop()
+
+
+def test_character_set_garbage_is_stored_as_sent(node: Node, tmp_path: Path) -> None:
+    files = write_ct_series(simple_ct_volume(1, 16, 16), tmp_path / "cs")
+    ds = dcmread(files[0])
+    ds.SpecificCharacterSet = "ISO_IR 999"  # no such character set
+    ds.SeriesDescription = b"\xff\xfe\x80 garbage \x1b$B\x00".decode("latin-1")
+    ds.save_as(files[0], enforce_file_format=True)
+    result = storescu(node.port, files)
+    assert result.returncode == 0 and "Received Store Response (Success)" in result.stderr
+    stored = list(node.spool.root.rglob("*.dcm"))
+    assert len(stored) == 1
+    assert stored[0].read_bytes().endswith(files[0].read_bytes()[-1000:])  # bytes kept as sent
+    assert _echo_ok(node.port)
