@@ -141,7 +141,8 @@ def _components(
             if local_box is None:
                 continue
             local = comp_map[local_box] == index
-            box = tuple(slice(r.start + b.start, r.start + b.stop) for r, b in zip(region, local_box))
+            x, y, z = (slice(r.start + b.start, r.start + b.stop) for r, b in zip(region, local_box))
+            box = (x, y, z)
             count = int(local.sum())
             if count * voxel_mm3 < spec.min_volume_mm3:
                 continue

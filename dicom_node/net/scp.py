@@ -37,12 +37,12 @@ from pydicom.uid import (
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import AllStoragePresentationContexts
-from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import Config
 from dicom_node.ingest import Ingestor, StoreRequest
 from dicom_node.net.policy import CallerPolicy, NodeAE
+from dicom_node.net.scu import VERIFICATION
 from dicom_node.net.tls import server_context
 
 log = logging.getLogger(__name__)
@@ -150,9 +150,9 @@ class StorageSCP:
         ae.acse_timeout = node.acse_timeout_seconds
         ae.dimse_timeout = node.dimse_timeout_seconds
         ae.network_timeout = node.network_timeout_seconds
-        ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        ae.add_supported_context(VERIFICATION, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+            ae.add_supported_context(str(cx.abstract_syntax), ACCEPTED_TRANSFER_SYNTAXES)
         return ae
 
     @property
@@ -164,7 +164,7 @@ class StorageSCP:
     def start(self) -> None:
         """Start listening (non-blocking)."""
         node = self.config.node
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_ACCEPTED, self._on_accepted),
@@ -203,7 +203,7 @@ class StorageSCP:
         return 0x0000
 
     def _on_store(self, event: evt.Event) -> Dataset:
-        req = event.request
+        req = cast(C_STORE, event.request)
         assoc = event.assoc
         data = received_bytes(event)
         outcome = self.ingestor.store(
