@@ -16,10 +16,7 @@ from dicom_node.results import encode_seg, result_series_numbers
 from dicom_node.results.common import node_version, series_description
 from tests.support import SHARED_FIXTURES
 
-try:
-    from tests import results_support as rs
-except ModuleNotFoundError:  # tests/ is on sys.path (rootdir-relative import mode)
-    import results_support as rs  # type: ignore[no-redef]
+from tests import results_support as rs
 
 REAL_CT = SHARED_FIXTURES / "dicom" / "real_ct_3slice"
 
