@@ -113,10 +113,17 @@ def _explicit_element(data: bytes, pos: int) -> tuple[int, bytes, int, int]:
 
 
 def _quick_value(raw: bytes) -> str:
-    """A text value decoded as pydicom does, for the plain cases only."""
+    """A text value decoded as pydicom does, for the plain cases only.
+
+    Multiple values (``ORIGINAL\\PRIMARY\\AXIAL``) are returned joined by backslashes,
+    as the slow path joins pydicom's MultiValue, when no value is empty or has a
+    leading or trailing space (pydicom's stripping then changes nothing).
+    """
     text = raw.rstrip(b" \0")
-    if text[:1] == b" " or any(b < 0x20 or b > 0x7E or b == 0x5C for b in text):
+    if text[:1] == b" " or any(b < 0x20 or b > 0x7E for b in text):
         raise _Unusual("value needs pydicom's decoding")
+    if b"\\" in text and any(not part or part[:1] == b" " or part[-1:] == b" " for part in text.split(b"\\")):
+        raise _Unusual("multiple values with spaces or empty ones")
     return text.decode("ascii")
 
 
@@ -146,7 +153,7 @@ def _quick_header(data: bytes) -> dict[str, str] | None:
     element up to the pixel data (as ``dcmread(stop_before_pixels=True)`` does) and
     gives up at anything it does not handle exactly as pydicom would: deflated or big
     endian data, undefined lengths, tags out of order, unexpected VRs, non-ASCII,
-    multi-valued or space-led values.
+    space-led values or multiple values with empty or space-padded parts.
     """
     try:
         return _walk_header(data)

@@ -197,3 +197,28 @@ def test_disk_reserve_stops_then_resumes_when_space_returns(node: Node, ct150: l
     monkeypatch.setattr(node.spool, "free_bytes", real_free)
     accepted = storescu(node.port, ct150[:1])
     assert accepted.returncode == 0 and "Received Store Response (Success)" in accepted.stderr
+
+
+@pytest.mark.parametrize("image_type", [
+    "ORIGINAL\\PRIMARY\\AXIAL", "DERIVED\\SECONDARY", "ORIGINAL", "ORIGINAL\\ PRIMARY",
+    "ORIGINAL \\PRIMARY", "ORIGINAL\\\\AXIAL", "\\PRIMARY", "ORIGINAL\\PRIMARY\\LOCALIZER ",
+])
+def test_quick_header_reads_what_pydicom_reads(image_type: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast header reader gives pydicom's values, or leaves the dataset to pydicom."""
+    from io import BytesIO
+
+    from dicom_node import ingest
+
+    ds = _small_ct()
+    ds.ImageType = image_type.split("\\")
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    data = buf.getvalue()
+    req = ingest.StoreRequest(data, "", "", str(ds.file_meta.TransferSyntaxUID), "", "")
+    quick = ingest._quick_header(data)
+    monkeypatch.setattr(ingest, "_quick_header", lambda _data: None)
+    slow = ingest._header(req)
+    if quick is not None:
+        assert quick == slow
+    plain = all(p and p.strip() == p for p in image_type.rstrip().split("\\"))
+    assert (quick is not None) == plain, quick
