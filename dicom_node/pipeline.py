@@ -129,7 +129,8 @@ def run_job(spec: JobSpec) -> JobOutcome:
         raise SeriesError(f"series {selection.series_instance_uid} has {len(selection.paths)} slices; "
                           f"the limit is {spec.max_series_slices} (jobs.max_series_slices)")
     with _stage(t, "volume"):
-        volume = build_volume(selection.paths, max_voxels=spec.max_volume_mb * 2**20 // 4)
+        volume = build_volume(selection.paths, max_voxels=spec.max_volume_mb * 2**20 // 4,
+                              headers=selection.headers)
     with _stage(t, "analyse"):
         findings = plugin.analyse(volume)
     for name, seconds in getattr(findings, "timings", {}).items():

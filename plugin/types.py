@@ -73,6 +73,9 @@ class Volume:
     series_instance_uid: str
     frame_of_reference_uid: str
     spacing_mm: tuple[float, float, float]  # (x: column step, y: row step, z: slice step)
+    # The source headers (pydicom Datasets without pixel data) in slice order, when the
+    # builder kept them; result encoding then reads no source file again.
+    source_headers: list[Any] = field(default_factory=list, repr=False, compare=False)
 
     def lps_affine(self) -> np.ndarray:
         """Voxel index (x, y, z) -> DICOM patient coordinates (LPS, mm)."""

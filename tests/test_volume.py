@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
     EnhancedCTImageStorage,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
@@ -228,6 +229,41 @@ def test_pixel_representations_give_identical_hu(tmp_path: Path, signed: bool, b
     volume = build_volume(_write(tmp_path, hu, signed=signed, bits_stored=bits))
     assert volume.image.dtype == torch.float32
     np.testing.assert_array_equal(_zyx(volume), hu)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("syntax", [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
+def test_native_fast_path_matches_pydicom(tmp_path: Path, signed: bool, syntax: str) -> None:
+    """Uncompressed slices read straight from the file give pydicom's values exactly,
+    unused high bits (BitsStored 12, here set to junk) included."""
+    paths = _write(tmp_path, _hu(), transfer_syntax=syntax, signed=signed, bits_stored=12)
+    junk = np.uint16(0xA000)
+
+    def dirty(ds: Dataset, index: int) -> None:
+        raw = np.frombuffer(ds.PixelData, dtype="<u2") | junk
+        ds.PixelData = raw.tobytes()
+        ds.RescaleSlope = 1.5
+        ds.RescaleIntercept = -1024
+
+    _edit(paths, dirty)
+    expected = np.stack(
+        [pydicom.dcmread(p).pixel_array.astype(np.float32) * np.float32(1.5) - 1024 for p in paths]
+    )
+    volume = build_volume(paths)
+    np.testing.assert_array_equal(_zyx(volume), expected)
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+    assert [ds.SOPInstanceUID for ds in volume.source_headers] == [h.SOPInstanceUID for h in headers]
+    assert all("PixelData" not in ds for ds in volume.source_headers)
+
+
+def test_given_headers_are_not_read_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dicom_node.series import volume as volume_module
+
+    paths = _write(tmp_path)
+    selection = select_series(paths, SeriesCriteria(min_slices=1))
+    monkeypatch.setattr(volume_module, "read_header", lambda path: pytest.fail("header read again"))
+    volume = build_volume(selection.paths, headers=selection.headers)
+    np.testing.assert_array_equal(_zyx(volume), _hu())
 
 
 def test_rescale_slope_is_applied(tmp_path: Path) -> None:

@@ -161,14 +161,21 @@ def new_uid(uid: str | None) -> str:
 
 
 def load_sources(volume: Volume) -> list[Dataset]:
-    """Read the source headers (no pixels) in volume order and check them.
+    """The source headers (no pixels) in volume order, checked.
+
+    The headers the volume builder kept are used when there is one per slice;
+    otherwise they are read from the source files.
 
     Raises :class:`EncodeError` when a file cannot be read or is not the instance,
     study or frame of reference the volume names.
     """
     if not volume.slices:
         raise EncodeError("volume has no source slices")
-    datasets = [_read_header(ref.path) for ref in volume.slices]
+    kept = volume.source_headers
+    if len(kept) == len(volume.slices) and all(isinstance(ds, Dataset) for ds in kept):
+        datasets = list(kept)
+    else:
+        datasets = [_read_header(ref.path) for ref in volume.slices]
     for ref, ds in zip(volume.slices, datasets, strict=True):
         _check_source(volume, ref.sop_instance_uid, ds)
     logger.debug(

@@ -58,6 +58,7 @@ class Selection:
     rejected: tuple[str, ...]
     slice_spacing_mm: float
     sub_series: str | None = None  # e.g. "AcquisitionNumber=2" after a split
+    headers: tuple[SliceHeader, ...] = ()  # the headers of ``paths``, same order
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,7 @@ def select_series(paths: Sequence[Path], criteria: SeriesCriteria) -> Selection:
         rejected=tuple(rejected),
         slice_spacing_mm=chosen.spacing,
         sub_series=chosen.sub_series,
+        headers=chosen.headers,
     )
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from monai.data.meta_tensor import MetaTensor
 from monai.utils.enums import MetaKeys, SpaceKeys
+from pydicom.dataset import Dataset
 
 from dicom_node.errors import SeriesError
 from dicom_node.series.geometry import StackGeometry, check_stack
@@ -32,8 +33,17 @@ from plugin.types import SliceRef, Volume
 logger = logging.getLogger(__name__)
 
 
-def build_volume(paths: Sequence[Path], *, max_voxels: int | None = None) -> Volume:
+def build_volume(
+    paths: Sequence[Path],
+    *,
+    max_voxels: int | None = None,
+    headers: Sequence[SliceHeader] | None = None,
+) -> Volume:
     """Read, check and stack the slices in ``paths`` (any order) into a Volume.
+
+    ``headers``: the already read headers of ``paths`` (same order, e.g. from series
+    selection), so that they are not read again. The source headers read with the
+    pixels are kept in ``Volume.source_headers`` for result encoding.
 
     Raises:
         SeriesError: unreadable files; more than one series; enhanced multi-frame
@@ -43,12 +53,15 @@ def build_volume(paths: Sequence[Path], *, max_voxels: int | None = None) -> Vol
     """
     if not paths:
         raise SeriesError("no slices given to build a volume from")
-    headers = [read_header(Path(p)) for p in paths]
+    if headers is None or len(headers) != len(paths):
+        headers = [read_header(Path(p)) for p in paths]
+    headers = list(headers)
     _check_instances(headers)
     geometry = check_stack(headers)
     _check_size(geometry, max_voxels)
     ordered = [headers[i] for i in geometry.order]
-    buffer = _fill(ordered, geometry)
+    sources: list[Dataset] = []
+    buffer = _fill(ordered, geometry, sources)
     image = _to_metatensor(buffer, geometry, ordered[0].series_instance_uid)
     first = ordered[0]
     logger.info(
@@ -64,6 +77,7 @@ def build_volume(paths: Sequence[Path], *, max_voxels: int | None = None) -> Vol
         series_instance_uid=first.series_instance_uid,
         frame_of_reference_uid=first.frame_of_reference_uid,
         spacing_mm=geometry.spacing,
+        source_headers=sources,
     )
 
 
@@ -93,12 +107,13 @@ def _check_size(geometry: StackGeometry, max_voxels: int | None) -> None:
         raise SeriesError(f"series too large: {x}x{y}x{z} = {voxels} voxels, limit {max_voxels}")
 
 
-def _fill(ordered: list[SliceHeader], geometry: StackGeometry) -> np.ndarray:
-    """Allocate the (Z, Y, X) float32 buffer once and decode slice by slice."""
+def _fill(ordered: list[SliceHeader], geometry: StackGeometry, sources: list[Dataset]) -> np.ndarray:
+    """Allocate the (Z, Y, X) float32 buffer once and decode slice by slice; the slice
+    headers read on the way are appended to ``sources``."""
     x, y, z = geometry.shape
     buffer = np.empty((z, y, x), dtype=np.float32)
     for index, header in enumerate(ordered):
-        read_slice_hu(header.path, buffer[index], index)
+        sources.append(read_slice_hu(header.path, buffer[index], index))
     return buffer
 
 
