@@ -216,7 +216,7 @@ class MonaiBundlePlugin:
         """Preprocessing, inferer and postprocessing; their durations go to ``timings``."""
         try:
             mark = time.monotonic()
-            data = self.preprocessing({self.image_key: image.detach().clone().float()})
+            data = self.preprocessing({self.image_key: _working_copy(image)})
             timings["preprocessing"] = time.monotonic() - mark
             if not isinstance(data, dict) or self.image_key not in data:
                 raise self._fail("preprocessing must return one dict holding the image")
@@ -299,6 +299,27 @@ class MonaiBundlePlugin:
             yield
         finally:
             torch.set_num_threads(previous)
+
+
+def _working_copy(image: MetaTensor) -> MetaTensor:
+    """A float32 copy of ``image`` (1, X, Y, Z) in C order (Z varies fastest).
+
+    The node's volume is a transposed view of a slice-ordered buffer (as ITKReader's).
+    Torch reduces and resamples that layout several times slower than a C-ordered one
+    (MONAI's ``CropForegroundd`` took 1.1 s instead of 0.2 s on a 512x512x300 CT), and
+    ``Tensor.contiguous`` transposes it slowly, so the copy is made slice by slice.
+    """
+    source = image.as_tensor().detach()
+    if source.device.type != "cpu" or source.is_contiguous() or source.ndim != 4:
+        copy = source.clone(memory_format=torch.contiguous_format).float()
+    else:
+        array = source.numpy()
+        out = np.empty(array.shape, dtype=np.float32)
+        for z in range(array.shape[-1]):
+            out[..., z] = array[..., z]
+        copy = torch.from_numpy(out)
+    return MetaTensor(copy, affine=image.affine.clone(), meta=dict(image.meta),
+                      applied_operations=list(image.applied_operations))
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
