@@ -121,7 +121,7 @@ def measure_findings(
 def _components(
     labels: np.ndarray, label_specs: Mapping[int, LabelSpec], voxel_mm3: float
 ) -> list[_Component]:
-    unknown = _present_values(labels) - set(label_specs) - {0}
+    unknown = _unknown_values(labels, set(label_specs))
     if unknown:
         logger.warning("ignoring label values not in the manifest: %s", sorted(unknown))
     found: list[_Component] = []
@@ -165,15 +165,35 @@ def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
     return tuple(box)
 
 
+def _unknown_values(labels: np.ndarray, known: set[int]) -> set[int]:
+    """Nonzero label values in the map that are not in ``known``.
+
+    When every value from 1 to the maximum is known, none can be unknown: the full
+    count of values is skipped (one pass over the map instead of a bincount).
+    """
+    if labels.size == 0:
+        return set()
+    if labels.dtype.kind in "ui":
+        low, high = int(labels.min()), int(labels.max())
+        if low >= 0 and set(range(1, high + 1)) <= known:
+            return set()
+    return _present_values(labels) - known - {0}
+
+
 def _present_values(labels: np.ndarray) -> set[int]:
     """Label values in the map (a bincount is much faster than unique on big maps)."""
     if labels.size == 0:
         return set()
     if labels.dtype.kind in "ui" and labels.min() >= 0 and labels.max() < 1 << 16:
         counts = np.zeros(int(labels.max()) + 1, dtype=np.int64)
-        for z in range(0, labels.shape[-1], 32):  # by slabs: bincount copies its input to intp
-            slab = labels[..., z : z + 32].ravel()
-            counts += np.bincount(slab, minlength=counts.size)
+        # By slabs (bincount copies its input to intp), across the first axis of a
+        # C-ordered map so that each slab is one block, else across the last.
+        axis = 0 if labels.flags.c_contiguous else labels.ndim - 1
+        step = max(1, (8 << 20) // max(1, labels.size // max(1, labels.shape[axis])))
+        for start in range(0, labels.shape[axis], step):
+            index = [slice(None)] * labels.ndim
+            index[axis] = slice(start, start + step)
+            counts += np.bincount(labels[tuple(index)].ravel(), minlength=counts.size)
         return set(np.flatnonzero(counts).tolist())
     return set(np.unique(labels).tolist())
 

@@ -60,7 +60,7 @@ _DROPPED_TYPES = (
 )
 PRED_KEY = "pred"
 AFFINE_TOLERANCE_MM = 1e-3
-LABEL_SLAB = 32  # slices converted at a time from the prediction to the label map
+LABEL_SLAB_VOXELS = 8 * 2**20  # voxels converted at a time from the prediction to the label map
 
 
 class MonaiBundlePlugin:
@@ -274,14 +274,18 @@ class MonaiBundlePlugin:
             raise self._fail("postprocessing must produce a non-negative integer label map")
         dtype = np.uint8 if high < 256 else np.uint16 if high < 65536 else np.int32
         out = np.empty(tuple(tensor.shape), dtype=dtype)
-        for z in range(0, tensor.shape[-1], LABEL_SLAB):
-            slab = tensor[..., z : z + LABEL_SLAB]
+        # Slabs across the outermost axis in memory, so that each slab is one block.
+        axis = max(range(tensor.ndim), key=lambda a: (tensor.stride(a), -a))
+        step = max(1, LABEL_SLAB_VOXELS // max(1, tensor.numel() // max(1, tensor.shape[axis])))
+        for start in range(0, tensor.shape[axis], step):
+            slab = tensor.narrow(axis, start, min(step, tensor.shape[axis] - start))
             if slab.is_floating_point():
                 rounded = torch.round(slab)
                 if not torch.equal(rounded, slab):
                     raise self._fail("postprocessing must produce a non-negative integer label map")
                 slab = rounded
-            out[..., z : z + LABEL_SLAB] = slab.numpy().astype(dtype, copy=False)
+            index = (slice(None),) * axis + (slice(start, start + slab.shape[axis]),)
+            out[index] = slab.numpy().astype(dtype, copy=False)
         return out
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -314,10 +318,12 @@ def _working_copy(image: MetaTensor) -> MetaTensor:
         copy = source.clone(memory_format=torch.contiguous_format).float()
     else:
         array = source.numpy()
-        out = np.empty(array.shape, dtype=np.float32)
+        # torch's allocator, not numpy's: numpy asks for transparent huge pages, and
+        # their first touch in this strided order cost 0.5-0.7 s more per job here.
+        copy = torch.empty(tuple(source.shape), dtype=torch.float32)
+        out = copy.numpy()
         for z in range(array.shape[-1]):
             out[..., z] = array[..., z]
-        copy = torch.from_numpy(out)
     return MetaTensor(copy, affine=image.affine.clone(), meta=dict(image.meta),
                       applied_operations=list(image.applied_operations))
 

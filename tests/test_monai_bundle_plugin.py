@@ -408,3 +408,30 @@ def test_file_transforms_built_by_expressions_are_dropped_too() -> None:
     assert _strip_io_objects(outer) == ["LoadImaged", "SaveImaged"]
     assert outer.transforms == (inner,)
     assert [type(t).__name__ for t in inner.transforms] == ["ScaleIntensityd"]
+
+
+def test_working_copy_is_c_ordered_and_equal() -> None:
+    """The preprocessing input: same values, affine and metadata, C order, a copy."""
+    from plugin.monai_bundle import _working_copy
+
+    buffer = np.arange(4 * 5 * 6, dtype=np.float32).reshape(6, 5, 4)  # (Z, Y, X)
+    affine = torch.diag(torch.tensor([-0.7, -0.7, 1.25, 1.0], dtype=torch.float64))
+    image = MetaTensor(torch.from_numpy(buffer).permute(2, 1, 0)[None], affine=affine, meta={"x": 1})
+    copy = _working_copy(image)
+    assert copy.is_contiguous() and copy.dtype == torch.float32
+    assert torch.equal(copy.as_tensor(), image.as_tensor())
+    assert torch.equal(copy.affine, image.affine) and copy.meta["x"] == 1
+    copy[0, 0, 0, 0] = -1.0
+    assert buffer[0, 0, 0] == 0.0
+
+
+def test_integer_labels_from_either_layout() -> None:
+    labels = (torch.rand(40, 30, 20) > 0.9).float() * 3
+    itk_layout = labels.permute(2, 1, 0).contiguous().permute(2, 1, 0)
+    plugin = MonaiBundlePlugin.__new__(MonaiBundlePlugin)
+    plugin.bundle_dir = Path("bundle")
+    for tensor in (labels, itk_layout):
+        out = plugin._integer_labels(tensor)
+        assert out.dtype == np.uint8 and np.array_equal(out, labels.numpy())
+    with pytest.raises(PluginError, match="integer label map"):
+        plugin._integer_labels(labels + 0.5)
