@@ -146,3 +146,27 @@ def test_character_set_garbage_is_stored_as_sent(node: Node, tmp_path: Path) -> 
     assert len(stored) == 1
     assert stored[0].read_bytes().endswith(files[0].read_bytes()[-1000:])  # bytes kept as sent
     assert _echo_ok(node.port)
+
+
+def test_idle_association_is_aborted_at_the_network_timeout(node: Node) -> None:
+    """The event-driven reactors still watch their timers while nothing arrives."""
+    from dicom_node.net.reactor import WakingAssociation
+
+    ae = ApplicationEntity("IDLE")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    try:
+        acceptors = [a for a in node.scp.ae.active_associations if a.is_alive()]
+        assert acceptors and all(isinstance(a, WakingAssociation) for a in acceptors)
+        deadline = time.monotonic() + 6
+        while assoc.is_established and time.monotonic() < deadline:  # network timeout is 2 s
+            time.sleep(0.1)
+        assert assoc.is_aborted
+        for acceptor in acceptors:
+            acceptor.join(5)
+            assert not acceptor.is_alive()
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    assert _echo_ok(node.port)

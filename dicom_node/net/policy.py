@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 from pynetdicom.ae import ApplicationEntity
 from pynetdicom.association import Association
 
 from dicom_node.config import AllowedCaller
+from dicom_node.net import reactor
 
 # A title no peer can send (16 characters with a control character), meaning "nobody".
 _NOBODY = "\x01NOBODY"
@@ -67,3 +69,9 @@ class NodeAE(ApplicationEntity):
     def require_calling_aet(self, ae_titles: list[str]) -> None:
         if ae_titles:
             raise ValueError("configure callers through CallerPolicy")
+
+    def make_server(self, address: Any, *args: Any, **kwargs: Any) -> Any:
+        """pynetdicom's server, with event-driven acceptor reactors (see :mod:`.reactor`)."""
+        if reactor.supported():
+            kwargs.setdefault("request_handler", reactor.WakingRequestHandler)
+        return super().make_server(address, *args, **kwargs)
