@@ -172,10 +172,12 @@ def test_write_error_answers_out_of_resources(node: Node, monkeypatch: pytest.Mo
     def failing_write(*_: Any) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("dicom_node.storage.spool.write_durably", failing_write)
+    monkeypatch.setattr("dicom_node.storage.spool.write_to_slot", failing_write)
     rsp = _scu_store(node.port, _small_ct())
     assert rsp.Status == 0xA700
     assert "No space left" in rsp.ErrorComment
+    assert not _spooled(node)
+    assert all(p.stat().st_size == 0 for p in node.spool.slots.folder.iterdir())
 
 
 def test_duplicate_sop_instance_is_idempotent(node: Node, ct150: list[Path]) -> None:
