@@ -83,9 +83,13 @@ def get_plugin(name: str, factory: str | None, options: dict[str, Any]) -> Any:
 
 
 def warm_up(plugins: list[tuple[str, str | None, dict[str, Any]]]) -> int:
-    """Load plugins into this worker ahead of the first job (model load off the clock)."""
-    for name, factory, options in plugins:
-        get_plugin(name, factory, options)
+    """Load plugins into this worker ahead of the first job (model load off the clock),
+    and build one SEG and SR (the encoders' one-time start-up off the clock too)."""
+    from dicom_node.results.warmup import try_warm_up_encoders
+
+    loaded = [get_plugin(name, factory, options) for name, factory, options in plugins]
+    if loaded:
+        try_warm_up_encoders(loaded[0].info)
     return os.getpid()
 
 

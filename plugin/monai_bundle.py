@@ -324,8 +324,9 @@ def _working_copy(image: MetaTensor) -> MetaTensor:
         out = copy.numpy()
         for z in range(array.shape[-1]):
             out[..., z] = array[..., z]
-    return MetaTensor(copy, affine=image.affine.clone(), meta=dict(image.meta),
-                      applied_operations=list(image.applied_operations))
+    meta = dict(image.meta)
+    meta["affine"] = image.affine.clone()
+    return MetaTensor(copy, meta=meta, applied_operations=list(image.applied_operations))
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
