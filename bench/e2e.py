@@ -95,7 +95,8 @@ def one_round(files: list[Path], stable: float) -> dict[str, Any]:
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         wait_until(lambda: "dicom-node ready" in log.read_text(errors="replace"), 120, "node start", log)
-        time.sleep(3.0)  # let the warm-up load the model in the worker before sending
+        # the worker loads the model and warms up result encoding before the study is sent
+        wait_until(lambda: "warmed up" in log.read_text(errors="replace"), 120, "worker warm-up", log)
         sent = subprocess.run([require_tool("storescu"), "-aec", "DICOMNODE", LOOPBACK, str(cfg["node"]["port"]),
                                *map(str, files)], env=DCMTK_ENV, capture_output=True, text=True)
         last_ack = time.time()

@@ -90,6 +90,7 @@ def warm_up(plugins: list[tuple[str, str | None, dict[str, Any]]]) -> int:
     loaded = [get_plugin(name, factory, options) for name, factory, options in plugins]
     if loaded:
         try_warm_up_encoders(loaded[0].info)
+    log.info("analysis worker %d warmed up (%s)", os.getpid(), ", ".join(p[0] for p in plugins))
     return os.getpid()
 
 
