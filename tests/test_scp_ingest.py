@@ -224,3 +224,17 @@ def test_quick_header_reads_what_pydicom_reads(image_type: str, monkeypatch: pyt
         assert quick == slow
     plain = all(p and p.strip() == p for p in image_type.rstrip().split("\\"))
     assert (quick is not None) == plain, quick
+
+
+def test_contexts_copied_per_association_equal_and_independent(node: Node) -> None:
+    from copy import deepcopy
+
+    assert node.scp.server is not None
+    original = node.scp.server.contexts
+    copied = deepcopy(original)
+    assert [(c.abstract_syntax, c.transfer_syntax, c.context_id, c.scu_role, c.scp_role) for c in copied] == \
+        [(c.abstract_syntax, c.transfer_syntax, c.context_id, c.scu_role, c.scp_role) for c in original]
+    assert all(a is not b and a._transfer_syntax is not b._transfer_syntax for a, b in zip(copied, original))
+    copied[0].transfer_syntax = ["1.2.840.10008.1.2"]
+    copied[0].context_id = 99
+    assert original[0].context_id != 99 and len(original[0].transfer_syntax) > 1

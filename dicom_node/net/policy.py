@@ -71,7 +71,13 @@ class NodeAE(ApplicationEntity):
             raise ValueError("configure callers through CallerPolicy")
 
     def make_server(self, address: Any, *args: Any, **kwargs: Any) -> Any:
-        """pynetdicom's server, with event-driven acceptor reactors (see :mod:`.reactor`)."""
-        if reactor.supported():
-            kwargs.setdefault("request_handler", reactor.WakingRequestHandler)
-        return super().make_server(address, *args, **kwargs)
+        """pynetdicom's server, with event-driven acceptor reactors and quickly copied contexts.
+
+        See :mod:`dicom_node.net.reactor`; other pynetdicom versions get the stock server.
+        """
+        if not reactor.supported():
+            return super().make_server(address, *args, **kwargs)
+        kwargs.setdefault("request_handler", reactor.WakingRequestHandler)
+        server = super().make_server(address, *args, **kwargs)
+        server.contexts = reactor.QuickCopyContexts(server.contexts)
+        return server
