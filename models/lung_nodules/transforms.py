@@ -24,22 +24,26 @@ from scipy import ndimage
 AIR_SCALED = (-500.0 + 1000.0) / 1400.0  # -500 HU after ScaleIntensityRanged [-1000, 400] -> [0, 1]
 
 
-def lung_region(image: np.ndarray, dilate_voxels: int = 4, min_voxels: int = 20000) -> np.ndarray:
-    """Boolean (X, Y, Z) mask of the lungs, holes filled per axial slice, dilated."""
-    air = image < AIR_SCALED
-    labels, _ = ndimage.label(air)
+def lung_region(image: np.ndarray, dilate_voxels: int = 4, min_voxels: int = 20000,
+                step: int = 2) -> np.ndarray:
+    """Boolean mask of the lungs on every ``step``-th voxel of ``image`` (X, Y, Z): air
+    not connected to the border, holes filled per axial slice, dilated by about
+    ``dilate_voxels`` voxels of ``image``. Voxel ``(i, j, k)`` of ``image`` is lung when
+    ``mask[i // step, j // step, k // step]`` is (a gate, so half resolution is plenty:
+    0.1 s instead of 0.6 s for a chest at the working resolution)."""
+    small = image[::step, ::step, ::step]
+    labels, _ = ndimage.label(small < AIR_SCALED)
     border = np.unique(np.concatenate([labels[0].ravel(), labels[-1].ravel(), labels[:, 0].ravel(),
                                        labels[:, -1].ravel()]))
-    sizes = np.bincount(labels.ravel())
-    keep = sizes >= min_voxels
+    keep = np.bincount(labels.ravel()) >= min_voxels / step ** 3
     keep[border] = False
     keep[0] = False
     lungs = keep[labels]
-    for z in range(lungs.shape[2]):
-        if lungs[:, :, z].any():
-            lungs[:, :, z] = ndimage.binary_fill_holes(lungs[:, :, z])
-    if dilate_voxels:
-        lungs = ndimage.binary_dilation(lungs, iterations=dilate_voxels)
+    for z in np.flatnonzero(lungs.any(axis=(0, 1))):
+        lungs[:, :, z] = ndimage.binary_fill_holes(lungs[:, :, z])
+    iterations = -(-dilate_voxels // step)
+    if iterations:
+        lungs = ndimage.binary_dilation(lungs, iterations=iterations)
     return lungs
 
 
@@ -47,8 +51,9 @@ class KeepInLungsd(MapTransform):
     """Zero the predicted components of ``keys`` that lie mostly outside the lungs."""
 
     def __init__(self, keys: KeysCollection, image_key: str = "image", min_inside: float = 0.3,
-                 threshold: float = 0.5, allow_missing_keys: bool = False) -> None:
+                 threshold: float = 0.5, step: int = 2, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
+        self.step = step
         self.image_key = image_key
         self.min_inside = min_inside
         self.threshold = threshold
@@ -56,15 +61,18 @@ class KeepInLungsd(MapTransform):
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
         image = np.asarray(torch.as_tensor(d[self.image_key]).detach().cpu()[0], dtype=np.float32)
-        region = lung_region(image)
+        region = lung_region(image, step=self.step)
         for key in self.key_iterator(d):
             pred = d[key]
             array = torch.as_tensor(pred).detach().cpu()[0].numpy()
             components, count = ndimage.label(array > self.threshold)
             if count == 0:
                 continue
-            total = np.bincount(components.ravel(), minlength=count + 1)
-            inside = np.bincount(components[region], minlength=count + 1)
+            where = np.nonzero(components)
+            ids = components[where]
+            in_lung = region[tuple(axis // self.step for axis in where)]
+            total = np.bincount(ids, minlength=count + 1)
+            inside = np.bincount(ids[in_lung], minlength=count + 1)
             drop = (inside < self.min_inside * total)
             drop[0] = False
             if drop.any():
