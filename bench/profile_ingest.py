@@ -6,9 +6,11 @@ Runs the node in this process (default durable settings, storage under bench/out
 wraps the stages of the C-STORE path with wall-clock timers, sends the series with
 one dcmtk ``storescu`` association and prints the mean milliseconds per instance of
 each stage. "Waiting" is the rest of the wall time per instance: storescu reading and
-sending the next file, and pynetdicom's polling loops (the DUL reactor sleeps
-``_run_loop_delay``, 1 ms by default, when the socket has no data; the association
-reactor sleeps 1 ms between looks at its message queue).
+sending the next file, and the hand-offs between the association's threads (the node
+replaces pynetdicom's 1 ms polling sleeps by waits on the socket and the queues, see
+``dicom_node/net/reactor.py``; stock pynetdicom spends about 2 ms per instance there).
+Background work (slot files made ahead, batched folder syncs, sha256 in a worker
+thread) is timed too but is not on the C-STORE's path.
 
 Timers add a few microseconds per call; the rate printed is therefore a little lower
 than ``bench.ingest`` measures. For a sampling profile of the whole process use
@@ -119,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slices", type=int, default=300)
     p.add_argument("--rounds", type=int, default=2, help="runs (fresh node each); the stage table sums all")
     p.add_argument("--dul-delay", type=float, default=None,
-                   help="experiment: override pynetdicom's DUL reactor sleep (seconds; default as the node sets it)")
+                   help="experiment: override pynetdicom's DUL reactor sleep (seconds; the node's reactor only "
+                        "sleeps it when the socket is closed)")
     args = p.parse_args(argv)
     files = ct_series(args.slices)
     labels = instrument()
