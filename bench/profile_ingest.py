@@ -61,7 +61,7 @@ def _stages() -> list[tuple[str, Any, str]]:
     from pynetdicom import dimse, dul, events
 
     from dicom_node import ingest
-    from dicom_node.net import scp
+    from dicom_node.net import reactor, scp
     from dicom_node.storage import spool, state
 
     os_proxy = SimpleNamespace(**{k: getattr(os, k) for k in dir(os) if not k.startswith("__")})
@@ -90,6 +90,7 @@ def _stages() -> list[tuple[str, Any, str]]:
         ("      folder fsync (old layout; now batched in the background)", spool, "_sync_dir"),
         ("    SQLite register + commit (synchronous=FULL)", state.StateDB, "register_instance"),
         ("DIMSE: encode the response", dimse.DIMSEServiceProvider, "send_msg"),
+        ("DIMSE: encode the response (the node's C-STORE-RSP encoder)", reactor.FastStoreDIMSE, "send_msg"),
         ("DUL: encode + send a PDU", dul.DULServiceProvider, "_send"),
     ]
 

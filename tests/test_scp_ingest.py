@@ -238,3 +238,27 @@ def test_contexts_copied_per_association_equal_and_independent(node: Node) -> No
     copied[0].transfer_syntax = ["1.2.840.10008.1.2"]
     copied[0].context_id = 99
     assert original[0].context_id != 99 and len(original[0].transfer_syntax) > 1
+
+
+@pytest.mark.parametrize("status, comment, class_uid", [
+    (0x0000, None, CTImageStorage),
+    (0xA700, "disk write failed: No space left on device", CTImageStorage),
+    (0xC000, "odd", "1.2.840.10008.5.1.4.1.1.7"),
+    (0xB007, None, None),
+])
+def test_store_response_encoded_as_pynetdicom_does(status: int, comment: str | None, class_uid: str | None) -> None:
+    from pynetdicom.dimse_messages import C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_STORE
+
+    from dicom_node.net.reactor import store_response_command
+
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = 7
+    rsp.AffectedSOPClassUID = class_uid
+    rsp.AffectedSOPInstanceUID = "1.2.826.0.1.3680043.8.498.123"
+    rsp.Status = status
+    rsp.ErrorComment = comment
+    msg = C_STORE_RSP()
+    msg.primitive_to_message(rsp)
+    (pdata,) = list(msg.encode_msg(1, 16384))
+    assert [(1, b"\x03" + store_response_command(rsp))] == pdata.presentation_data_value_list  # type: ignore[operator]

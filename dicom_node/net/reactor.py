@@ -32,6 +32,7 @@ import queue
 import select
 import socket
 import ssl
+import struct
 import threading
 import time
 from typing import Any, cast
@@ -39,8 +40,11 @@ from typing import Any, cast
 import pynetdicom
 from pynetdicom import evt
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import RequestHandler
 
 log = logging.getLogger(__name__)
@@ -168,6 +172,66 @@ class WakingDUL(DULServiceProvider):
             sleep = False
 
 
+def _element(tag: int, value: bytes) -> bytes:
+    """One Implicit VR Little Endian element of the command group."""
+    return struct.pack("<HHI", 0x0000, tag, len(value)) + value
+
+
+def _text(value: str, pad: bytes) -> bytes | None:
+    raw = value.encode("ascii", "strict") if value.isascii() and value.isprintable() else None
+    if raw is None:
+        return None
+    return raw + pad if len(raw) % 2 else raw
+
+
+def store_response_command(rsp: C_STORE) -> bytes | None:
+    """The encoded command set of a C-STORE-RSP, or None when pynetdicom should encode it.
+
+    Byte for byte what pynetdicom 3.0.4 encodes through pydicom (checked by a test)
+    for the responses the node sends: Status, the affected UIDs and an optional
+    plain-text Error Comment. pydicom's generic encoding took about 0.4 ms of
+    GIL-held CPU per instance.
+    """
+    if rsp.OffendingElement is not None or rsp.Status is None or rsp.MessageIDBeingRespondedTo is None:
+        return None
+    class_uid = _text(str(rsp.AffectedSOPClassUID or ""), b"\0")
+    instance_uid = _text(str(rsp.AffectedSOPInstanceUID or ""), b"\0")
+    comment = _text(rsp.ErrorComment, b" ") if rsp.ErrorComment else b""
+    if class_uid is None or instance_uid is None or comment is None:
+        return None
+    body = b"".join((
+        _element(0x0002, class_uid) if class_uid else b"",
+        _element(0x0100, struct.pack("<H", 0x8001)),
+        _element(0x0120, struct.pack("<H", rsp.MessageIDBeingRespondedTo)),
+        _element(0x0800, struct.pack("<H", 0x0101)),
+        _element(0x0900, struct.pack("<H", rsp.Status)),
+        _element(0x0902, comment) if comment else b"",
+        _element(0x1000, instance_uid) if instance_uid else b"",
+    ))
+    return _element(0x0000, struct.pack("<I", len(body))) + body
+
+
+class FastStoreDIMSE(DIMSEServiceProvider):
+    """pynetdicom's DIMSE provider, encoding C-STORE responses directly.
+
+    The response goes out as one P-DATA with one command PDV, as pynetdicom sends
+    it; the EVT_DIMSE_SENT notification (pynetdicom's debug log of the response;
+    the node binds nothing to it) is not triggered for these responses.
+    """
+
+    def send_msg(self, primitive: Any, context_id: int) -> None:
+        """Send a DIMSE message (C-STORE responses by the direct encoder)."""
+        if isinstance(primitive, C_STORE) and primitive.MessageIDBeingRespondedTo is not None:
+            command = store_response_command(primitive)
+            limit = self.maximum_pdu_size
+            if command is not None and (limit == 0 or len(command) + 6 <= limit):
+                pdata = P_DATA()
+                pdata.presentation_data_value_list.append((context_id, b"\x03" + command))
+                self.dul.send_pdu(pdata)
+                return
+        super().send_msg(primitive, context_id)
+
+
 class WakingAssociation(Association):
     """An acceptor association whose reactor waits for messages instead of sleeping."""
 
@@ -175,6 +239,7 @@ class WakingAssociation(Association):
         """Swap in the waking DUL and queues (before the socket is set)."""
         self._wake = threading.Event()
         self.dul = WakingDUL(self, self._wake)
+        self.dimse = FastStoreDIMSE(self)
         self.dimse.msg_queue = _WakingQueue(self._wake)
         # The timeouts live partly in the DUL's timers: apply them to the new one.
         self.acse_timeout = self.ae.acse_timeout
