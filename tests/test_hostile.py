@@ -170,3 +170,31 @@ def test_idle_association_is_aborted_at_the_network_timeout(node: Node) -> None:
         if assoc.is_established:
             assoc.release()
     assert _echo_ok(node.port)
+
+
+def test_bulk_recv_reads_whole_pdus_across_partial_sends_and_stops_at_close() -> None:
+    import threading
+
+    from dicom_node.net.reactor import BulkRecvSocket
+
+    ours, peer = socket.socketpair()
+    reader = BulkRecvSocket.__new__(BulkRecvSocket)
+    reader.socket = ours
+    payload = bytes(range(256)) * 1000
+
+    def trickle() -> None:
+        for start in range(0, len(payload), 7000):
+            peer.sendall(payload[start:start + 7000])
+            time.sleep(0.001)
+        peer.sendall(b"tail")
+        peer.close()
+
+    sender = threading.Thread(target=trickle)
+    sender.start()
+    try:
+        assert reader.recv(len(payload)) == payload
+        assert reader.recv(100) == b"tail"  # the peer closed: what was read
+        assert reader.recv(10) == b""
+    finally:
+        sender.join()
+        ours.close()
