@@ -104,6 +104,28 @@ def worker_init(torch_threads: int | None, log_level: str = "INFO", json_logs: b
 
     threads = torch_threads or max(1, os.cpu_count() or 1)
     torch.set_num_threads(threads)
+    _no_numpy_huge_pages()
+
+
+def _no_numpy_huge_pages() -> None:
+    """Stop numpy asking for transparent huge pages for its large arrays (as the
+    environment variable ``NUMPY_MADVISE_HUGEPAGE=0`` does; one set there wins).
+
+    With the kernel's usual ``defrag=madvise`` setting, the first touch of such an
+    array may stall on memory compaction: building a 512x512x300 volume took
+    0.9-1.5 s instead of 0.3 s in a fresh worker on the 2-core VM. Later jobs gain
+    nothing measurable from huge pages.
+    """
+    if "NUMPY_MADVISE_HUGEPAGE" in os.environ:
+        return
+    import importlib
+
+    try:
+        setter = getattr(importlib.import_module("numpy._core.multiarray"), "_set_madvise_hugepage")
+    except (ImportError, AttributeError):
+        log.debug("numpy offers no huge page switch; left as it is")
+        return
+    setter(False)
 
 
 def _write(ds: Dataset, folder: Path, kind: str) -> ResultFile:
