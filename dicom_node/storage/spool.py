@@ -293,13 +293,26 @@ class Spool:
         try:
             sha256 = write_to_slot(slot, data)
         except (OSError, ValueError) as exc:
-            slot.unlink(missing_ok=True)  # never acknowledged; a leftover has no valid stamp
+            self._discard(slot)
             raise StorageError(f"disk write failed: {getattr(exc, 'strerror', None) or exc}") from exc
         try:
             self._place(slot, path)
         except OSError as exc:  # the flushed slot stays: recovery moves it into place
             raise StorageError(f"disk write failed: {exc.strerror}") from exc
         return SpooledFile(path, len(data), sha256)
+
+    @staticmethod
+    def _discard(slot: Path) -> None:
+        """Remove a slot whose write failed (never acknowledged).
+
+        Should this fail too, recovery discards it unless its stamp matches, and a
+        stamped, complete slot is an instance that may be registered (the peer,
+        told of the failure, sends it again: a duplicate).
+        """
+        try:
+            slot.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("spool: cannot remove slot %s after a failed write: %s", slot.name, exc.strerror)
 
     def _place(self, slot: Path, path: Path) -> None:
         """Rename a flushed slot to its final name; folders are synced in the background."""
