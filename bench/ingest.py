@@ -50,7 +50,7 @@ def one_run(kind: str, files: list[Path], associations: int, keep: bool,
     workdir = run_dir(f"{kind}-{associations}")
     receiver = RECEIVERS[kind](workdir, associations)
     if node_source is not None and isinstance(receiver, NodeReceiver):
-        receiver.source = node_source
+        _run_from(receiver, node_source)
     try:
         receiver.start()
         cpu_before = cpu_seconds(receiver.pid)
@@ -72,6 +72,23 @@ def one_run(kind: str, files: list[Path], associations: int, keep: bool,
         "mb_per_s": size / 1e6 / result.seconds,
         "receiver_cpu_ms_per_image": 1000 * cpu / len(files) if receiver.cpu_measurable else None,
     }
+
+
+def _run_from(receiver: NodeReceiver, source: Path) -> None:
+    """Make ``receiver`` run the node of another checkout.
+
+    The receiver starts ``python -m dicom_node`` in this repository, and ``-m`` puts
+    the working folder ahead of ``PYTHONPATH``, so this checkout's node would run
+    whatever ``source`` says; ``-P`` (Python 3.11) leaves the working folder out.
+    """
+    receiver.source = source
+    command = receiver.command
+
+    def from_source() -> tuple[list[str], dict[str, str]]:
+        cmd, env = command()
+        return [cmd[0], "-P", *cmd[1:]], env
+
+    receiver.command = from_source  # type: ignore[method-assign]
 
 
 def _median_or_none(values: list[float | None]) -> float | None:
