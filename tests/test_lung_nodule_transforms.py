@@ -44,3 +44,19 @@ def test_components_outside_the_lungs_are_removed_others_kept() -> None:
     assert isinstance(out, MetaTensor)
     np.testing.assert_array_equal(kept[35:41, 45:51, 25:31], np.float32(0.9))  # unchanged
     assert kept[56:64, 81:88, 20:26].max() == 0.0
+
+
+def test_tubes_are_removed_when_asked_blobs_kept() -> None:
+    image = _chest()
+    pred = np.zeros_like(image)
+    pred[30:38, 40:48, 20:26] = 0.9  # a blob (8 x 8 x 7.5 mm at 1 x 1 x 1.25 mm)
+    pred[66:98, 50:53, 30:33] = 0.9  # a tube along x, 32 mm long, 3 mm wide
+    affine = torch.diag(torch.tensor([1.0, 1.0, 1.25, 1.0], dtype=torch.float64))
+    prob = MetaTensor(torch.from_numpy(pred)[None], affine=affine)
+    img = MetaTensor(torch.from_numpy(image)[None], affine=affine)
+    data = {"image": img, "pred": prob}
+    both = KeepInLungsd(keys="pred")(data)["pred"][0].numpy()
+    assert both[30:38, 40:48, 20:26].min() > 0 and both[66:98, 50:53, 30:33].min() > 0
+    blobs = KeepInLungsd(keys="pred", max_elongation=2.0)(data)["pred"][0].numpy()
+    assert blobs[30:38, 40:48, 20:26].min() > 0
+    assert blobs[66:98, 50:53, 30:33].max() == 0.0

@@ -47,13 +47,36 @@ def lung_region(image: np.ndarray, dilate_voxels: int = 4, min_voxels: int = 200
     return lungs
 
 
+def elongation(where: tuple[np.ndarray, ...], ids: np.ndarray, count: int,
+               spacing: np.ndarray) -> np.ndarray:
+    """Per component (index 1..count): sqrt of the largest over the middle eigenvalue
+    of its voxels' covariance in mm (each voxel counted as a box, so one voxel is not
+    degenerate). About 1 for a ball or a flat disc, large for a tube."""
+    n = np.maximum(np.bincount(ids, minlength=count + 1), 1).astype(np.float64)
+    coords = [axis.astype(np.float64) * mm for axis, mm in zip(where, spacing)]
+    mean = [np.bincount(ids, weights=c, minlength=count + 1) / n for c in coords]
+    cov = np.zeros((count + 1, 3, 3))
+    for a in range(3):
+        for b in range(a, 3):
+            m = np.bincount(ids, weights=coords[a] * coords[b], minlength=count + 1) / n
+            cov[:, a, b] = cov[:, b, a] = m - mean[a] * mean[b]
+    cov += np.diag(spacing ** 2 / 12.0)
+    eig = np.linalg.eigvalsh(cov)  # ascending
+    return np.sqrt(eig[:, 2] / np.maximum(eig[:, 1], 1e-9))
+
+
 class KeepInLungsd(MapTransform):
-    """Zero the predicted components of ``keys`` that lie mostly outside the lungs."""
+    """Zero the predicted components of ``keys`` that lie mostly outside the lungs or,
+    when ``max_elongation`` is set, that are tubes rather than blobs (see
+    :func:`elongation`): vessel segments, which the network confuses with nodules on
+    thick-slice scans. Kept components are never changed."""
 
     def __init__(self, keys: KeysCollection, image_key: str = "image", min_inside: float = 0.3,
-                 threshold: float = 0.5, step: int = 2, allow_missing_keys: bool = False) -> None:
+                 threshold: float = 0.5, step: int = 2, max_elongation: float | None = None,
+                 allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
         self.step = step
+        self.max_elongation = max_elongation
         self.image_key = image_key
         self.min_inside = min_inside
         self.threshold = threshold
@@ -74,6 +97,10 @@ class KeepInLungsd(MapTransform):
             total = np.bincount(ids, minlength=count + 1)
             inside = np.bincount(ids[in_lung], minlength=count + 1)
             drop = (inside < self.min_inside * total)
+            if self.max_elongation is not None:
+                affine = np.asarray(getattr(pred, "affine", np.eye(4)), dtype=np.float64)
+                spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+                drop |= elongation(where, ids, count, spacing) > self.max_elongation
             drop[0] = False
             if drop.any():
                 mask = torch.from_numpy(~drop[components])[None].to(pred.dtype)
