@@ -4,8 +4,9 @@
 
 Seeded and reproducible (fixed seeds, fixed iteration count, 2 torch threads). The
 training phantoms come from :mod:`dicom_node.synthetic.chest_phantom` with seeds
-``TRAIN_SEED_BASE + i`` (i < ``--cases``); ``evaluate.py`` uses seeds from 10000,
-which training never touches. Each phantom is drawn at a random acquisition geometry,
+``TRAIN_SEED_BASE + i`` (i < ``--cases``), 100.. (stage 2) and 200.. (stage 3);
+``evaluate.py`` uses seeds 9000-9999 (validation) and 10000.. (held-out test), which
+training never touches. Each phantom is drawn at a random acquisition geometry,
 then put through the bundle's own preprocessing (read from configs/inference.json),
 so the network learns at the bundle's working resolution from varied source grids.
 """
@@ -17,7 +18,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,6 @@ from monai.transforms import (
     CropForegroundd,
     Orientationd,
     ScaleIntensityRanged,
-    Spacingd,
 )
 from scipy import ndimage
 
@@ -36,16 +36,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bundle_runner import BUNDLE_ROOT, load_parser, make_metatensor
 
 from dicom_node.synthetic.chest_phantom import make_chest_phantom
+from plugin.transforms import ZoomSpacingd
 
 LOG = logging.getLogger("train")
 TRAIN_SEED_BASE = 0  # training phantoms use seeds 0 .. cases-1; evaluation uses 10000+
-EVAL_SEED_MIN = 10000
+EVAL_SEED_MIN = 9000  # 9000-9999 validation, 10000+ held-out test
 KEYS = ["image", "label", "lung"]
 BODY_LEVEL = 500 / 1400  # -500 HU on the bundle's [-1000, 400] HU scale
-# Patch centre mix per stage: nodule, dense near lung, lung, anywhere, body (soft tissue)
-STAGE1_MIX = (0.45, 0.25, 0.18, 0.12, 0.0)
-STAGE2_MIX = (0.40, 0.20, 0.10, 0.0, 0.30)
+# Patch centre mix per stage: nodule, dense near lung, lung, anywhere, body (soft
+# tissue), mined hard negatives (where the stage-2 network fires without a nodule)
+STAGE1_MIX = (0.45, 0.25, 0.18, 0.12, 0.0, 0.0)
+STAGE2_MIX = (0.40, 0.20, 0.10, 0.0, 0.30, 0.0)
+STAGE3_MIX = (0.40, 0.10, 0.05, 0.0, 0.10, 0.35)
+STAGE4_MIX = (0.45, 0.10, 0.10, 0.0, 0.10, 0.25)
+NODULE_SHIFT = {4: 0.5}  # per stage: share of patches whose nodules change attenuation
 STAGE2_SEED_BASE = 100  # stage-2 phantoms: seeds 100..; all full-coverage chests
+STAGE3_SEED_BASE = 200  # stage-3 phantoms: seeds 200..; whole chests, mostly thick slices
+STAGE4_SEED_BASE = 300  # stage-4 phantoms: seeds 300..; whole chests, nodules 4-30 mm
+MINE_LEVEL = 0.3  # a voxel the network scores above this, away from nodules, is a hard negative
 
 
 @dataclass
@@ -60,6 +68,8 @@ class Case:
         np.ndarray
     )  # (K, 3) dense non-nodule voxels at or near the lungs (vessels, walls)
     body: np.ndarray  # (L, 3) voxels inside the body (HU > -500)
+    comps: list[np.ndarray] = field(default_factory=list)  # voxels of each nodule
+    mined: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), dtype=np.int64))
 
 
 def bundle_preprocessing() -> Compose:
@@ -78,11 +88,7 @@ def bundle_preprocessing() -> Compose:
                 margin=crop["margin"],
                 allow_smaller=True,
             ),
-            Spacingd(
-                keys=KEYS,
-                pixdim=parser.get_parsed_content("pixdim"),
-                mode=("bilinear", "bilinear", "bilinear"),
-            ),
+            ZoomSpacingd(keys=KEYS, pixdim=parser.get_parsed_content("pixdim")),
             ScaleIntensityRanged(
                 keys="image",
                 a_min=scale["a_min"],
@@ -127,6 +133,36 @@ def phantom_kwargs_full(seed: int) -> dict:
     return kw
 
 
+def _whole_chest_kwargs(
+    seed: int, salt: int, slice_mm: list[float], max_diameter_mm: float
+) -> dict:
+    """A whole chest at one of ``slice_mm``, with 3-7 nodules of 4 to
+    ``max_diameter_mm`` (log-uniform)."""
+    kw = phantom_kwargs(seed)
+    rng = np.random.default_rng(seed + salt)
+    dz = float(rng.choice(slice_mm))
+    count = int(rng.integers(3, 8))
+    diam = np.exp(rng.uniform(np.log(4.0), np.log(max_diameter_mm), size=count))
+    kw.update(
+        slice_spacing_mm=dz,
+        slices=max(round(rng.uniform(280, 400) / dz), 20),
+        nodule_diameters_mm=[float(d) for d in diam],
+    )
+    return kw
+
+
+def phantom_kwargs_thick(seed: int) -> dict:
+    """Stage-3 phantoms: whole chests, two in three at 2.5-5 mm slices (where the
+    stage-2 network made most of its false positives), nodules of 4-20 mm."""
+    return _whole_chest_kwargs(seed, 555, [1.25, 2.0, 2.5, 3.0, 5.0, 5.0], 20.0)
+
+
+def phantom_kwargs_mixed(seed: int) -> dict:
+    """Stage-4 phantoms: whole chests at 1.25-5 mm slices, nodules of 4-30 mm (stage 3
+    had none over 20 mm, and its network had started to miss large dense nodules)."""
+    return _whole_chest_kwargs(seed, 333, [1.25, 1.25, 2.0, 2.5, 3.0, 5.0], 30.0)
+
+
 def _indices(
     mask: np.ndarray, rng: np.random.Generator, limit: int, step: int = 1
 ) -> np.ndarray:
@@ -137,9 +173,14 @@ def _indices(
 def make_case(seed: int, prep: Compose) -> Case:
     """Generate and preprocess training phantom ``seed``."""
     assert seed < EVAL_SEED_MIN, "training must never use evaluation seeds"
-    kwargs = (
-        phantom_kwargs_full(seed) if seed >= STAGE2_SEED_BASE else phantom_kwargs(seed)
-    )
+    if seed >= STAGE4_SEED_BASE:
+        kwargs = phantom_kwargs_mixed(seed)
+    elif seed >= STAGE3_SEED_BASE:
+        kwargs = phantom_kwargs_thick(seed)
+    elif seed >= STAGE2_SEED_BASE:
+        kwargs = phantom_kwargs_full(seed)
+    else:
+        kwargs = phantom_kwargs(seed)
     ph = make_chest_phantom(seed, **kwargs)
     affine = ph.ras_affine()
     assert ph.lung_zyx is not None
@@ -158,6 +199,7 @@ def make_case(seed: int, prep: Compose) -> Case:
     rng = np.random.default_rng(seed)
     near = ndimage.binary_dilation(lung[::2, ::2, ::2], iterations=3)
     dense = (image[::2, ::2, ::2] > 0.45) & (label[::2, ::2, ::2] == 0) & near
+    comps, count = ndimage.label(label > 0)
     return Case(
         image,
         label,
@@ -165,7 +207,26 @@ def make_case(seed: int, prep: Compose) -> Case:
         _indices(lung, rng, 50000, 2),
         _indices(dense, rng, 50000) * 2,
         _indices(image > BODY_LEVEL, rng, 50000, 2),
+        [_indices(comps == c, rng, 2000) for c in range(1, count + 1)],
     )
+
+
+def mine_hard_negatives(net: torch.nn.Module, cases: list[Case]) -> int:
+    """Store, per case, voxels where ``net`` scores above ``MINE_LEVEL`` at least 3
+    voxels away from any nodule (its false positives); returns their total count."""
+    inferer = load_parser().get_parsed_content("inferer")
+    net.eval()
+    total = 0
+    for case in cases:
+        with torch.inference_mode():
+            x = torch.from_numpy(case.image.astype(np.float32))[None, None]
+            prob = torch.sigmoid(inferer(x, net))[0, 0].numpy()
+        near = ndimage.binary_dilation(case.label > 0, iterations=3)
+        hot = (prob > MINE_LEVEL) & ~near
+        case.mined = _indices(hot, np.random.default_rng(int(hot.sum())), 20000)
+        total += int(hot.sum())
+    net.train()
+    return total
 
 
 def sample_patch(
@@ -180,7 +241,11 @@ def sample_patch(
     roll = rng.random()
     edges = np.cumsum(mix)
     shape = np.array(case.image.shape)
-    if roll < edges[0] and len(case.fg):
+    if roll < edges[0] and case.comps:
+        # every nodule equally often, whatever its size
+        comp = case.comps[rng.integers(len(case.comps))]
+        centre = comp[rng.integers(len(comp))] + rng.integers(-12, 13, size=3)
+    elif roll < edges[0] and len(case.fg):
         centre = case.fg[rng.integers(len(case.fg))] + rng.integers(-12, 13, size=3)
     elif roll < edges[1] and len(case.hard):
         centre = case.hard[rng.integers(len(case.hard))]
@@ -188,8 +253,10 @@ def sample_patch(
         centre = case.lung[rng.integers(len(case.lung))]
     elif roll < edges[3] or not len(case.body):
         centre = rng.integers(0, shape)
-    else:
+    elif roll < edges[4] or not len(case.mined):
         centre = case.body[rng.integers(len(case.body))]
+    else:
+        centre = case.mined[rng.integers(len(case.mined))] + rng.integers(-8, 9, size=3)
     size_a = np.array(size)
     start = np.clip(centre - size_a // 2, 0, np.maximum(shape - size_a, 0))
     sl = tuple(slice(int(s), int(s) + int(n)) for s, n in zip(start, size_a))
@@ -202,9 +269,19 @@ def sample_patch(
 
 
 def augment(
-    img: np.ndarray, lab: np.ndarray, rng: np.random.Generator
+    img: np.ndarray,
+    lab: np.ndarray,
+    rng: np.random.Generator,
+    nodule_shift: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Flips, in-plane 90-degree turns, intensity scale/shift, blur and noise."""
+    """Flips, in-plane 90-degree turns, intensity scale/shift, blur and noise; with
+    probability ``nodule_shift``, the nodules' own attenuation is moved by -70 to
+    +170 HU (through a softened mask, so the partial-volume rim follows): a network
+    that tells nodules from vessels by brightness instead of shape misses dense
+    nodules (+60 to +100 HU, as bright as unenhanced blood)."""
+    if nodule_shift and lab.any() and rng.random() < nodule_shift:
+        soft = ndimage.gaussian_filter(lab, sigma=1.0)
+        img = np.clip(img + rng.uniform(-0.05, 0.12) * soft, 0.0, 1.0)
     for axis in range(3):
         if rng.random() < 0.5:
             img, lab = np.flip(img, axis), np.flip(lab, axis)
@@ -249,8 +326,12 @@ def run_stage(
     seed = args.seed + stage - 1
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    iters, lr = (args.iters, args.lr) if stage == 1 else (args.iters2, args.lr2)
-    mix = STAGE1_MIX if stage == 1 else STAGE2_MIX
+    iters, lr, mix = {
+        1: (args.iters, args.lr, STAGE1_MIX),
+        2: (args.iters2, args.lr2, STAGE2_MIX),
+        3: (args.iters3, args.lr3, STAGE3_MIX),
+        4: (args.iters4, args.lr4, STAGE4_MIX),
+    }[stage]
     net.train()
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(
@@ -263,7 +344,9 @@ def run_stage(
         imgs, labs = [], []
         for _ in range(args.batch):
             case = cases[rng.integers(len(cases))]
-            img, lab = augment(*sample_patch(case, patch, rng, mix), rng)
+            img, lab = augment(
+                *sample_patch(case, patch, rng, mix), rng, NODULE_SHIFT.get(stage, 0.0)
+            )
             imgs.append(img)
             labs.append(lab)
         x = torch.from_numpy(np.stack(imgs)[:, None])
@@ -325,11 +408,35 @@ def train(args: argparse.Namespace) -> dict:
                 torch.load(args.init, map_location="cpu", weights_only=True)
             )
         loss = run_stage(net, cases, args, 2)
+        del cases
         stats["stage2"] = {
             "cases": args.cases2,
             "iters": args.iters2,
             "final_loss": round(loss, 4),
             "wall_s": round(time.time() - t1, 1),
+        }
+    for stage, base, count in (
+        (3, STAGE3_SEED_BASE, args.cases3),
+        (4, STAGE4_SEED_BASE, args.cases4),
+    ):
+        if stage not in args.stages:
+            continue
+        t2 = time.time()
+        cases = load_cases(range(base, base + count), prep)
+        if min(args.stages) == stage:
+            net.load_state_dict(
+                torch.load(args.init, map_location="cpu", weights_only=True)
+            )
+        mined = mine_hard_negatives(net, cases)
+        LOG.info("stage %d: %d hard-negative voxels mined", stage, mined)
+        loss = run_stage(net, cases, args, stage)
+        del cases
+        stats[f"stage{stage}"] = {
+            "cases": count,
+            "iters": getattr(args, f"iters{stage}"),
+            "hard_negative_voxels": mined,
+            "final_loss": round(loss, 4),
+            "wall_s": round(time.time() - t2, 1),
         }
     stats.update(
         wall_s=round(time.time() - t0, 1), cpu_s=round(time.process_time() - c0, 1)
@@ -350,12 +457,18 @@ def main() -> None:
     ap.add_argument("--cases2", type=int, default=24)
     ap.add_argument("--iters2", type=int, default=1200)
     ap.add_argument("--lr2", type=float, default=1e-3)
-    ap.add_argument("--stages", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--cases3", type=int, default=30)
+    ap.add_argument("--iters3", type=int, default=2000)
+    ap.add_argument("--lr3", type=float, default=5e-4)
+    ap.add_argument("--cases4", type=int, default=36)
+    ap.add_argument("--iters4", type=int, default=2500)
+    ap.add_argument("--lr4", type=float, default=3e-4)
+    ap.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3, 4])
     ap.add_argument(
         "--init",
         type=Path,
         default=None,
-        help="weights to start stage 2 from when stage 1 is skipped",
+        help="weights to start from when stage 1 is skipped",
     )
     ap.add_argument("--iters", type=int, default=4500)
     ap.add_argument("--batch", type=int, default=2)
