@@ -69,7 +69,7 @@ def _stages() -> list[tuple[str, Any, str]]:
     spool.os = os_proxy  # type: ignore[assignment]
     spool.hashlib = hash_proxy  # type: ignore[assignment]
     return [
-        ("DUL: read + decode one PDU (per PDU)", dul.DULServiceProvider, "_read_pdu_data"),
+        ("DUL: read + decode the PDUs", dul.DULServiceProvider, "_read_pdu_data"),
         ("DIMSE: reassemble P-DATA into the message", dimse.DIMSEServiceProvider, "receive_primitive"),
         ("C-STORE handler, all of it (_on_store)", scp.StorageSCP, "_on_store"),
         ("  received bytes (file meta + payload)", scp, "received_bytes"),
@@ -88,7 +88,7 @@ def _stages() -> list[tuple[str, Any, str]]:
         ("      rename the slot to its final name", os_proxy, "replace"),
         ("      sha256 (a worker thread, overlaps the write)", hash_proxy, "sha256"),
         ("      folder fsync (old layout; now batched in the background)", spool, "_sync_dir"),
-        ("    SQLite register + commit (synchronous=FULL)", state.StateDB, "register_instance"),
+        ("    SQLite register + commit (no flush: synchronous=NORMAL)", state.StateDB, "register_instance"),
         ("DIMSE: encode the response", dimse.DIMSEServiceProvider, "send_msg"),
         ("DIMSE: encode the response (the node's C-STORE-RSP encoder)", reactor.FastStoreDIMSE, "send_msg"),
         ("DUL: encode + send a PDU", dul.DULServiceProvider, "_send"),
