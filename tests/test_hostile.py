@@ -198,3 +198,39 @@ def test_bulk_recv_reads_whole_pdus_across_partial_sends_and_stops_at_close() ->
     finally:
         sender.join()
         ours.close()
+
+
+def test_bulk_recv_grows_with_the_data_not_with_the_announced_length() -> None:
+    import tracemalloc
+
+    from dicom_node.net.reactor import BulkRecvSocket
+
+    ours, peer = socket.socketpair()
+    reader = BulkRecvSocket.__new__(BulkRecvSocket)
+    reader.socket = ours
+    peer.sendall(b"x" * 3000)
+    peer.close()
+    tracemalloc.start()
+    try:
+        got = reader.recv(0xFFFFFFF0)  # announced 4 GiB, sent 3000 bytes
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        ours.close()
+    assert got == b"x" * 3000
+    assert peak < 8 << 20
+
+
+def test_pdu_over_the_limit_is_refused_and_the_node_keeps_serving(node: Node) -> None:
+    """A peer announcing a 4 GiB P-DATA-TF is disconnected at once, before any of it is
+    read or allocated (the node advertises 256 KiB PDUs)."""
+    import struct
+
+    peer = socket.create_connection(("127.0.0.1", node.port))
+    try:
+        peer.sendall(struct.pack(">BBL", 0x04, 0, 0xFFFFFFF0) + b"\0" * 64)
+        peer.settimeout(1.5)  # well under the ACSE (1 s + polling) and network (2 s) timeouts' sum
+        assert peer.recv(1024) == b""  # closed by the node
+    finally:
+        peer.close()
+    assert _echo_ok(node.port)

@@ -323,6 +323,16 @@ class QuickCopyContexts(list):  # type: ignore[type-arg]
         return out
 
 
+FIRST_READ_BYTES = 1 << 20  # the buffer starts at this and doubles as data arrives
+MIN_PDU_LIMIT = 4 << 20  # no PDU limit below this (an A-ASSOCIATE-RQ may be large)
+
+
+def pdu_read_limit(maximum_pdu_size: int) -> int:
+    """The largest PDU the node reads from a peer (0: no limit): its advertised maximum
+    (a peer may not send longer P-DATA), but never under :data:`MIN_PDU_LIMIT`."""
+    return max(maximum_pdu_size + 6, MIN_PDU_LIMIT) if maximum_pdu_size else 0
+
+
 class BulkRecvSocket(AssociationSocket):
     """pynetdicom's association socket, reading in as few calls as the data allows.
 
@@ -331,20 +341,32 @@ class BulkRecvSocket(AssociationSocket):
     associations queues behind the other threads. This reads straight into the
     PDU's buffer, as much as has arrived; errors and the end of the stream behave
     as in pynetdicom (exceptions propagate; a closed stream returns what was read).
+
+    The buffer grows with the data that actually arrives (from 1 MiB, doubling), so a
+    peer announcing a 4 GiB PDU costs nothing until it sends it; and a PDU longer than
+    :attr:`max_read` (see :func:`pdu_read_limit`) is refused before any of it is read
+    (``OSError``: pynetdicom closes the connection, as for any transport error).
     """
+
+    max_read = 0  # 0: no limit
 
     def recv(self, nr_bytes: int) -> bytearray:
         """Read ``nr_bytes`` from the socket (blocking), or fewer if it closes."""
+        if self.max_read and nr_bytes > self.max_read:
+            raise OSError(f"peer announced a PDU of {nr_bytes} bytes, over the "
+                          f"{self.max_read}-byte limit")
         sock = cast(socket.socket, self.socket)
-        buf = bytearray(nr_bytes)
+        buf = bytearray(min(nr_bytes, FIRST_READ_BYTES))
         nr_read = 0
-        with memoryview(buf) as view:
-            while nr_read < nr_bytes:
-                got = sock.recv_into(view[nr_read:], nr_bytes - nr_read)
-                if not got:
-                    break
-                nr_read += got
-        if nr_read < nr_bytes:
+        while nr_read < nr_bytes:
+            if nr_read == len(buf):
+                buf.extend(bytes(min(len(buf), nr_bytes - len(buf))))
+            with memoryview(buf) as view:
+                got = sock.recv_into(view[nr_read:], len(buf) - nr_read)
+            if not got:
+                break
+            nr_read += got
+        if nr_read < len(buf):
             del buf[nr_read:]
         return buf
 
@@ -361,4 +383,5 @@ class WakingRequestHandler(RequestHandler):
         waking.dul.socket, stock.socket = stock.socket, None
         waking.dul.event_queue = stock.event_queue
         waking.dul.socket.__class__ = BulkRecvSocket
+        cast(BulkRecvSocket, waking.dul.socket).max_read = pdu_read_limit(assoc.ae.maximum_pdu_size)
         return waking
