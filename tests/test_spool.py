@@ -118,3 +118,22 @@ def test_node_restarted_on_a_spool_serves_and_refills_its_pool(tmp_path: Path, s
         assert slots and all(p.stat().st_size == 0 for p in slots)  # every used slot was renamed
     finally:
         node.stop()
+
+
+def test_no_slot_can_be_made_is_a_storage_error(tmp_path: Path, series: list[Path],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Disk or inodes full with the pool empty: a StorageError (the C-STORE gets
+    0xA700 Out of Resources), not an unexpected exception (0x0110)."""
+    import errno
+
+    from dicom_node.errors import StorageError
+
+    def no_space(self: object, n: int) -> list[Path]:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(spool_mod.SlotPool, "_make", no_space)
+    spool = Spool(tmp_path / "spool")
+    study, sop = _uids(series[0])
+    with pytest.raises(StorageError, match="No space left on device"):
+        spool.store(study, sop, series[0].read_bytes())
+    assert not spool.path_for(study, sop).exists()

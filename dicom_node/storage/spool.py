@@ -289,7 +289,10 @@ class Spool:
     def store(self, study_uid: str, sop_uid: str, data: bytes) -> SpooledFile:
         """Write one instance durably (one flush); raises StorageError on any I/O failure."""
         path = self.path_for(study_uid, sop_uid)
-        slot = self.slots.take()
+        try:
+            slot = self.slots.take()
+        except OSError as exc:  # no free slot and none can be made (disk or inodes full)
+            raise StorageError(f"disk write failed: {exc.strerror or exc}") from exc
         try:
             sha256 = write_to_slot(slot, data)
         except (OSError, ValueError) as exc:
