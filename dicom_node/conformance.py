@@ -15,6 +15,7 @@ from pydicom.uid import UID
 from pynetdicom.presentation import AllStoragePresentationContexts
 
 from dicom_node.config import Config
+from dicom_node.net.reactor import pdu_read_limit
 from dicom_node.net.scp import ACCEPTED_TRANSFER_SYNTAXES
 from dicom_node.net.scu import UNCOMPRESSED, VERIFICATION
 
@@ -44,8 +45,10 @@ def _policy(config: Config) -> list[str]:
                                    "not recognised)." if callers else "any (no allowlist configured)."),
         f"- At most {node.max_associations} concurrent associations; more get A-ASSOCIATE-RJ "
         "rejected-transient, source service-provider (presentation), reason 2 (local limit exceeded).",
-        f"- Maximum PDU size received: {node.max_pdu_size or 'unlimited'} bytes. "
-        f"Timeouts: ACSE {node.acse_timeout_seconds:g} s, DIMSE {node.dimse_timeout_seconds:g} s, "
+        f"- Maximum PDU size received: {node.max_pdu_size or 'unlimited'} bytes"
+        + (f"; a PDU announced longer than {pdu_read_limit(node.max_pdu_size)} bytes closes the "
+           "connection before any of it is read. " if node.max_pdu_size else ". ")
+        + f"Timeouts: ACSE {node.acse_timeout_seconds:g} s, DIMSE {node.dimse_timeout_seconds:g} s, "
         f"network {node.network_timeout_seconds:g} s.",
         "- Asynchronous operations: not supported (one operation at a time per association).",
         "- Security: " + (
