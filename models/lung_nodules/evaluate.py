@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -46,6 +47,7 @@ from dicom_node.synthetic.chest_phantom import ChestPhantom, make_chest_phantom
 from plugin.types import Volume
 
 EVAL_SEEDS = tuple(range(10000, 10020))
+LOG = logging.getLogger("evaluate")
 MIN_DIAMETER_MM = 6.0
 STRUCTURE = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity
 
@@ -236,6 +238,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runner", choices=("plugin", "local"), default="plugin")
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     torch.set_num_threads(args.threads)
     runner = make_runner(args.runner, args.weights)
     min_mm3 = min_volume_mm3()
@@ -250,9 +253,9 @@ def main() -> None:
         res = score(phantom, pred, min_mm3)
         res.inference_s = round(seconds, 2)
         results.append(res)
-        print(json.dumps({k: v for k, v in asdict(res).items()}), flush=True)
+        LOG.info(json.dumps(asdict(res)))
     summary = summarise(results)
-    print(json.dumps(summary, indent=2))
+    LOG.info(json.dumps(summary, indent=2))
     if args.json:
         args.json.write_text(
             json.dumps(

@@ -53,6 +53,13 @@ NODULE_SHIFT = {4: 0.5}  # per stage: share of patches whose nodules change atte
 STAGE2_SEED_BASE = 100  # stage-2 phantoms: seeds 100..; all full-coverage chests
 STAGE3_SEED_BASE = 200  # stage-3 phantoms: seeds 200..; whole chests, mostly thick slices
 STAGE4_SEED_BASE = 300  # stage-4 phantoms: seeds 300..; whole chests, nodules 4-30 mm
+STAGE_SEEDS = {
+    1: TRAIN_SEED_BASE,
+    2: STAGE2_SEED_BASE,
+    3: STAGE3_SEED_BASE,
+    4: STAGE4_SEED_BASE,
+}
+MINED_STAGES = {3, 4}  # stages that first mine hard negatives with the network so far
 MINE_LEVEL = 0.3  # a voxel the network scores above this, away from nodules, is a hard negative
 
 
@@ -374,9 +381,10 @@ def run_stage(
 
 
 def train(args: argparse.Namespace) -> dict:
-    """Stage 1: 4500 iterations on slabs and chests (seeds 0..cases-1). Stage 2: 1200
-    iterations at a lower rate on whole chests (seeds 100..) with more patches from
-    soft tissue away from the lungs (false-positive control)."""
+    """Run ``args.stages`` in order, each on its own phantoms (``STAGE_SEEDS``) with
+    its own optimiser and schedule (see the README): 1, slabs and chests; 2, whole
+    chests with more soft-tissue patches; 3 and 4, hard-negative fine-tuning. A run
+    that starts after stage 1 starts from ``args.init``."""
     torch.set_num_threads(args.threads)
     t0, c0 = time.time(), time.process_time()
     prep = bundle_preprocessing()
@@ -388,55 +396,29 @@ def train(args: argparse.Namespace) -> dict:
         "threads": args.threads,
         "seed": args.seed,
     }
-    if 1 in args.stages:
-        cases = load_cases(range(TRAIN_SEED_BASE, TRAIN_SEED_BASE + args.cases), prep)
-        loss = run_stage(net, cases, args, 1)
-        del cases
-        stats["stage1"] = {
-            "cases": args.cases,
-            "iters": args.iters,
-            "final_loss": round(loss, 4),
-            "wall_s": round(time.time() - t0, 1),
-        }
-    if 2 in args.stages:
-        t1 = time.time()
-        cases = load_cases(
-            range(STAGE2_SEED_BASE, STAGE2_SEED_BASE + args.cases2), prep
-        )
-        if 1 not in args.stages:
+    for stage in sorted(args.stages):
+        started = time.time()
+        suffix = "" if stage == 1 else str(stage)
+        count = getattr(args, f"cases{suffix}")
+        cases = load_cases(range(STAGE_SEEDS[stage], STAGE_SEEDS[stage] + count), prep)
+        if stage > 1 and stage == min(args.stages):
             net.load_state_dict(
                 torch.load(args.init, map_location="cpu", weights_only=True)
             )
-        loss = run_stage(net, cases, args, 2)
-        del cases
-        stats["stage2"] = {
-            "cases": args.cases2,
-            "iters": args.iters2,
-            "final_loss": round(loss, 4),
-            "wall_s": round(time.time() - t1, 1),
-        }
-    for stage, base, count in (
-        (3, STAGE3_SEED_BASE, args.cases3),
-        (4, STAGE4_SEED_BASE, args.cases4),
-    ):
-        if stage not in args.stages:
-            continue
-        t2 = time.time()
-        cases = load_cases(range(base, base + count), prep)
-        if min(args.stages) == stage:
-            net.load_state_dict(
-                torch.load(args.init, map_location="cpu", weights_only=True)
+        entry: dict = {"cases": count, "iters": getattr(args, f"iters{suffix}")}
+        if stage in MINED_STAGES:
+            entry["hard_negative_voxels"] = mine_hard_negatives(net, cases)
+            LOG.info(
+                "stage %d: %d hard-negative voxels mined",
+                stage,
+                entry["hard_negative_voxels"],
             )
-        mined = mine_hard_negatives(net, cases)
-        LOG.info("stage %d: %d hard-negative voxels mined", stage, mined)
         loss = run_stage(net, cases, args, stage)
         del cases
         stats[f"stage{stage}"] = {
-            "cases": count,
-            "iters": getattr(args, f"iters{stage}"),
-            "hard_negative_voxels": mined,
+            **entry,
             "final_loss": round(loss, 4),
-            "wall_s": round(time.time() - t2, 1),
+            "wall_s": round(time.time() - started, 1),
         }
     stats.update(
         wall_s=round(time.time() - t0, 1), cpu_s=round(time.process_time() - c0, 1)
