@@ -216,7 +216,7 @@ class MonaiBundlePlugin:
         """Preprocessing, inferer and postprocessing; their durations go to ``timings``."""
         try:
             mark = time.monotonic()
-            data = self.preprocessing({self.image_key: _working_copy(image)})
+            data = self.preprocessing({self.image_key: self._input(image)})
             timings["preprocessing"] = time.monotonic() - mark
             if not isinstance(data, dict) or self.image_key not in data:
                 raise self._fail("preprocessing must return one dict holding the image")
@@ -243,6 +243,16 @@ class MonaiBundlePlugin:
         if not isinstance(data, dict) or PRED_KEY not in data:
             raise self._fail(f"postprocessing did not return a dict with {PRED_KEY!r}")
         return data[PRED_KEY]
+
+    def _input(self, image: MetaTensor) -> MetaTensor:
+        """What the preprocessing gets: the volume itself when its first transform
+        declares that it makes a new C-ordered copy (``copies_input``, e.g.
+        :class:`plugin.transforms.OrientCopyd`), else a C-ordered working copy."""
+        transforms = getattr(self.preprocessing, "transforms", None)
+        first = transforms[0] if isinstance(transforms, (list, tuple)) and transforms else None
+        if getattr(first, "copies_input", False) is True:
+            return image
+        return _working_copy(image)
 
     def _label_map(self, pred: Any, image: MetaTensor) -> np.ndarray:
         """The prediction as an integer label map on the source grid.
