@@ -153,7 +153,9 @@ class SlotPool:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
+        if not folder.is_dir():
+            folder.mkdir(parents=True, exist_ok=True)
+            _sync_dir(folder.parent)  # the folder's own name is durable before any slot in it
         self._free: queue.SimpleQueue[Path] = queue.SimpleQueue()
         self._count = 0
         self._dirty: set[Path] = set()
@@ -183,6 +185,10 @@ class SlotPool:
         if low:
             self._wake.set()
         return slot
+
+    def fill(self) -> None:
+        """Make the pool's slots now (before serving), instead of in the background."""
+        self._refill()
 
     def settled_later(self, *folders: Path) -> None:
         """Folders whose entries changed: synced by the background thread."""
@@ -274,13 +280,26 @@ def write_to_slot(slot: Path, data: bytes) -> str:
     return digest.result()
 
 
-class Spool:
-    """Received instances on disk, one folder per study (see the module's docstring)."""
+ACCEPTOR_SLOTS = "acceptor-"  # .slots/acceptor-<n>/: the slot pool of acceptor process n
 
-    def __init__(self, root: Path) -> None:
+
+class Spool:
+    """Received instances on disk, one folder per study (see the module's docstring).
+
+    Each process that stores instances has its own slot pool, so no two processes
+    ever write the same slot: the node's is ``.slots/``, acceptor process ``n``'s is
+    ``.slots/acceptor-<n>/`` (:meth:`acceptor_slots`).
+    """
+
+    def __init__(self, root: Path, slots_folder: Path | None = None) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
-        self.slots = SlotPool(root / SLOTS)
+        self.slots = SlotPool(slots_folder or root / SLOTS)
+
+    @staticmethod
+    def acceptor_slots(root: Path, index: int) -> Path:
+        """The slot folder of acceptor process ``index`` in the spool at ``root``."""
+        return root / SLOTS / f"{ACCEPTOR_SLOTS}{index}"
 
     def path_for(self, study_uid: str, sop_uid: str) -> Path:
         """Where an instance lives (UIDs must already be validated)."""
@@ -334,14 +353,25 @@ class Spool:
         """Delete a study's folder (retention)."""
         shutil.rmtree(self.root / study_uid, ignore_errors=True)
 
-    def recover(self) -> list[Path]:
+    def recover(self, acceptors: int = 0) -> list[Path]:
         """Settle leftovers of a crash; return every complete file in the spool.
 
-        Filled slots with a matching stamp are moved to their final names, others are
-        discarded (never acknowledged), empty ones go back to the pool; temporary files
-        of the earlier two-flush layout are removed (never acknowledged).
+        Filled slots (the node's and every acceptor process's) with a matching stamp
+        are moved to their final names, others are discarded (never acknowledged);
+        the node's empty slots go back to its pool, the empty slots of acceptors
+        ``0..acceptors-1`` stay for them, those of acceptors no longer configured are
+        removed. Temporary files of the earlier two-flush layout are removed (never
+        acknowledged).
         """
-        self._recover_slots()
+        free, _ = self.settle_slots(self.slots.folder)
+        self.slots.adopt_free(free)
+        self.slots.start()
+        for folder in sorted(self.slots.folder.glob(f"{ACCEPTOR_SLOTS}*")):
+            if not folder.is_dir() or folder == self.slots.folder:
+                continue
+            spare, _ = self.settle_slots(folder)
+            if folder.name.removeprefix(ACCEPTOR_SLOTS) not in {str(i) for i in range(acceptors)}:
+                self._remove_slot_folder(folder, spare)
         complete: list[Path] = []
         removed = 0
         for study_dir in self.root.iterdir():
@@ -357,10 +387,26 @@ class Spool:
             log.warning("spool recovery: removed %d partial files never acknowledged", removed)
         return complete
 
-    def _recover_slots(self) -> None:
+    @staticmethod
+    def _remove_slot_folder(folder: Path, empty_slots: list[Path]) -> None:
+        for slot in empty_slots:
+            slot.unlink(missing_ok=True)
+        try:
+            folder.rmdir()
+        except OSError:  # something else is in it: leave it
+            return
+        _sync_dir(folder.parent)
+
+    def settle_slots(self, folder: Path) -> tuple[list[Path], list[Path]]:
+        """Settle one slot folder whose writer is gone: (empty slots, files moved into place).
+
+        A filled slot with a matching stamp is complete: it is moved to its final
+        name (returned, to be registered); one without is discarded.
+        """
         free: list[Path] = []
-        placed = discarded = 0
-        for slot in sorted(self.slots.folder.glob(f"*{SLOT_SUFFIX}")):
+        placed: list[Path] = []
+        discarded = 0
+        for slot in sorted(folder.glob(f"*{SLOT_SUFFIX}")):
             if slot.stat().st_size == 0:
                 free.append(slot)
                 continue
@@ -369,16 +415,25 @@ class Spool:
                 slot.unlink()
                 discarded += 1
                 continue
-            placed += self._place_recovered(slot)
+            path = self._place_recovered(slot)
+            if path is not None:
+                placed.append(path)
         if placed or discarded:
-            _sync_dir(self.slots.folder)
-            log.warning("spool recovery: %d complete slot files kept, %d partial ones (never acknowledged) "
-                        "discarded", placed, discarded)
-        self.slots.adopt_free(free)
-        self.slots.start()
+            _sync_dir(folder)
+            log.warning("spool recovery (%s): %d complete slot files kept, %d partial ones (never "
+                        "acknowledged) discarded", folder.name, len(placed), discarded)
+        return free, placed
 
-    def _place_recovered(self, slot: Path) -> int:
-        """Move a complete slot to its final name; 1 when it was moved."""
+    def reuse_free_slots(self) -> int:
+        """Put this pool's empty slot files (left by an earlier process) back into use."""
+        free = [p for p in self.slots.folder.glob(f"*{SLOT_SUFFIX}") if p.stat().st_size == 0]
+        self.slots.adopt_free(free)
+        self.slots.fill()
+        self.slots.start()
+        return len(free)
+
+    def _place_recovered(self, slot: Path) -> Path | None:
+        """Move a complete slot to its final name; that name when it was moved."""
         try:
             ds = dcmread(slot, stop_before_pixels=True, specific_tags=["StudyInstanceUID", "SOPInstanceUID"])
             study_uid, sop_uid = clean_uid(str(ds.StudyInstanceUID)), clean_uid(str(ds.SOPInstanceUID))
@@ -388,13 +443,13 @@ class Spool:
         if problem:
             slot.rename(slot.with_suffix(".unreadable"))
             log.error("spool recovery: slot %s unreadable (%s), set aside", slot.name, problem)
-            return 0
+            return None
         path = self.path_for(study_uid, sop_uid)
         if path.exists():  # an earlier copy of the same instance: the first one is kept
             slot.unlink()
-            return 0
+            return None
         path.parent.mkdir(exist_ok=True)
         os.replace(slot, path)
         _sync_dir(path.parent)
         _sync_dir(self.root)
-        return 1
+        return path
