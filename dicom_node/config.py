@@ -6,6 +6,7 @@ The file is YAML. Unknown keys are errors. ``load_config`` fails fast with a
 
 from __future__ import annotations
 
+import os
 import re
 from importlib import resources
 from pathlib import Path
@@ -37,6 +38,14 @@ MATCH_KEYS = (
     "CalledAETitle",
     "CallingAETitle",
 )
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (the affinity mask, else ``os.cpu_count()``)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _check_ae_title(value: str) -> str:
@@ -120,7 +129,29 @@ class NodeSettings(_Strict):
     min_free_disk_mb: int = Field(default=1024, ge=0)
     max_instance_mb: int = Field(default=2048, ge=1)
     shutdown_grace_seconds: float = Field(default=30.0, ge=0)
+    # DICOM listener processes: "auto" (one per CPU, 2 to 8) or a number; 1 = in the node's own process
+    listener_processes: Literal["auto"] | int = "auto"
     tls: ListenerTLS = Field(default_factory=ListenerTLS)
+
+    @field_validator("listener_processes", mode="before")
+    @classmethod
+    def _check_listener_processes(cls, value: Any) -> Any:
+        if value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
+            raise ValueError('use "auto" or a whole number from 1 to 64')
+        return value
+
+    @property
+    def listener_process_count(self) -> int:
+        """How many acceptor processes ``listener_processes`` means on this machine.
+
+        ``auto``: one per usable CPU, at least 2 and at most 8, and never more than
+        ``max_associations`` (a process that can never get an association is waste).
+        """
+        if self.listener_processes != "auto":
+            return int(self.listener_processes)
+        return max(1, min(max(2, usable_cpus()), 8, self.max_associations))
 
 
 class AllowedCaller(_Strict):

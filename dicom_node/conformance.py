@@ -43,7 +43,9 @@ def _policy(config: Config) -> list[str]:
         "source service-user, reason 7 (called AE title not recognised).",
         "- Calling AE titles: " + (f"only {allow}; others rejected with reason 3 (calling AE title "
                                    "not recognised)." if callers else "any (no allowlist configured)."),
-        f"- At most {node.max_associations} concurrent associations; more get A-ASSOCIATE-RJ "
+        f"- At most {node.max_associations} concurrent associations"
+        + (" (one limit over all the listener's processes)" if node.listener_processes != 1 else "")
+        + "; more get A-ASSOCIATE-RJ "
         "rejected-transient, source service-provider (presentation), reason 2 (local limit exceeded).",
         f"- Maximum PDU size received: {node.max_pdu_size or 'unlimited'} bytes"
         + (f"; a PDU announced longer than {pdu_read_limit(node.max_pdu_size)} bytes closes the "

@@ -12,6 +12,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._listener_seen: dict[str, int] = {}
         self.associations = Counter(
             "dicomnode_associations_total", "Associations by outcome", ["outcome"], registry=self.registry
         )
@@ -35,6 +36,26 @@ class Metrics:
         self.queue_depth = Gauge(
             "dicomnode_queue_depth", "Jobs queued or running plus deliveries pending", registry=self.registry
         )
+
+    def add_listener_totals(self, totals: dict[str, int]) -> None:
+        """Count what acceptor processes counted (cumulative totals from the board).
+
+        Only the increase since the last call is added, so calling it at every scrape
+        is right; the totals never go down (a restarted acceptor keeps its row).
+        """
+        seen = self._listener_seen
+        for name, total in totals.items():
+            delta = total - seen.get(name, 0)
+            if delta <= 0:
+                continue
+            kind, _, label = name.partition(":")
+            if kind == "association":
+                self.associations.labels(label).inc(delta)
+            elif kind == "instance":
+                self.instances.labels(label).inc(delta)
+            elif kind == "bytes":
+                self.bytes.inc(delta)
+        self._listener_seen = dict(totals)
 
     def refresh(self, counts: dict[str, dict[str, int]]) -> None:
         """Update the state gauges from the database counts (called at scrape time)."""

@@ -18,6 +18,8 @@ from dicom_node.errors import PluginError
 from dicom_node.ingest import Ingestor, StoreRequest
 from dicom_node.jobs import JobRunner
 from dicom_node.metrics import Metrics
+from dicom_node.net import reactor
+from dicom_node.net.listener import AcceptorPool
 from dicom_node.net.scp import StorageSCP
 from dicom_node.ops_http import OpsServer
 from dicom_node.storage.spool import Spool
@@ -42,7 +44,16 @@ class Node:
             min_free_bytes=config.node.min_free_disk_mb * 2**20,
             max_instance_bytes=config.node.max_instance_mb * 2**20,
         )
-        self.scp = StorageSCP(config, self.ingestor, self.metrics, self.audit)
+        self.scp: StorageSCP | None = None
+        self.acceptors: AcceptorPool | None = None
+        processes = config.node.listener_process_count
+        if processes > 1 and not reactor.supported():
+            log.warning("listener_processes %d needs pynetdicom 3.0: listening in one process", processes)
+            processes = 1
+        if processes > 1:
+            self.acceptors = AcceptorPool(config, processes, on_exit=self._settle_acceptor)
+        else:
+            self.scp = StorageSCP(config, self.ingestor, self.metrics, self.audit)
         self.assembler = Assembler(config, self.db, self.work, self.spool, self.audit)
         self.runner = JobRunner(config, self.db, self.work, self.metrics, self.audit)
         self.deliverer = Deliverer(config, self.work, self.metrics, self.audit)
@@ -68,14 +79,25 @@ class Node:
         self.plugins_loaded = True
 
     def recover(self) -> None:
-        """Resume after a stop or crash: adopt spooled files, requeue jobs."""
+        """Resume after a stop or crash: adopt spooled files, requeue jobs.
+
+        Runs before any acceptor process starts, and settles their slot folders too.
+        """
         adopted = 0
-        for path in self.spool.recover():
+        acceptors = self.acceptors.processes if self.acceptors is not None else 0
+        for path in self.spool.recover(acceptors):
             if not self.db.has_instance_path(path):
                 adopted += self._adopt(path)
         requeued = self.work.requeue_interrupted()
         if adopted or requeued:
             log.warning("recovery: %d spooled files registered, %d interrupted jobs requeued", adopted, requeued)
+
+    def _settle_acceptor(self, row: int) -> None:
+        """After acceptor ``row`` died: move its complete slots into place and register them."""
+        _, placed = self.spool.settle_slots(Spool.acceptor_slots(self.spool.root, row))
+        adopted = sum(self._adopt(path) for path in placed if not self.db.has_instance_path(path))
+        if adopted:
+            log.warning("acceptor %d: %d spooled files it left registered", row, adopted)
 
     def _adopt(self, path: Path) -> int:
         try:
@@ -96,7 +118,7 @@ class Node:
         self.validate_plugins()
         self.recover()
         self.runner.warm_up()
-        self.scp.start()
+        self.listener.start()
         self._start_ops()
         self._spawn("assembly", self._assembly_loop)
         self._spawn("delivery", self._delivery_loop)
@@ -119,13 +141,32 @@ class Node:
             "database": self.db.ping(),
             "disk_above_reserve": free_mb >= self.config.node.min_free_disk_mb,
             "plugins_loaded": self.plugins_loaded,
-            "dicom_listener": self.scp.server is not None,
+            "dicom_listener": self._listener_up(),
         }
-        return {"live": True, "ready": all(checks.values()), "checks": checks, "free_disk_mb": free_mb,
-                "jobs_running": self.runner.running}
+        report = {"live": True, "ready": all(checks.values()), "checks": checks, "free_disk_mb": free_mb,
+                  "jobs_running": self.runner.running}
+        if self.acceptors is not None:
+            report["listener_processes"] = {"configured": self.acceptors.processes,
+                                            "serving": self.acceptors.running}
+        return report
+
+    @property
+    def listener(self) -> StorageSCP | AcceptorPool:
+        """The DICOM listener: in this process, or a pool of acceptor processes."""
+        listener = self.acceptors if self.acceptors is not None else self.scp
+        assert listener is not None
+        return listener
+
+    def _listener_up(self) -> bool:
+        """In-process: the server runs; with acceptor processes: every one of them serves."""
+        if self.acceptors is not None:
+            return self.acceptors.server is not None and self.acceptors.running == self.acceptors.processes
+        return self.scp is not None and self.scp.server is not None
 
     def metrics_registry(self) -> Any:
         """The Prometheus registry, with state gauges refreshed from the database."""
+        if self.acceptors is not None:
+            self.metrics.add_listener_totals(self.acceptors.listener_totals())
         if self.db.ping():
             self.metrics.refresh(self.db.counts())
         return self.metrics.registry
@@ -155,12 +196,14 @@ class Node:
     @property
     def port(self) -> int:
         """The DICOM port actually bound."""
-        return self.scp.port
+        return self.listener.port
 
     def stop(self) -> None:
         """Stop accepting, finish in-flight C-STOREs, stop the loops, close the database."""
         log.info("stopping")
-        self.scp.stop(self.config.node.shutdown_grace_seconds)
+        if self.acceptors is not None:
+            self.metrics.add_listener_totals(self.acceptors.listener_totals())
+        self.listener.stop(self.config.node.shutdown_grace_seconds)
         if self.ops is not None:
             self.ops.stop()
         self._stop.set()

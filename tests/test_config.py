@@ -62,6 +62,11 @@ def test_embedded_default_loads() -> None:
          "routes.0.destinations", "unknown destination 'nowhere'"),
         ({"routes": [{"name": "r", "plugin": "p", "match": {"Colour": "x"}}]}, "routes.0.match", "unknown match key"),
         ({"routes": [{"name": "r", "plugin": "p", "match": {"Modality": "("}}]}, "routes.0.match", "regular expression"),
+        ({"node": {"listener_processes": 0}}, "node.listener_processes", '"auto" or a whole number from 1 to 64'),
+        ({"node": {"listener_processes": 65}}, "node.listener_processes", "from 1 to 64"),
+        ({"node": {"listener_processes": "many"}}, "node.listener_processes", "from 1 to 64"),
+        ({"node": {"listener_processes": 2.5}}, "node.listener_processes", "from 1 to 64"),
+        ({"node": {"listener_processes": True}}, "node.listener_processes", "from 1 to 64"),
     ],
 )
 def test_invalid_values_name_key_and_reason(patch: dict, key: str, reason: str) -> None:
@@ -75,6 +80,21 @@ def test_invalid_values_name_key_and_reason(patch: dict, key: str, reason: str) 
         parse_config(data, "test.yaml")
     message = str(err.value)
     assert key in message and reason in message, message
+
+
+@pytest.mark.parametrize("setting, cpus, max_associations, expected", [
+    ("auto", 1, 16, 2), ("auto", 2, 16, 2), ("auto", 4, 16, 4), ("auto", 32, 16, 8),
+    ("auto", 4, 3, 3), ("auto", 2, 1, 1), (1, 8, 16, 1), (3, 1, 16, 3),
+])
+def test_listener_processes_auto_follows_the_cpus(setting: object, cpus: int, max_associations: int,
+                                                   expected: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto: one acceptor process per usable CPU, 2 to 8, no more than max_associations;
+    a number is taken as given."""
+    import dicom_node.config as config_module
+
+    monkeypatch.setattr(config_module, "usable_cpus", lambda: cpus)
+    node = parse_config({"node": {"listener_processes": setting, "max_associations": max_associations}}).node
+    assert node.listener_process_count == expected
 
 
 def test_check_config_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -22,8 +22,10 @@ from tests.support import start_node, DCMTK_ENV, free_port, node_config, storesc
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[Node]:
-    n = start_node(tmp_path, node={"acse_timeout_seconds": 1, "network_timeout_seconds": 2},
-               retention={"ignored_days": None})
+    # In the node's own process: some tests look at the listener's associations.
+    n = start_node(tmp_path, node={"acse_timeout_seconds": 1, "network_timeout_seconds": 2,
+                                   "listener_processes": 1},
+                   retention={"ignored_days": None})
     yield n
     n.stop()
 

@@ -20,11 +20,16 @@ from dicom_node.synthetic.ct_writer import SeriesLayout, simple_ct_volume, write
 from tests.support import start_node, DCMTK_ENV, require_tool, storescu
 
 
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    n = start_node(tmp_path, retention={"ignored_days": None})
+@pytest.fixture(params=[1, 2], ids=["in-process", "2-acceptors"])
+def node(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Node]:
+    """A node listening in its own process, and one with two acceptor processes."""
+    n = start_node(tmp_path, node={"listener_processes": request.param}, retention={"ignored_days": None})
     yield n
     n.stop()
+
+
+# For tests that patch or look inside the listener: only the node listening in its own process.
+in_process = pytest.mark.parametrize("node", [1], ids=["in-process"], indirect=True)
 
 
 def _dataset_bytes(path: Path) -> bytes:
@@ -168,6 +173,7 @@ def test_disk_reserve_answers_out_of_resources(tmp_path: Path, ct150: list[Path]
         n.stop()
 
 
+@in_process
 def test_write_error_answers_out_of_resources(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
     def failing_write(*_: Any) -> None:
         raise OSError(28, "No space left on device")
@@ -190,6 +196,7 @@ def test_duplicate_sop_instance_is_idempotent(node: Node, ct150: list[Path]) -> 
     assert node.db.query("SELECT instance_count FROM studies")[0]["instance_count"] == 3
 
 
+@in_process
 def test_disk_reserve_stops_then_resumes_when_space_returns(node: Node, ct150: list[Path],
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     real_free = node.spool.free_bytes
@@ -226,6 +233,7 @@ def test_quick_header_reads_what_pydicom_reads(image_type: str, monkeypatch: pyt
     assert (quick is not None) == plain, quick
 
 
+@in_process
 def test_contexts_copied_per_association_equal_and_independent(node: Node) -> None:
     from copy import deepcopy
 

@@ -50,10 +50,27 @@ class CallerPolicy:
 class NodeAE(ApplicationEntity):
     """An AE whose calling-AE allowlist depends on the peer's address."""
 
-    def __init__(self, ae_title: str, policy: CallerPolicy) -> None:
+    def __init__(self, ae_title: str, policy: CallerPolicy, shared_listen: Any = None) -> None:
         super().__init__(ae_title)
         self.caller_policy = policy
         self.require_called_aet = True
+        self.shared_listen = shared_listen  # a shared_server.SharedListen in an acceptor process
+
+    @property  # type: ignore[override]
+    def maximum_associations(self) -> int:
+        """The limit pynetdicom compares this process's associations with.
+
+        In an acceptor process it is the global limit minus what the other acceptors
+        hold, so the limit holds across all of them (see :mod:`dicom_node.net.board`).
+        """
+        shared = getattr(self, "shared_listen", None)
+        if shared is None:
+            return int(self._maximum_associations)
+        return max(0, shared.max_associations - shared.board.others_active(shared.row))
+
+    @maximum_associations.setter
+    def maximum_associations(self, value: int) -> None:
+        self._maximum_associations = max(1, int(value))
 
     @property  # type: ignore[override]
     def require_calling_aet(self) -> list[str]:
@@ -77,6 +94,10 @@ class NodeAE(ApplicationEntity):
         """
         if not reactor.supported():
             return super().make_server(address, *args, **kwargs)
+        if getattr(self, "shared_listen", None) is not None:
+            from dicom_node.net.shared_server import SharedSocketServer
+
+            kwargs["server_class"] = SharedSocketServer
         kwargs.setdefault("request_handler", reactor.WakingRequestHandler)
         server = super().make_server(address, *args, **kwargs)
         server.contexts = reactor.QuickCopyContexts(server.contexts)

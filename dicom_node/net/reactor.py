@@ -240,6 +240,17 @@ class FastStoreDIMSE(DIMSEServiceProvider):
 class WakingAssociation(Association):
     """An acceptor association whose reactor waits for messages instead of sleeping."""
 
+    _on_end: Any = None  # called once when the association's thread ends (see shared_server)
+
+    def run(self) -> None:
+        """The association's thread, then its end-of-connection callback."""
+        try:
+            super().run()
+        finally:
+            on_end, self._on_end = self._on_end, None
+            if on_end is not None:
+                on_end()
+
     def install_waking(self) -> None:
         """Swap in the waking DUL and queues (before the socket is set)."""
         self._wake = threading.Event()
@@ -384,4 +395,8 @@ class WakingRequestHandler(RequestHandler):
         waking.dul.event_queue = stock.event_queue
         waking.dul.socket.__class__ = BulkRecvSocket
         cast(BulkRecvSocket, waking.dul.socket).max_read = pdu_read_limit(assoc.ae.maximum_pdu_size)
+        take_ticket = getattr(self.server, "take_ticket", None)
+        ticket = take_ticket() if take_ticket is not None else None
+        if ticket is not None:
+            waking._on_end = ticket.release
         return waking

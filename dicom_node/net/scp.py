@@ -131,11 +131,17 @@ class AssociationStats:
 class StorageSCP:
     """Owns the pynetdicom AE and its listening server."""
 
-    def __init__(self, config: Config, ingestor: Ingestor, metrics: Any = None, audit: Any = None) -> None:
+    def __init__(self, config: Config, ingestor: Ingestor, metrics: Any = None, audit: Any = None,
+                 shared_listen: Any = None, label: str = "") -> None:
+        """``shared_listen`` (a :class:`~dicom_node.net.shared_server.SharedListen`): serve on
+        the node's listening socket as one of several acceptor processes, whose
+        associations are logged as ``<label>/<id>``."""
         self.config = config
         self.ingestor = ingestor
         self.metrics = metrics
         self.audit = audit
+        self.shared_listen = shared_listen
+        self.label = label
         self.policy = CallerPolicy(config.security.allowed_callers)
         self.ae = self._make_ae()
         self.server: ThreadedAssociationServer | None = None
@@ -144,7 +150,7 @@ class StorageSCP:
 
     def _make_ae(self) -> NodeAE:
         node = self.config.node
-        ae = NodeAE(node.ae_title, self.policy)
+        ae = NodeAE(node.ae_title, self.policy, self.shared_listen)
         ae.maximum_associations = node.max_associations
         ae.maximum_pdu_size = node.max_pdu_size
         ae.acse_timeout = node.acse_timeout_seconds
@@ -173,9 +179,10 @@ class StorageSCP:
             (evt.EVT_ABORTED, self._on_closed),
         ]
         tls = server_context(node.tls) if node.tls.enabled else None
-        self.server = self.ae.start_server(
-            (node.host, node.port), block=False, evt_handlers=handlers, ssl_context=tls
-        )
+        address = (node.host, node.port)
+        if self.shared_listen is not None:
+            address = self.shared_listen.socket.getsockname()[:2]
+        self.server = self.ae.start_server(address, block=False, evt_handlers=handlers, ssl_context=tls)
         log.info("listening as %s on %s:%d%s", node.ae_title, node.host, self.port,
                  " (DICOM TLS" + (", client certificates required)" if node.tls.ca_certificates else ")")
                  if tls else "")
@@ -189,10 +196,13 @@ class StorageSCP:
         while self._active() and time.monotonic() < deadline:
             time.sleep(0.05)
         for assoc in self._active():
-            log.warning("aborting association %s at shutdown", assoc.native_id)
+            log.warning("aborting association %s at shutdown", self._id(assoc))
             assoc.abort()
         self.server = None
         log.info("listener stopped")
+
+    def _id(self, assoc: Any) -> str:
+        return f"{self.label}/{assoc.native_id}" if self.label else str(assoc.native_id)
 
     def _active(self) -> list[Any]:
         return [a for a in self.ae.active_associations if a.is_acceptor and a.is_alive()]
@@ -237,7 +247,7 @@ class StorageSCP:
         if self.metrics is not None:
             self.metrics.association("accepted")
         log.info("association %s accepted: calling=%s called=%s peer=%s",
-                 assoc.native_id, assoc.requestor.ae_title, assoc.acceptor.ae_title, peer)
+                 self._id(assoc), assoc.requestor.ae_title, assoc.acceptor.ae_title, peer)
         if self.audit is not None:
             self.audit.record("association", outcome="accepted", calling_ae=assoc.requestor.ae_title.strip(),
                               called_ae=assoc.acceptor.ae_title.strip(), peer=peer)
@@ -273,5 +283,5 @@ class StorageSCP:
         how = "released" if event.event is evt.EVT_RELEASED else "aborted"
         elapsed = time.monotonic() - stats.started
         log.info("association %s %s: calling=%s peer=%s instances=%d failures=%d bytes=%d seconds=%.2f",
-                 event.assoc.native_id, how, stats.calling_ae, stats.peer, stats.instances,
+                 self._id(event.assoc), how, stats.calling_ae, stats.peer, stats.instances,
                  stats.failures, stats.bytes, elapsed)

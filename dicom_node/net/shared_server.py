@@ -1,0 +1,132 @@
+"""An association server on a listening socket shared by several acceptor processes.
+
+The node binds and listens once; every acceptor process inherits that socket and
+runs this server on it (see :mod:`dicom_node.net.acceptor`). The kernel queues each
+connection once and whichever process accepts it first serves it, so a connection
+waits for no particular process, and one that dies leaves the queue to the others.
+
+To spread associations evenly, an acceptor that holds more connections than another
+ready acceptor lets it take the next one: it waits up to :data:`BALANCE_WAIT_S` for
+the connection to be taken, then takes it itself (the other may be stuck).
+
+Every accepted connection is counted in the acceptor's row of the
+:class:`~dicom_node.net.board.Board` until its association ends, which is what the
+global ``max_associations`` limit reads (:class:`~dicom_node.net.policy.NodeAE`).
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicom_node.net.board import Board
+
+log = logging.getLogger(__name__)
+
+BALANCE_WAIT_S = 0.05  # longest a busier acceptor leaves a connection to a less busy one
+_BALANCE_STEP_S = 0.002
+
+
+@dataclass
+class SharedListen:
+    """What an acceptor process needs to serve on the shared socket."""
+
+    socket: socket.socket
+    board: Board
+    row: int
+    max_associations: int
+
+
+@dataclass
+class Ticket:
+    """One accepted connection counted on the board; released exactly once."""
+
+    board: Board
+    row: int
+    handed_over: bool = False  # to an association, which releases it when it ends
+    _done: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def release(self) -> None:
+        """The connection ended (or never became an association)."""
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+        self.board.release(self.row)
+
+
+class SharedSocketServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server on an inherited, already listening socket."""
+
+    def server_bind(self) -> None:
+        """Use the inherited socket instead of binding a new one."""
+        shared: SharedListen = getattr(self.ae, "shared_listen")
+        if self.socket is not None:
+            self.socket.close()
+        self.socket = shared.socket
+        self.socket.settimeout(0.0)  # accept() must not wait when another process was quicker
+        self.server_address = self.socket.getsockname()
+        self._shared = shared
+        self._tickets: dict[Any, Ticket] = {}
+        self._local = threading.local()
+
+    def server_activate(self) -> None:
+        """Already listening (the node called ``listen``)."""
+
+    def server_close(self) -> None:
+        """Close this process's copy of the socket; the others keep listening."""
+        if self.socket is not None:
+            self.socket.close()
+
+    def _leave_to_less_busy(self) -> None:
+        """Wait while a less busy acceptor may take the waiting connection."""
+        board, row, sock = self._shared.board, self._shared.row, self._shared.socket
+        deadline = time.monotonic() + BALANCE_WAIT_S
+        while not board.least_loaded(row) and time.monotonic() < deadline:
+            time.sleep(_BALANCE_STEP_S)
+            ready, _, _ = select.select([sock], [], [], 0)
+            if not ready:
+                raise BlockingIOError("taken by another acceptor")
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """Accept (unless another acceptor does), count it, wrap it in TLS when configured."""
+        self._leave_to_less_busy()
+        client, address = self._shared.socket.accept()  # BlockingIOError: another process took it
+        board, row = self._shared.board, self._shared.row
+        board.acquire(row)
+        ticket = Ticket(board, row)
+        try:
+            if self.ssl_context:
+                client = self.ssl_context.wrap_socket(client, server_side=True)
+        except BaseException:
+            ticket.release()
+            client.close()
+            raise
+        self._tickets[address] = ticket
+        return client, address
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """Hand the connection's ticket to its association (released when it ends)."""
+        ticket = self._tickets.pop(client_address, None)
+        self._local.ticket = ticket
+        try:
+            super().finish_request(request, client_address)
+        finally:
+            self._local.ticket = None
+            if ticket is not None and not ticket.handed_over:
+                ticket.release()
+
+    def take_ticket(self) -> Ticket | None:
+        """The ticket of the connection this thread is turning into an association."""
+        ticket: Ticket | None = getattr(self._local, "ticket", None)
+        if ticket is not None:
+            ticket.handed_over = True
+        return ticket
