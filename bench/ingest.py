@@ -41,21 +41,24 @@ from bench.common import (
     validate,
 )
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 LABELS = {"node": "dicom-node", "storescp": "dcmtk storescp", "orthanc": "Orthanc"}
 
 
 def one_run(kind: str, files: list[Path], associations: int, keep: bool,
-            node_source: Path | None = None) -> dict[str, Any]:
+            node_source: Path | None = None, node_settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """Start a fresh receiver, send, validate, stop; return the measurements."""
     workdir = run_dir(f"{kind}-{associations}")
     receiver = RECEIVERS[kind](workdir, associations)
     if node_source is not None and isinstance(receiver, NodeReceiver):
         _run_from(receiver, node_source)
+    if node_settings and isinstance(receiver, NodeReceiver):
+        receiver.extra_config = {"node": {**_node_section(receiver), **node_settings}}
     try:
         receiver.start()
-        cpu_before = cpu_seconds(receiver.pid)
+        cpu_before = tree_cpu_seconds(receiver.pid)
         result = send(files, receiver.port, receiver.ae_title, associations, workdir)
-        cpu = cpu_seconds(receiver.pid) - cpu_before
+        cpu = tree_cpu_seconds(receiver.pid) - cpu_before
         validate(result, len(files), receiver.received(), LABELS[kind])
     finally:
         receiver.stop()
@@ -72,6 +75,45 @@ def one_run(kind: str, files: list[Path], associations: int, keep: bool,
         "mb_per_s": size / 1e6 / result.seconds,
         "receiver_cpu_ms_per_image": 1000 * cpu / len(files) if receiver.cpu_measurable else None,
     }
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and all its live descendants (the node's acceptor
+    processes), plus its reaped children."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        total += cpu_seconds(current)
+        todo.extend(children.get(current, []))
+    return total
+
+
+def _node_section(receiver: NodeReceiver) -> dict[str, Any]:
+    """The ``node:`` section the receiver writes by default (ports, storage, disk reserve)."""
+    return {"ae_title": receiver.ae_title, "host": "127.0.0.1", "port": receiver.port,
+            "storage_dir": str(receiver.workdir / "storage"), "min_free_disk_mb": 1}
+
+
+def parse_node_settings(items: list[str]) -> dict[str, Any]:
+    """``--node-set key=value`` (YAML values) into ``node:`` settings."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--node-set {item!r}: use key=value, e.g. listener_processes=1")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
 
 
 def _run_from(receiver: NodeReceiver, source: Path) -> None:
@@ -162,6 +204,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep each run's folder (storage, logs) in bench/out")
     p.add_argument("--node-source", type=Path, default=None,
                    help="run the node from another checkout (A/B comparisons; default this one)")
+    p.add_argument("--node-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a node: setting for the node's runs, e.g. listener_processes=1 (repeatable)")
     return p.parse_args(argv)
 
 
@@ -173,6 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not counts or min(counts) < 1:
         print(f"bad --receivers {unknown} or --associations {counts}", file=sys.stderr)
         return 2
+    try:
+        node_settings = parse_node_settings(args.node_set)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     files = ct_series(args.slices, args.size)
     started = dt.datetime.now(dt.UTC)
     before, t0 = process_table(), time.monotonic()
@@ -182,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         for assoc in counts:
             for rnd in range(args.rounds):
                 for kind in kinds:
-                    run = one_run(kind, files, assoc, args.keep, args.node_source)
+                    run = one_run(kind, files, assoc, args.keep, args.node_source, node_settings)
                     run["round"] = rnd + 1
                     runs.append(run)
                     print(f"  {LABELS[kind]:15s} assoc={assoc} round {rnd + 1}: "
@@ -207,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({
         "started_utc": started.isoformat(), "cpus": os.cpu_count(), "slices": len(files),
-        "bytes": size, "rounds": args.rounds, "other_processes": others, "summary": rows, "runs": runs,
+        "bytes": size, "rounds": args.rounds, "node_source": str(args.node_source or REPO_ROOT),
+        "node_settings": node_settings, "other_processes": others, "summary": rows, "runs": runs,
     }, indent=2))
     return 0
 
