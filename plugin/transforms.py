@@ -259,8 +259,13 @@ class ScanCropForeground(CropForeground):
 
     def compute_bounding_box(self, img: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         data = img[list(ensure_tuple(self.channel_indices))] if self.channel_indices is not None else img
-        extent = _foreground_extent(data, self.select_fn)
-        ndim = data.ndim - 1
+        return self.box_from_extent(_foreground_extent(data, self.select_fn), tuple(data.shape[1:]))
+
+    def box_from_extent(self, extent: list[tuple[int, int]] | None,
+                        shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """The crop box for the foreground ``extent`` (first, last index per spatial axis;
+        None when there is no foreground), with MONAI's margin, clipping and divisibility."""
+        ndim = len(shape)
         margin = ensure_tuple_rep(self.margin, ndim)
         if any(m < 0 for m in margin):
             raise ValueError(f"margin value should not be negative number, got {margin}.")
@@ -271,7 +276,7 @@ class ScanCropForeground(CropForeground):
             end = [hi + m + 1 for (_, hi), m in zip(extent, margin)]
             if self.allow_smaller:
                 start = [max(s, 0) for s in start]
-                end = [min(e, n) for e, n in zip(end, data.shape[1:])]
+                end = [min(e, n) for e, n in zip(end, shape)]
         box_start = np.asarray(start, dtype=np.int16)
         box_end = np.asarray(end, dtype=np.int16)
         size = box_end - box_start
@@ -297,13 +302,15 @@ class ScanCropForegroundd(CropForegroundd):
 
 def _foreground_extent(data: torch.Tensor, select_fn: Any) -> list[tuple[int, int]] | None:
     """First and last index along each spatial axis of ``data`` (C, ...) holding a
-    voxel where ``select_fn`` is true, or None when there is none."""
+    voxel where ``select_fn`` is true, or None when there is none. Axes are scanned
+    outermost in memory first; each later axis only within the range found before."""
     if isinstance(data, MetaTensor):
         data = data.as_tensor()  # plain tensors: no metadata handling per plane
     box = [slice(None)] * data.ndim
-    extent: list[tuple[int, int]] = []
+    found: dict[int, tuple[int, int]] = {}
+    order = sorted(range(1, data.ndim), key=lambda a: (-data.stride(a), a))
     with _one_thread():
-        for axis in range(1, data.ndim):
+        for axis in order:
             region = data[tuple(box)]
             n = region.shape[axis]
 
@@ -314,9 +321,9 @@ def _foreground_extent(data: torch.Tensor, select_fn: Any) -> list[tuple[int, in
             if first is None:
                 return None
             last = next(i for i in range(n - 1, first - 1, -1) if i == first or hit(i))
-            extent.append((first, last))
+            found[axis] = (first, last)
             box[axis] = slice(first, last + 1)
-    return extent
+    return [found[axis] for axis in range(1, data.ndim)]
 
 
 @contextlib.contextmanager
@@ -377,7 +384,14 @@ class OrientCopy(Orientation):
     def __call__(self, data_array: torch.Tensor, lazy: bool | None = None) -> torch.Tensor:
         if lazy or not isinstance(data_array, MetaTensor) or data_array.pending_operations:
             return _c_ordered(super().__call__(data_array, lazy=lazy))
-        planned = super().__call__(data_array, lazy=True)  # metadata only, data untouched
+        meta, xform = self.plan(data_array)
+        out = MetaTensor(_reoriented_copy(data_array.as_tensor().detach(), xform))
+        return out.copy_meta_from(meta)
+
+    def plan(self, data_array: MetaTensor) -> tuple[Any, np.ndarray]:
+        """The metadata ``Orientation`` gives (affine, recorded operation) and the
+        voxel transform (output index -> input index), without touching the data."""
+        planned = super().__call__(data_array, lazy=True)
         op = planned.pending_operations[-1]
         xform = np.asarray(op[LazyAttr.AFFINE], dtype=np.float64)
         meta = TraceableTransform.track_transform_meta(
@@ -385,8 +399,7 @@ class OrientCopy(Orientation):
             extra_info=dict(op[TraceKeys.EXTRA_INFO]), orig_size=op[TraceKeys.ORIG_SIZE],
             transform_info=self.get_transform_info(), lazy=False,
         )
-        out = MetaTensor(_reoriented_copy(data_array.as_tensor().detach(), xform))
-        return out.copy_meta_from(meta)
+        return meta, xform
 
 
 class OrientCopyd(Orientationd):
@@ -401,9 +414,10 @@ class OrientCopyd(Orientationd):
         self.ornt_transform = OrientCopy(axcodes=axcodes, as_closest_canonical=as_closest_canonical, labels=labels)
 
 
-def _reoriented_copy(source: torch.Tensor, xform: np.ndarray) -> torch.Tensor:
+def _reoriented_copy(source: torch.Tensor, xform: np.ndarray,
+                     box: tuple[slice, ...] | None = None) -> torch.Tensor:
     """C-ordered copy of ``source`` (C, X, Y, Z) resampled by the signed axis
-    permutation ``xform`` (output voxel -> input voxel), copied one output slice along
+    permutation ``xform`` (output voxel -> input voxel), or of its ``box``, copied one output slice along
     the last axis at a time (torch's allocator, not numpy's, which asks for transparent
     huge pages: their first touch in this strided order was slower)."""
     spatial = source.ndim - 1
@@ -414,6 +428,8 @@ def _reoriented_copy(source: torch.Tensor, xform: np.ndarray) -> torch.Tensor:
     flips = [k + 1 for k in range(spatial) if lin[axes[k], k] < 0]
     if flips:
         view = np.flip(view, axis=flips)
+    if box is not None:  # spatial slices in output (reoriented) coordinates
+        view = view[(slice(None), *box)]
     copy = torch.empty(view.shape, dtype=source.dtype)
     out = copy.numpy()
     for z in range(view.shape[-1]):
@@ -426,3 +442,73 @@ def _c_ordered(img: Any) -> Any:
     if not isinstance(img, torch.Tensor) or img.is_contiguous():
         return img
     return img.contiguous()
+
+
+class OrientCropForegroundd(MapTransform, InvertibleTransform):
+    """:class:`OrientCopyd` then :class:`ScanCropForegroundd` (``source_key`` being the
+    one key), in one copy of just the cropped region.
+
+    The foreground box is found on the input in its own layout (the extent of the
+    foreground does not depend on the orientation, only its axis labels), then only
+    the box is copied, reoriented, into C order: about half of a chest CT's voxels,
+    and no full-size reoriented copy. Metadata and recorded operations are those of
+    the two transforms (MONAI computes them on a stand-in that holds no data), so
+    ``Invertd`` undoes both. When the box would need padding (``allow_smaller=False``
+    with a margin beyond the image), or the input is not a MetaTensor, the two
+    transforms run one after the other instead.
+    """
+
+    copies_input = True
+
+    def __init__(self, keys: KeysCollection, axcodes: str, select_fn: Any = is_positive, margin: Sequence[int] | int = 0,
+                 allow_smaller: bool = False, k_divisible: Sequence[int] | int = 1,
+                 labels: Sequence[tuple[str, str]] | None = None,
+                 start_coord_key: str | None = "foreground_start_coord",
+                 end_coord_key: str | None = "foreground_end_coord") -> None:
+        MapTransform.__init__(self, keys)
+        if len(self.keys) != 1:
+            raise ValueError("OrientCropForegroundd takes one key (the image it crops to its own foreground)")
+        self.key = self.keys[0]
+        self.orient = OrientCopyd(keys, axcodes=axcodes, labels=labels)
+        self.crop = ScanCropForegroundd(keys, self.key, select_fn=select_fn, margin=margin,
+                                        allow_smaller=allow_smaller, k_divisible=k_divisible,
+                                        start_coord_key=start_coord_key, end_coord_key=end_coord_key)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        image = d[self.key]
+        if not isinstance(image, MetaTensor) or image.pending_operations or image.ndim != 4:
+            return self.crop(self.orient(d))
+        orienter: OrientCopy = self.orient.ornt_transform  # type: ignore[assignment]
+        cropper: ScanCropForeground = self.crop.cropper  # type: ignore[assignment]
+        meta, xform = orienter.plan(image)
+        lin = np.round(xform[:3, :3]).astype(int)
+        axes = [int(np.flatnonzero(lin[:, k])[0]) for k in range(3)]
+        shape = tuple(int(image.shape[1 + a]) for a in axes)
+        source = image[list(ensure_tuple(cropper.channel_indices))] if cropper.channel_indices is not None else image
+        extent = _foreground_extent(source, cropper.select_fn)
+        if extent is not None:
+            extent = [_mapped(extent[a], n, lin[a, k] < 0) for k, (a, n) in enumerate(zip(axes, shape))]
+        box_start, box_end = cropper.box_from_extent(extent, shape)
+        if np.any(box_start < 0) or np.any(box_end > np.asarray(shape)):
+            return self.crop(self.orient(d))
+        stand_in = MetaTensor(torch.empty(1, dtype=image.dtype).expand(image.shape[0], *shape))
+        stand_in.copy_meta_from(meta)
+        cropped = cropper.crop_pad(stand_in, box_start, box_end)
+        box = tuple(slice(int(a), int(b)) for a, b in zip(box_start, box_end))
+        out = MetaTensor(_reoriented_copy(image.as_tensor().detach(), xform, box))
+        d[self.key] = out.copy_meta_from(cropped)
+        if self.crop.start_coord_key is not None:
+            d[self.crop.start_coord_key] = box_start
+        if self.crop.end_coord_key is not None:
+            d[self.crop.end_coord_key] = box_end
+        return d
+
+    def inverse(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        return self.orient.inverse(self.crop.inverse(data))
+
+
+def _mapped(extent: tuple[int, int], n: int, flipped: bool) -> tuple[int, int]:
+    """An index range along an axis of ``n`` voxels, after an optional flip."""
+    first, last = extent
+    return (n - 1 - last, n - 1 - first) if flipped else (first, last)

@@ -10,7 +10,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, CropForegroundd, Invertd, Orientationd, ScaleIntensityRanged
 
-from plugin.transforms import OrientCopyd, ScaleIntensityRangeFusedd, ScanCropForegroundd
+from plugin.transforms import OrientCopyd, OrientCropForegroundd, ScaleIntensityRangeFusedd, ScanCropForegroundd
 
 
 def _volume(perm: tuple[int, ...], signs: tuple[int, ...], space: str = "RAS") -> MetaTensor:
@@ -80,3 +80,26 @@ def test_fused_scaling_is_bitwise_monai() -> None:
         ours = ScaleIntensityRangeFusedd("img", -1000, 400, 0, 1, clip=clip)({"img": image})["img"]
         assert torch.equal(ours.as_tensor(), theirs.as_tensor()) and torch.equal(ours.affine, theirs.affine)
     assert float(image.min()) == -2000  # input untouched
+
+
+@pytest.mark.parametrize(("perm", "signs"), ORIENTATIONS)
+@pytest.mark.parametrize(("margin", "allow_smaller"), [(2, True), (0, False), (9, False)])
+def test_orient_crop_equals_orientation_then_crop(perm: tuple[int, ...], signs: tuple[int, ...], margin: int,
+                                                  allow_smaller: bool) -> None:
+    image = _volume(perm, signs, "LPS")
+    args = dict(select_fn=lambda x: x > -500, margin=margin, allow_smaller=allow_smaller)
+    theirs_pre = Compose([Orientationd("img", "RAS"), CropForegroundd("img", "img", **args)])
+    ours_pre = Compose([OrientCropForegroundd("img", "RAS", **args)])
+    theirs, ours = theirs_pre({"img": image}), ours_pre({"img": image})
+    a, b = theirs["img"], ours["img"]
+    assert torch.equal(a.as_tensor(), b.as_tensor()) and b.is_contiguous()
+    assert torch.equal(a.affine, b.affine) and set(a.meta) == set(b.meta)
+    assert np.array_equal(theirs["foreground_start_coord"], ours["foreground_start_coord"])
+    assert [op["orig_size"] for op in a.applied_operations] == [op["orig_size"] for op in b.applied_operations]
+    assert a.applied_operations[-1]["extra_info"]["cropped"] == b.applied_operations[-1]["extra_info"]["cropped"]
+    for pre, data in ((theirs_pre, theirs), (ours_pre, ours)):
+        data["pred"] = MetaTensor(data["img"].as_tensor().clone(), meta=dict(data["img"].meta))
+    back_theirs = Invertd("pred", transform=theirs_pre, orig_keys="img")(theirs)["pred"]
+    back_ours = Invertd("pred", transform=ours_pre, orig_keys="img")(ours)["pred"]
+    assert torch.equal(back_theirs.as_tensor(), back_ours.as_tensor())
+    assert torch.equal(back_theirs.affine, back_ours.affine)
