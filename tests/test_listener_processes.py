@@ -201,23 +201,34 @@ def test_acceptor_killed_mid_transfer_is_restarted_and_nothing_acknowledged_is_l
     assert node.health()["checks"]["dicom_listener"]
 
 
-def test_stop_finishes_in_flight_transfers_and_leaves_no_process(tmp_path: Path, series: list[Path]) -> None:
+def test_stop_finishes_in_flight_transfers_and_leaves_no_process(tmp_path: Path, ct150: list[Path]) -> None:
+    """Also for an acceptor the node restarted (it must not die with the thread that restarted it)."""
     node = start_node(tmp_path, node={"listener_processes": 2}, retention={"ignored_days": None})
     assert node.acceptors is not None
-    pids = node.acceptors.pids()
-    result: dict[str, subprocess.CompletedProcess[str]] = {}
-    sender = threading.Thread(target=lambda: result.setdefault("scu", storescu(node.port, series)))
-    sender.start()
+    first = node.acceptors.pids()
+    os.kill(first[0], signal.SIGKILL)
     deadline = time.monotonic() + 30
-    while not node.db.query("SELECT 1 FROM instances LIMIT 1"):
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    while not (node.acceptors.running == 2 and first[0] not in node.acceptors.pids()):
+        assert time.monotonic() < deadline, "the killed acceptor was not restarted"
+        time.sleep(0.05)
+    pids = node.acceptors.pids()
+    results: list[subprocess.CompletedProcess[str]] = []
+    senders = [threading.Thread(target=lambda share=share: results.append(storescu(node.port, share)))
+               for share in (ct150[0::2], ct150[1::2])]
+    for sender in senders:
+        sender.start()
+    board = node.acceptors.board
+    assert board is not None
+    while not all(board.counter(row, "instance:new") for row in (0, 1)):  # both acceptors are busy
+        assert time.monotonic() < deadline + 30
+        time.sleep(0.005)
     node.stop()
-    sender.join(60)
-    assert result["scu"].returncode == 0, result["scu"].stderr[-2000:]
-    assert result["scu"].stderr.count("Received Store Response (Success)") == len(series)
-    assert not [pid for pid in pids if _alive(pid)]
-    assert not [pid for pid in _children(os.getpid()) if _alive(pid) and pid in pids]
+    for sender in senders:
+        sender.join(60)
+    for result in results:
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert sum(r.stderr.count("Received Store Response (Success)") for r in results) == len(ct150)
+    assert not [pid for pid in [*first, *pids] if _alive(pid)]
 
 
 def test_killed_node_takes_its_acceptors_with_it_and_restarts_on_the_same_port(tmp_path: Path,

@@ -87,7 +87,9 @@ class AcceptorPool:
         self.board: Board | None = None
         self.socket: socket.socket | None = None
         self._acceptors = [_Acceptor(row) for row in range(processes)]
-        self._stopping = threading.Event()
+        self._stopping = threading.Event()  # no more restarts
+        self._done = threading.Event()  # every acceptor is gone: the watcher may end
+        self._first_start_failed = threading.Event()
         self._watcher: threading.Thread | None = None
         self._lock = threading.Lock()
 
@@ -118,17 +120,18 @@ class AcceptorPool:
         except OSError as exc:
             raise ListenerError(f"cannot listen on {node.host}:{node.port}: {exc.strerror}") from exc
         self.board = Board.create(self.processes)
-        for acceptor in self._acceptors:
-            self._spawn(acceptor)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while self.running < self.processes:
-            dead = [a.row for a in self._acceptors if not a.alive]
-            if dead or time.monotonic() > deadline:
-                self.stop(0)
-                raise ListenerError(f"acceptor process(es) {dead or 'all'} did not start; see the log")
-            time.sleep(0.02)
+        # The watcher starts (and restarts) every acceptor: an acceptor dies with the
+        # thread that started it (PR_SET_PDEATHSIG), and this one lives until they are gone.
         self._watcher = threading.Thread(target=self._watch, name="acceptor-pool", daemon=True)
         self._watcher.start()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while self.running < self.processes:
+            failed = self._first_start_failed.is_set() or any(
+                a.proc is not None and not a.alive for a in self._acceptors)
+            if failed or time.monotonic() > deadline:
+                self.stop(0)
+                raise ListenerError("acceptor processes did not start; see the log")
+            time.sleep(0.02)
         log.info("listening as %s on %s:%d with %d acceptor processes%s", node.ae_title, node.host,
                  self.port, self.processes, " (DICOM TLS)" if node.tls.enabled else "")
 
@@ -156,7 +159,16 @@ class AcceptorPool:
         acceptor.started = time.monotonic()
 
     def _watch(self) -> None:
-        while not self._stopping.wait(WATCH_S):
+        try:
+            with self._lock:
+                for acceptor in self._acceptors:
+                    self._spawn(acceptor)
+        except Exception:
+            log.exception("acceptor processes could not be started")
+            self._first_start_failed.set()
+        while not self._done.wait(WATCH_S):
+            if self._stopping.is_set():
+                continue
             for acceptor in self._acceptors:
                 try:
                     self._check(acceptor)
@@ -191,8 +203,6 @@ class AcceptorPool:
     def stop(self, grace_seconds: float) -> None:
         """Stop accepting; acceptors finish in-flight associations within the grace, then exit."""
         self._stopping.set()
-        if self._watcher is not None:
-            self._watcher.join(timeout=10)
         with self._lock:
             procs = [a.proc for a in self._acceptors if a.proc is not None]
             for proc in procs:
@@ -210,6 +220,9 @@ class AcceptorPool:
                     proc.wait()
             for acceptor in self._acceptors:
                 acceptor.proc = None
+            self._done.set()
+            if self._watcher is not None and self._watcher is not threading.current_thread():
+                self._watcher.join(timeout=10)
             if self.board is not None:
                 self.board.close()
             self.board = None
