@@ -7,6 +7,7 @@ timed; the timings go to the state database and the log.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -79,7 +80,21 @@ def get_plugin(name: str, factory: str | None, options: dict[str, Any]) -> Any:
         from plugin.registry import load_plugin
 
         _PLUGINS[name] = load_plugin(name, factory=factory, options=options)
+        freeze_heap()
     return _PLUGINS[name]
+
+
+def freeze_heap() -> None:
+    """Move every object alive now (modules, the model, the encoders' tables) out of
+    the garbage collector's reach.
+
+    A job leaves many long-lived objects (source headers, SR content), so a full
+    collection runs during most jobs; it walked these hundreds of thousands of
+    permanent objects too, 0.2-0.25 s at a random stage (SEG or SR as a rule). After
+    the freeze it walks only the job's own objects: about 0.03 s.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def warm_up(plugins: list[tuple[str, str | None, dict[str, Any]]]) -> int:
@@ -90,6 +105,7 @@ def warm_up(plugins: list[tuple[str, str | None, dict[str, Any]]]) -> int:
     loaded = [get_plugin(name, factory, options) for name, factory, options in plugins]
     if loaded:
         try_warm_up_encoders(loaded[0].info)
+        freeze_heap()
     log.info("analysis worker %d warmed up (%s)", os.getpid(), ", ".join(p[0] for p in plugins))
     return os.getpid()
 
