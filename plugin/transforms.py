@@ -168,10 +168,7 @@ class _InversionPlan:
         if not hot.any():
             return out
         view = self._cropped_view(out)
-        components, _ = ndimage.label(hot, structure=np.ones((3, 3, 3), dtype=bool))
-        for box in ndimage.find_objects(components):
-            if box is None:
-                continue
+        for box in _hot_boxes(hot):
             rows = [_resize_rows(s.start, s.stop, m, n)
                     for s, m, n in zip(box, self.working_shape, self.cropped_shape)]
             if any(r is None for r in rows):
@@ -182,6 +179,19 @@ class _InversionPlan:
             target = view[tuple(slice(r[0], r[0] + r[2].shape[0]) for r in rows)]  # type: ignore[index]
             target |= (block >= threshold).astype(np.uint8)
         return out
+
+
+def _hot_boxes(hot: np.ndarray, block: int = 4) -> list[tuple[slice, ...]]:
+    """Boxes that together hold every true voxel of ``hot``: those of the connected
+    groups of ``block``-sized cubes that hold one (labelling the cubes, not the
+    voxels, is about 20 times less work on a mostly empty grid)."""
+    where = np.nonzero(hot)
+    cubes = tuple(axis // block for axis in where)
+    occupied = np.zeros(tuple(int(c.max()) + 1 for c in cubes), dtype=bool)
+    occupied[cubes] = True
+    groups, _ = ndimage.label(occupied, structure=np.ones((3,) * hot.ndim, dtype=bool))
+    return [tuple(slice(s.start * block, min(s.stop * block, n)) for s, n in zip(box, hot.shape))
+            for box in ndimage.find_objects(groups) if box is not None]
 
 
 def _resize_rows(start: int, stop: int, m: int, n: int) -> tuple[int, int, np.ndarray] | None:
