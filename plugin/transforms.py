@@ -14,14 +14,24 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Hashable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import (AsDiscreted, Compose, CropForeground, CropForegroundd, InvertibleTransform, Invertd,
-                              MapTransform, Orientation, Orientationd, Zoom)
+from monai.transforms import (
+    AsDiscreted,
+    Compose,
+    CropForeground,
+    CropForegroundd,
+    Invertd,
+    InvertibleTransform,
+    MapTransform,
+    Orientation,
+    Orientationd,
+    Zoom,
+)
 from monai.transforms.inverse import TraceableTransform
 from monai.transforms.utils import compute_divisible_spatial_size, is_positive
 from monai.utils import LazyAttr, TraceKeys, ensure_tuple, ensure_tuple_rep
@@ -150,7 +160,7 @@ class _InversionPlan:
         view = out.transpose(axes)
         index: list[slice] = []
         for k, axis in enumerate(axes):
-            sign, offset, n = int(round(m[k, axis])), int(round(m[k, 3])), self.source_shape[axis]
+            sign, offset, n = round(m[k, axis]), round(m[k, 3]), self.source_shape[axis]
             if sign < 0:  # c = -u + o  ->  flipped index v = n - 1 - u = c + n - 1 - o
                 view = np.flip(view, axis=k)
                 start = n - 1 - offset
@@ -169,14 +179,15 @@ class _InversionPlan:
             return out
         view = self._cropped_view(out)
         for box in _hot_boxes(hot):
-            rows = [_resize_rows(s.start, s.stop, m, n)
-                    for s, m, n in zip(box, self.working_shape, self.cropped_shape)]
-            if any(r is None for r in rows):
+            found = [_resize_rows(s.start, s.stop, m, n)
+                     for s, m, n in zip(box, self.working_shape, self.cropped_shape)]
+            rows = [r for r in found if r is not None]
+            if len(rows) != len(found):
                 continue
-            block = prob[tuple(slice(r[1], r[1] + r[2].shape[1]) for r in rows)]  # type: ignore[index]
-            for axis, (_, _, weights) in enumerate(rows):  # type: ignore[misc]
+            block = prob[tuple(slice(col, col + w.shape[1]) for _, col, w in rows)]
+            for axis, (_, _, weights) in enumerate(rows):
                 block = np.moveaxis(np.tensordot(weights, block, axes=([1], [axis])), 0, axis)
-            target = view[tuple(slice(r[0], r[0] + r[2].shape[0]) for r in rows)]  # type: ignore[index]
+            target = view[tuple(slice(row, row + w.shape[0]) for row, _, w in rows)]
             target |= (block >= threshold).astype(np.uint8)
         return out
 
@@ -318,22 +329,25 @@ def _foreground_extent(data: torch.Tensor, select_fn: Any) -> list[tuple[int, in
         data = data.as_tensor()  # plain tensors: no metadata handling per plane
     box = [slice(None)] * data.ndim
     found: dict[int, tuple[int, int]] = {}
-    order = sorted(range(1, data.ndim), key=lambda a: (-data.stride(a), a))
+    strides = data.stride()
+    order = sorted(range(1, data.ndim), key=lambda a: (-strides[a], a))
     with _one_thread():
         for axis in order:
             region = data[tuple(box)]
             n = region.shape[axis]
-
-            def hit(i: int) -> bool:
-                return bool(torch.as_tensor(select_fn(region.select(axis, i))).any())
-
-            first = next((i for i in range(n) if hit(i)), None)
+            first = next((i for i in range(n) if _plane_hit(region, axis, i, select_fn)), None)
             if first is None:
                 return None
-            last = next(i for i in range(n - 1, first - 1, -1) if i == first or hit(i))
+            last = next(i for i in range(n - 1, first - 1, -1)
+                        if i == first or _plane_hit(region, axis, i, select_fn))
             found[axis] = (first, last)
             box[axis] = slice(first, last + 1)
     return [found[axis] for axis in range(1, data.ndim)]
+
+
+def _plane_hit(region: torch.Tensor, axis: int, index: int, select_fn: Any) -> bool:
+    """Whether ``select_fn`` holds anywhere on plane ``index`` of ``region`` along ``axis``."""
+    return bool(torch.as_tensor(select_fn(region.select(axis, index))).any())
 
 
 @contextlib.contextmanager
@@ -401,7 +415,7 @@ class OrientCopy(Orientation):
     def plan(self, data_array: MetaTensor) -> tuple[Any, np.ndarray]:
         """The metadata ``Orientation`` gives (affine, recorded operation) and the
         voxel transform (output index -> input index), without touching the data."""
-        planned = super().__call__(data_array, lazy=True)
+        planned = cast(MetaTensor, super().__call__(data_array, lazy=True))
         op = planned.pending_operations[-1]
         xform = np.asarray(op[LazyAttr.AFFINE], dtype=np.float64)
         meta = TraceableTransform.track_transform_meta(
@@ -437,7 +451,7 @@ def _reoriented_copy(source: torch.Tensor, xform: np.ndarray,
     view = view.transpose([0, *(a + 1 for a in axes)])
     flips = [k + 1 for k in range(spatial) if lin[axes[k], k] < 0]
     if flips:
-        view = np.flip(view, axis=flips)
+        view = np.flip(view, axis=tuple(flips))
     if box is not None:  # spatial slices in output (reoriented) coordinates
         view = view[(slice(None), *box)]
     copy = torch.empty(view.shape, dtype=source.dtype)
@@ -480,7 +494,7 @@ class OrientCropForegroundd(MapTransform, InvertibleTransform):
             raise ValueError("OrientCropForegroundd takes one key (the image it crops to its own foreground)")
         self.key = self.keys[0]
         self.orient = OrientCopyd(keys, axcodes=axcodes, labels=labels)
-        self.crop = ScanCropForegroundd(keys, self.key, select_fn=select_fn, margin=margin,
+        self.crop = ScanCropForegroundd(keys, cast(str, self.key), select_fn=select_fn, margin=margin,
                                         allow_smaller=allow_smaller, k_divisible=k_divisible,
                                         start_coord_key=start_coord_key, end_coord_key=end_coord_key)
 
@@ -508,14 +522,15 @@ class OrientCropForegroundd(MapTransform, InvertibleTransform):
         box = tuple(slice(int(a), int(b)) for a, b in zip(box_start, box_end))
         out = MetaTensor(_reoriented_copy(image.as_tensor().detach(), xform, box))
         d[self.key] = out.copy_meta_from(cropped)
+        coords: dict[Hashable, Any] = d
         if self.crop.start_coord_key is not None:
-            d[self.crop.start_coord_key] = box_start
+            coords[self.crop.start_coord_key] = box_start
         if self.crop.end_coord_key is not None:
-            d[self.crop.end_coord_key] = box_end
+            coords[self.crop.end_coord_key] = box_end
         return d
 
     def inverse(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        return self.orient.inverse(self.crop.inverse(data))
+        return self.orient.inverse(self.crop.inverse(cast(Mapping[Hashable, MetaTensor], data)))
 
 
 def _mapped(extent: tuple[int, int], n: int, flipped: bool) -> tuple[int, int]:

@@ -8,9 +8,20 @@ import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
-from monai.transforms import Compose, CropForegroundd, Invertd, Orientationd, ScaleIntensityRanged
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    Invertd,
+    Orientationd,
+    ScaleIntensityRanged,
+)
 
-from plugin.transforms import OrientCopyd, OrientCropForegroundd, ScaleIntensityRangeFusedd, ScanCropForegroundd
+from plugin.transforms import (
+    OrientCopyd,
+    OrientCropForegroundd,
+    ScaleIntensityRangeFusedd,
+    ScanCropForegroundd,
+)
 
 
 def _volume(perm: tuple[int, ...], signs: tuple[int, ...], space: str = "RAS") -> MetaTensor:
@@ -50,7 +61,7 @@ def test_orient_copy_equals_orientation(perm: tuple[int, ...], signs: tuple[int,
 @pytest.mark.parametrize(("margin", "allow_smaller", "k"), [(0, True, 1), (2, True, 1), (3, True, 4), (1, False, 1)])
 def test_scan_crop_equals_crop_foreground(margin: int, allow_smaller: bool, k: int) -> None:
     image = Orientationd("img", "RAS")({"img": _volume((0, 1, 2), (-1, -1, 1))})["img"]
-    args = dict(select_fn=lambda x: x > -500, margin=margin, allow_smaller=allow_smaller, k_divisible=k)
+    args = {"select_fn": lambda x: x > -500, "margin": margin, "allow_smaller": allow_smaller, "k_divisible": k}
     theirs = CropForegroundd("img", "img", **args)({"img": image})
     ours = ScanCropForegroundd("img", "img", **args)({"img": image})
     assert torch.equal(ours["img"].as_tensor(), theirs["img"].as_tensor())
@@ -62,7 +73,7 @@ def test_scan_crop_equals_crop_foreground(margin: int, allow_smaller: bool, k: i
 
 def test_scan_crop_of_an_empty_image_and_its_inverse() -> None:
     empty = MetaTensor(torch.full((1, 6, 5, 4), -1000.0), affine=torch.eye(4))
-    args = dict(select_fn=lambda x: x > -500, margin=1)
+    args = {"select_fn": lambda x: x > -500, "margin": 1}
     theirs = CropForegroundd("img", "img", **args)({"img": empty.clone()})["img"]
     ours = ScanCropForegroundd("img", "img", **args)({"img": empty.clone()})["img"]
     assert ours.shape == theirs.shape
@@ -87,7 +98,7 @@ def test_fused_scaling_is_bitwise_monai() -> None:
 def test_orient_crop_equals_orientation_then_crop(perm: tuple[int, ...], signs: tuple[int, ...], margin: int,
                                                   allow_smaller: bool) -> None:
     image = _volume(perm, signs, "LPS")
-    args = dict(select_fn=lambda x: x > -500, margin=margin, allow_smaller=allow_smaller)
+    args = {"select_fn": lambda x: x > -500, "margin": margin, "allow_smaller": allow_smaller}
     theirs_pre = Compose([Orientationd("img", "RAS"), CropForegroundd("img", "img", **args)])
     ours_pre = Compose([OrientCropForegroundd("img", "RAS", **args)])
     theirs, ours = theirs_pre({"img": image}), ours_pre({"img": image})

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
-from monai.transforms import AsDiscreted, Compose, CropForegroundd, Invertd, Orientationd, Spacingd
+from monai.transforms import (
+    AsDiscreted,
+    Compose,
+    CropForegroundd,
+    Invertd,
+    Orientationd,
+    Spacingd,
+)
 from scipy import ndimage
 
 from plugin.transforms import InvertThresholdd, ZoomSpacingd

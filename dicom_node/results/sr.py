@@ -15,7 +15,7 @@ says the finding type is absent, so the reader knows the analysis ran.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
 import highdicom as hd
 from pydicom.dataset import Dataset
@@ -105,7 +105,7 @@ def _document(
     )
     for tag, value in root.items():
         sr[tag] = value
-    sr._content = hd.sr.ContentSequence([root], is_root=True)
+    sr._content = hd.sr.ContentSequence([cast(hd.sr.ContentItem, root)], is_root=True)
     return sr
 
 
