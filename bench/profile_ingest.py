@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir = run_dir("profile")
         config = parse_config({
             "node": {"host": LOOPBACK, "port": free_port(), "storage_dir": str(workdir / "storage"),
-                     "min_free_disk_mb": 1},
+                     "min_free_disk_mb": 1, "listener_processes": 1},  # in this process, to be timed
             "http": {"enabled": False},
             "retention": {"ignored_days": None},
         })
