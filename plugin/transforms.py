@@ -407,7 +407,7 @@ class OrientCopy(Orientation):
 
     def __call__(self, data_array: torch.Tensor, lazy: bool | None = None) -> torch.Tensor:
         if lazy or not isinstance(data_array, MetaTensor) or data_array.pending_operations:
-            return _c_ordered(super().__call__(data_array, lazy=lazy))
+            return _fresh_copy(super().__call__(data_array, lazy=lazy))
         meta, xform = self.plan(data_array)
         out = MetaTensor(_reoriented_copy(data_array.as_tensor().detach(), xform))
         return out.copy_meta_from(meta)
@@ -461,11 +461,13 @@ def _reoriented_copy(source: torch.Tensor, xform: np.ndarray,
     return copy
 
 
-def _c_ordered(img: Any) -> Any:
-    """``img`` itself when C-contiguous, else a C-ordered copy (metadata kept)."""
-    if not isinstance(img, torch.Tensor) or img.is_contiguous():
+def _fresh_copy(img: Any) -> Any:
+    """A C-ordered copy of ``img`` (metadata kept): ``Orientation`` returns its input's
+    memory when there is nothing to flip or swap, or when it runs lazily, and callers
+    rely on :class:`OrientCopy` never sharing it."""
+    if not isinstance(img, torch.Tensor):
         return img
-    return img.contiguous()
+    return img.clone(memory_format=torch.contiguous_format)
 
 
 class OrientCropForegroundd(MapTransform, InvertibleTransform):

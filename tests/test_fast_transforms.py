@@ -114,3 +114,15 @@ def test_orient_crop_equals_orientation_then_crop(perm: tuple[int, ...], signs: 
     back_ours = Invertd("pred", transform=ours_pre, orig_keys="img")(ours)["pred"]
     assert torch.equal(back_theirs.as_tensor(), back_ours.as_tensor())
     assert torch.equal(back_theirs.affine, back_ours.affine)
+
+
+def test_orient_copy_never_shares_the_input_memory() -> None:
+    plain = torch.zeros(1, 4, 3, 2)  # no metadata: the eager fallback, nothing to flip
+    out = OrientCopyd("img", "RAS")({"img": plain})["img"]
+    out += 1
+    assert float(plain.sum()) == 0.0
+    image = _volume((0, 1, 2), (1, 1, 1))  # already RAS
+    before = image.clone()
+    ours = OrientCropForegroundd("img", "RAS", select_fn=lambda x: x > -500)({"img": image})["img"]
+    ours += 1
+    assert torch.equal(image.as_tensor(), before.as_tensor())
