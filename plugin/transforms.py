@@ -7,6 +7,18 @@ with ``Spacingd``) instead of a sampling grid: measured on a 512x512x300 CT to 1
 0.2 s and +140 MiB instead of 2.4 s and +2.7 GiB. It is invertible (``Invertd``
 brings predictions back to the source grid), and it must follow an orientation
 transform (``Orientationd``), since it only scales the axes.
+
+The others are drop-in equivalents of MONAI transforms with the same results (the
+tests compare them bitwise, metadata and inversion included), minus full-size
+passes and copies (measured on the 300-slice chest phantom, 2 cores):
+
+* ``OrientCropForegroundd``: ``Orientationd`` + ``CropForegroundd`` in one copy of the
+  cropped region only (the MONAI bundle plugin then skips its own working copy);
+  ``OrientCopyd`` and ``ScanCropForegroundd`` are the two halves on their own.
+  Preprocessing 1.0 -> 0.4 s of CPU; the 600-slice worker peak fell by 0.6 GiB.
+* ``ScaleIntensityRangeFusedd``: ``ScaleIntensityRanged`` with one output tensor.
+* ``InvertThresholdd``: ``Invertd`` + ``AsDiscreted(threshold)`` computed only around
+  the predicted components (0.6 -> 0.05-0.1 s).
 """
 
 from __future__ import annotations
