@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -47,8 +48,9 @@ class Node:
         self.scp: StorageSCP | None = None
         self.acceptors: AcceptorPool | None = None
         processes = config.node.listener_process_count
-        if processes > 1 and not reactor.supported():
-            log.warning("listener_processes %d needs pynetdicom 3.0: listening in one process", processes)
+        if processes > 1 and not (reactor.supported() and hasattr(os, "memfd_create")):
+            log.warning("listener_processes %d needs pynetdicom 3.0 on Linux: listening in one process",
+                        processes)
             processes = 1
         if processes > 1:
             self.acceptors = AcceptorPool(config, processes, on_exit=self._settle_acceptor)
