@@ -278,3 +278,23 @@ def test_acceptor_slot_folders_are_recovered_at_start(tmp_path: Path, series: li
         assert storescu(node.port, series[10:14]).returncode == 0
     finally:
         node.stop()
+
+
+def test_many_writers_on_the_shared_database_fail_no_store(tmp_path: Path) -> None:
+    """Small instances on 8 associations over 4 processes: the state database is written
+    by all of them at a high rate, and waits for its lock instead of failing a C-STORE."""
+    files = write_ct_series(simple_ct_volume(400, 16, 16), tmp_path / "small")
+    node = start_node(tmp_path, node={"listener_processes": 4}, retention={"ignored_days": None})
+    try:
+        senders = [subprocess.Popen(["storescu", "-aec", "DICOMNODE", "127.0.0.1", str(node.port),
+                                     *map(str, files[i::8])], env=DCMTK_ENV,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                   for i in range(8)]
+        errors = [p.communicate(timeout=180)[1].decode(errors="replace") for p in senders]
+        assert [p.returncode for p in senders] == [0] * 8, "\n".join(errors)[-3000:]
+        assert _registered(node) == _sop_uids(files)
+        assert node.db.query("SELECT instance_count FROM studies")[0]["instance_count"] == len(files)
+        assert _metric(node, "dicomnode_instances_received_total", '{result="new"}') == len(files)
+        assert _metric(node, "dicomnode_instances_received_total", '{result="refused"}') == 0
+    finally:
+        node.stop()
