@@ -183,7 +183,8 @@ class StorageSCP:
         if self.shared_listen is not None:
             address = self.shared_listen.socket.getsockname()[:2]
         self.server = self.ae.start_server(address, block=False, evt_handlers=handlers, ssl_context=tls)
-        log.info("listening as %s on %s:%d%s", node.ae_title, node.host, self.port,
+        log.info("%slistening as %s on %s:%d%s", f"{self.label}: " if self.label else "", node.ae_title,
+                 node.host, self.port,
                  " (DICOM TLS" + (", client certificates required)" if node.tls.ca_certificates else ")")
                  if tls else "")
 
