@@ -1,17 +1,18 @@
 """Read the header of one instance (no pixel data) into a small typed record.
 
-Only the attributes that series selection and volume building need are parsed
-(``specific_tags`` plus ``stop_before_pixels``), so reading a 600-slice study
-touches little more than the first few kilobytes of each file. Reading is
-tolerant: malformed numeric values become ``None`` and a file without file meta
-information is retried with ``force=True``.
+The header is read up to the pixel data (``stop_before_pixels``), so reading a
+600-slice study touches little more than the first few kilobytes of each file. The
+record keeps that dataset and the pixel data's offset, so that building the volume
+reads only the pixels. Reading is tolerant: malformed numeric values become
+``None`` and a file without file meta information is retried with ``force=True``
+(only the attributes selection needs, and no dataset kept).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,11 @@ class SliceHeader:
     instance_number: int | None
     slice_thickness: float | None
     spacing_between_slices: float | None
+    #: The whole header as read (up to the pixel data) and where the Pixel Data element
+    #: starts in the file, so that building the volume reads only the pixels; None when
+    #: the header was read otherwise (e.g. without file meta information).
+    dataset: Dataset | None = field(default=None, repr=False, compare=False)
+    pixel_data_offset: int | None = field(default=None, repr=False, compare=False)
 
     @property
     def is_image(self) -> bool:
@@ -199,13 +205,20 @@ def header_from_dataset(ds: Dataset, path: Path) -> SliceHeader:
     )
 
 
-def _read_dataset(path: Path) -> Dataset:
+def _read_dataset(path: Path) -> tuple[Dataset, int | None]:
+    """The header up to the pixel data and the offset where that starts; the whole
+    header is read (pydicom walks every element either way, and filtering them by
+    ``specific_tags`` cost more than converting them: 0.08 against 0.064 s for 300
+    CT headers), so that the volume does not read it again."""
+    with open(path, "rb") as fp:
+        try:
+            ds = pydicom.dcmread(fp, stop_before_pixels=True)
+            return ds, fp.tell()
+        except InvalidDicomError:
+            pass
+    # A data set stored without a preamble / file meta information.
     kwargs: dict[str, Any] = {"stop_before_pixels": True, "specific_tags": _TAGS}
-    try:
-        return pydicom.dcmread(path, **kwargs)
-    except InvalidDicomError:
-        # A data set stored without a preamble / file meta information.
-        return pydicom.dcmread(path, force=True, **kwargs)
+    return pydicom.dcmread(path, force=True, **kwargs), None
 
 
 def read_header(path: Path) -> SliceHeader:
@@ -217,8 +230,10 @@ def read_header(path: Path) -> SliceHeader:
     # Untrusted bytes: pydicom decodes lazily, so a damaged element (unknown VR, bad
     # number, absurd length) may raise anything on access; all of it is "unreadable".
     try:
-        ds = _read_dataset(path)
+        ds, offset = _read_dataset(path)
         header = header_from_dataset(ds, Path(path))
+        if offset is not None:
+            header = replace(header, dataset=ds, pixel_data_offset=offset)
     except Exception as e:
         raise SeriesError(f"cannot read DICOM header of {Path(path).name}: {type(e).__name__}: {e}") from e
     if not header.sop_instance_uid or not header.series_instance_uid:

@@ -112,10 +112,20 @@ def _read_native(fp: BinaryIO, ds: Dataset, dtype: np.dtype, shape: tuple[int, i
     return stored.reshape(shape)
 
 
-def _read(path: Path, name: str) -> tuple[Dataset, np.ndarray]:
-    """The header (without pixel data) and the stored values of one slice."""
+def _read(path: Path, name: str, header: Dataset | None = None,
+          offset: int | None = None) -> tuple[Dataset, np.ndarray]:
+    """The header (without pixel data) and the stored values of one slice.
+
+    ``header`` and ``offset``: the header already read from ``path`` (as
+    ``dcmread(stop_before_pixels=True)`` gives it) and the file position after it;
+    then only the pixels are read.
+    """
     with open(path, "rb") as fp:
-        ds = pydicom.dcmread(fp, stop_before_pixels=True)
+        if header is not None and offset is not None:
+            ds = header
+            fp.seek(offset)
+        else:
+            ds = pydicom.dcmread(fp, stop_before_pixels=True)
         _check_pixel_module(ds, name)
         dtype = _native_dtype(ds)
         rows, columns = ds.get("Rows"), ds.get("Columns")
@@ -131,18 +141,20 @@ def _read(path: Path, name: str) -> tuple[Dataset, np.ndarray]:
     return full, stored
 
 
-def read_slice_hu(path: Path, out: np.ndarray, index: int) -> Dataset:
+def read_slice_hu(path: Path, out: np.ndarray, index: int, header: Dataset | None = None,
+                  offset: int | None = None) -> Dataset:
     """Decode the slice in ``path`` and write its HU into ``out`` (rows, columns).
 
     Returns the slice's header (read up to the pixel data, as
-    :func:`pydicom.dcmread` with ``stop_before_pixels`` gives it).
+    :func:`pydicom.dcmread` with ``stop_before_pixels`` gives it). ``header`` and
+    ``offset``: that header and the file position after it, when already read.
 
     Raises:
         SeriesError: the file cannot be read or decoded, or has another shape.
     """
     name = f"slice {index}"
     try:
-        ds, stored = _read(Path(path), name)
+        ds, stored = _read(Path(path), name, header, offset)
         slope, intercept = rescale(ds)
     except SeriesError:
         raise

@@ -113,7 +113,8 @@ def _fill(ordered: list[SliceHeader], geometry: StackGeometry, sources: list[Dat
     x, y, z = geometry.shape
     buffer = np.empty((z, y, x), dtype=np.float32)
     for index, header in enumerate(ordered):
-        sources.append(read_slice_hu(header.path, buffer[index], index))
+        sources.append(read_slice_hu(header.path, buffer[index], index,
+                                     header.dataset, header.pixel_data_offset))
     return buffer
 
 
