@@ -82,12 +82,16 @@ class Case:
 def bundle_preprocessing() -> Compose:
     """The bundle's preprocessing for image + label (label resampled then thresholded)."""
     parser = load_parser()
-    steps = {t["_target_"]: t for t in parser["preprocessing"]["transforms"]}
-    scale = steps["ScaleIntensityRanged"]
-    crop = steps["CropForegroundd"]
+    steps = {t["_target_"].rsplit(".", 1)[-1]: t for t in parser["preprocessing"]["transforms"]}
+
+    def step(*names: str) -> dict:
+        return next(steps[n] for n in names if n in steps)
+
+    scale = step("ScaleIntensityRanged", "ScaleIntensityRangeFusedd")
+    crop = step("CropForegroundd", "OrientCropForegroundd")
     return Compose(
         [
-            Orientationd(keys=KEYS, axcodes=steps["Orientationd"]["axcodes"]),
+            Orientationd(keys=KEYS, axcodes=step("Orientationd", "OrientCropForegroundd")["axcodes"]),
             CropForegroundd(
                 keys=KEYS,
                 source_key="image",

@@ -1,0 +1,134 @@
+"""Nodule candidates and the small CNN that classifies them.
+
+A second, independent detector beside the segmentation network, in the classic CAD
+shape (candidate generation, then false-positive reduction):
+
+* **Candidates** are found at the bundle's working resolution on the preprocessed image
+  (intensities scaled from [-1000, 400] HU to [0, 1]): soft tissue (above -450 HU)
+  inside the lungs, and of that only what is at least ``CORE_RADIUS_MM`` thick (the
+  Euclidean distance to the nearest non-soft-tissue voxel). Thin vessels vanish; every
+  solid nodule of 5 mm or more keeps a core, and so do thick vessel segments and
+  branchings, which is why there are about 150-350 candidates per chest.
+* **The classifier** (:func:`build_classifier`, a MONAI ``Classifier``) looks at a
+  32 x 32 x 24 voxel patch (about 32 x 32 x 30 mm) of the scaled image centred on each
+  candidate's thickest point and gives the probability that it is a nodule.
+* **The outline** of a candidate is its opening: the soft tissue within
+  ``CORE_RADIUS_MM`` of its core, which cuts a nodule free from the vessels it touches.
+
+``train_candidates.py`` trains the classifier; ``transforms.ClassifyCandidatesd`` uses
+it in the bundle's postprocessing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from monai.networks.nets import Classifier
+from scipy import ndimage
+
+SOFT_SCALED = (-450.0 + 1000.0) / 1400.0  # -450 HU on the bundle's [-1000, 400] scale
+CORE_RADIUS_MM = 2.5
+OUTLINE_REACH = 1.5  # an outline stays within 1.5 x the core's thickness (+1 mm) of its centre
+PATCH = (32, 32, 24)  # voxels (X, Y, Z) at the working resolution (1 x 1 x 1.25 mm)
+STRUCTURE = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity
+
+
+@dataclass
+class Candidates:
+    """Candidate cores of one image (X, Y, Z), inside the bounding box ``box``."""
+
+    box: tuple[slice, slice, slice]  # where the soft tissue is, in the full image
+    soft: np.ndarray  # bool, soft tissue inside the lungs, within ``box``
+    cores: np.ndarray  # int32 component labels 1..count of the cores, within ``box``
+    count: int
+    centres: np.ndarray  # (count, 3) full-image indices of each core's thickest voxel
+    thickness_mm: np.ndarray  # (count,) the distance at that voxel
+    _boxes: list[tuple[slice, ...] | None] | None = field(default=None, repr=False)
+
+    def outline(self, index: int, spacing: np.ndarray) -> tuple[tuple[slice, ...], np.ndarray]:
+        """The opening of candidate ``index`` (1-based): soft tissue within
+        ``CORE_RADIUS_MM`` of its core and within ``OUTLINE_REACH`` times its thickness
+        (+1 mm) of its centre (so a nodule on a thick vessel or on the chest wall does not
+        take them along), as (full-image box, mask in that box)."""
+        if self._boxes is None:
+            self._boxes = ndimage.find_objects(self.cores)
+        core_box = self._boxes[index - 1]
+        assert core_box is not None
+        margin = [int(np.ceil(CORE_RADIUS_MM / mm)) + 1 for mm in spacing]
+        local = tuple(slice(max(s.start - m, 0), min(s.stop + m, n))
+                      for s, m, n in zip(core_box, margin, self.cores.shape))
+        far = ndimage.distance_transform_edt(self.cores[local] != index, sampling=spacing)
+        mask = (far <= CORE_RADIUS_MM) & self.soft[local]
+        centre = self.centres[index - 1] - np.array([b.start + s.start for b, s in zip(self.box, local)])
+        grids = np.ogrid[tuple(slice(0, s.stop - s.start) for s in local)]
+        dist2 = sum(((g - c) * mm) ** 2 for g, c, mm in zip(grids, centre, spacing))
+        mask &= dist2 <= (OUTLINE_REACH * self.thickness_mm[index - 1] + 1.0) ** 2
+        full = tuple(slice(b.start + s.start, b.start + s.stop) for b, s in zip(self.box, local))
+        return full, mask
+
+
+def find_candidates(image: np.ndarray, spacing: np.ndarray, lungs: np.ndarray,
+                    step: int) -> Candidates:
+    """Candidate cores in ``image`` (X, Y, Z, scaled to [0, 1]) with voxel ``spacing``
+    (mm); ``lungs`` is a lung gate on every ``step``-th voxel
+    (:func:`transforms.lung_region`)."""
+    soft_all = image > SOFT_SCALED
+    soft_all &= lungs[np.ix_(*[np.arange(n) // step for n in image.shape])]
+    found = ndimage.find_objects(soft_all.astype(np.uint8))
+    if not found:
+        empty = np.zeros((0, 0, 0), dtype=bool)
+        return Candidates((slice(0, 0),) * 3, empty, empty.astype(np.int32), 0,
+                          np.zeros((0, 3), dtype=np.int64), np.zeros(0))
+    box = tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(found[0], image.shape))
+    soft = soft_all[box]
+    padded = np.pad(soft, 1)  # outside the box is not soft tissue
+    depth = ndimage.distance_transform_edt(padded, sampling=spacing)[1:-1, 1:-1, 1:-1]
+    cores, count = ndimage.label(depth >= CORE_RADIUS_MM, structure=STRUCTURE)
+    where = np.nonzero(cores)
+    ids, values = cores[where], depth[where]
+    # by core, the thickest voxel last (of equals, the first in raster order, as ndimage picks)
+    order = np.lexsort((-np.arange(len(ids)), values, ids))
+    last = order[np.flatnonzero(np.diff(ids[order], append=count + 1))]
+    centres = np.stack([axis[last] for axis in where], axis=1).astype(np.int64).reshape(-1, 3)
+    thickness = values[last].astype(np.float64)
+    centres += np.array([s.start for s in box], dtype=np.int64)
+    return Candidates(box, soft, cores.astype(np.int32), count, centres, thickness)
+
+
+def quantised(image: np.ndarray) -> np.ndarray:
+    """``image`` (scaled to [0, 1]) as uint8, the classifier's input precision."""
+    return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+
+
+def patches(image_u8: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """(N, X, Y, Z) uint8 patches of ``PATCH`` centred on ``centres`` (edges replicated)."""
+    half = [p // 2 for p in PATCH]
+    lo = centres - np.array(half)
+    hi = lo + np.array(PATCH)
+    shape = np.array(image_u8.shape)
+    pad_lo = np.maximum(-lo.min(axis=0), 0) if len(lo) else np.zeros(3, dtype=np.int64)
+    pad_hi = np.maximum(hi.max(axis=0) - shape, 0) if len(hi) else np.zeros(3, dtype=np.int64)
+    if pad_lo.any() or pad_hi.any():
+        image_u8 = np.pad(image_u8, list(zip(pad_lo, pad_hi)), mode="edge")
+    out = np.empty((len(centres), *PATCH), dtype=np.uint8)
+    for n, (a, b, c) in enumerate(lo + pad_lo):
+        out[n] = image_u8[a:a + PATCH[0], b:b + PATCH[1], c:c + PATCH[2]]
+    return out
+
+
+def build_classifier() -> torch.nn.Module:
+    """The candidate classifier: a small MONAI ``Classifier`` (one logit, nodule)."""
+    return Classifier(in_shape=(1, *PATCH), classes=1, channels=(8, 16, 32, 32),
+                      strides=(2, 2, 2, 2), num_res_units=1, norm="batch")
+
+
+def score(net: torch.nn.Module, patch_u8: np.ndarray, batch: int = 256) -> np.ndarray:
+    """Nodule probability of each uint8 patch."""
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(patch_u8), batch):
+            x = torch.from_numpy(patch_u8[start:start + batch].astype(np.float32) / 255.0)[:, None]
+            out.append(torch.sigmoid(net(x))[:, 0].numpy())
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)

@@ -1,0 +1,133 @@
+"""The lung-nodule bundle's second detector (models/lung_nodules/candidates.py and
+``ClassifyCandidatesd``): candidates are the thick soft tissue in the lungs, their
+outlines are cut free of what they touch, and the committed classifier adds a nodule
+that the segmentation network missed and vetoes what it is sure is none."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+
+from models.lung_nodules.candidates import PATCH, find_candidates, patches
+from models.lung_nodules.transforms import ClassifyCandidatesd, lung_region
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "models" / "lung_nodules" / "models" / "candidates.pt"
+SPACING = np.array([1.0, 1.0, 1.25])
+LUNG, SOFT = (-850.0 + 1000.0) / 1400.0, (30.0 + 1000.0) / 1400.0  # scaled to [0, 1]
+
+
+def _chest(seed: int = 0) -> np.ndarray:
+    """(X, Y, Z) = (160, 120, 80) at 1 x 1 x 1.25 mm: a body with two noisy lungs."""
+    rng = np.random.default_rng(seed)
+    image = np.full((160, 120, 80), SOFT, dtype=np.float32)
+    image[:, :, :] += rng.normal(0, 10 / 1400, image.shape).astype(np.float32)
+    image[:4], image[-4:], image[:, :4], image[:, -4:] = 0.0, 0.0, 0.0, 0.0  # air outside
+    for lo, hi in ((20, 72), (88, 140)):
+        image[lo:hi, 20:100, 8:72] = LUNG + rng.normal(0, 15 / 1400, (hi - lo, 80, 64))
+    return image
+
+
+def _ball(image: np.ndarray, centre: tuple[float, float, float], radius_mm: float,
+          value: float = SOFT) -> np.ndarray:
+    grids = np.ogrid[tuple(slice(0, n) for n in image.shape)]
+    dist2 = sum(((g - c) * mm) ** 2 for g, c, mm in zip(grids, centre, SPACING))
+    inside = dist2 <= radius_mm ** 2
+    image[inside] = value
+    return inside
+
+
+def _tube(image: np.ndarray, y: int, z: float, radius_mm: float, x: slice) -> None:
+    yy, zz = np.ogrid[0:image.shape[1], 0:image.shape[2]]
+    disc = ((yy - y) ** 2 + ((zz - z) * SPACING[2]) ** 2) <= radius_mm ** 2
+    image[x][:, disc] = SOFT
+
+
+def _candidates(image: np.ndarray):  # type: ignore[no-untyped-def]
+    return find_candidates(image, SPACING, lung_region(image, step=2), step=2)
+
+
+def test_a_nodule_is_a_candidate_a_thin_vessel_is_not() -> None:
+    image = _chest()
+    _ball(image, (45, 60, 40), 5.0)  # a 10 mm nodule in the right lung
+    _tube(image, 40, 20, 1.0, slice(92, 136))  # a 2 mm vessel in the left lung
+    cands = _candidates(image)
+    thick = np.flatnonzero(cands.thickness_mm >= 3.0)  # (thinner ones: corners of the box lungs)
+    assert len(thick) == 1
+    assert np.abs(cands.centres[thick[0]] - np.array([45, 60, 40])).max() <= 1
+    assert 4.0 <= cands.thickness_mm[thick[0]] <= 5.5
+    box = cands.box
+    near_vessel = (slice(92 - box[0].start, 136 - box[0].start), slice(38 - box[1].start, 43 - box[1].start),
+                   slice(17 - box[2].start, 24 - box[2].start))
+    assert not cands.cores[near_vessel].any()
+
+
+def test_the_outline_is_the_nodule_cut_free_of_a_thick_vessel() -> None:
+    image = _chest()
+    nodule = _ball(image, (45, 60, 40), 5.0)
+    _tube(image, 60, 40, 2.8, slice(50, 72))  # a 5.6 mm vessel touching it, running to the hilum
+    cands = _candidates(image)
+    index = int(np.argmax(cands.thickness_mm)) + 1
+    box, mask = cands.outline(index, SPACING)
+    outline = np.zeros(image.shape, dtype=bool)
+    outline[box] = mask
+    dice = 2 * (outline & nodule).sum() / (outline.sum() + nodule.sum())
+    assert dice >= 0.85, dice
+    assert not outline[62:72].any()  # the vessel beyond the nodule is not part of it
+
+
+def test_patches_keep_their_size_at_the_edges() -> None:
+    image = np.arange(20 * 20 * 10, dtype=np.uint8).reshape(20, 20, 10)
+    out = patches(image, np.array([[0, 0, 0], [10, 10, 5]]))
+    assert out.shape == (2, *PATCH)
+    assert out[0, 0, 0, 0] == image[0, 0, 0]  # edges replicated
+    assert out[1, PATCH[0] // 2, PATCH[1] // 2, PATCH[2] // 2] == image[10, 10, 5]
+
+
+def _run(image: np.ndarray, prob: np.ndarray, **kwargs: float) -> np.ndarray:
+    affine = torch.diag(torch.tensor([*SPACING, 1.0], dtype=torch.float64))
+    data = {"image": MetaTensor(torch.from_numpy(image)[None], affine=affine),
+            "pred": MetaTensor(torch.from_numpy(prob)[None], affine=affine)}
+    out = ClassifyCandidatesd(keys="pred", weights=WEIGHTS, **kwargs)(data)["pred"]
+    assert isinstance(out, MetaTensor)
+    return out[0].numpy()
+
+
+def test_the_classifier_adds_a_nodule_the_network_missed() -> None:
+    assert WEIGHTS.is_file(), "the committed classifier weights are missing"
+    image = _chest(1)
+    nodule = _ball(image, (45, 60, 40), 5.0)
+    out = _run(image, np.zeros_like(image))
+    found = out > 0.5
+    assert 2 * (found & nodule).sum() / (found.sum() + nodule.sum()) >= 0.85
+    assert (found & ~nodule).sum() <= 0.2 * nodule.sum()  # nothing else added
+
+
+class _Sure(torch.nn.Module):
+    """A stand-in classifier that scores every candidate ``logit``."""
+
+    def __init__(self, logit: float) -> None:
+        super().__init__()
+        self.logit = logit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.full((x.shape[0], 1), self.logit)
+
+
+def test_a_component_on_a_rejected_candidate_is_vetoed_others_kept() -> None:
+    image = _chest(2)
+    _ball(image, (45, 60, 40), 5.0)
+    prob = np.zeros_like(image)
+    prob[42:49, 57:64, 38:43] = 0.9  # the network marks the candidate
+    prob[100:103, 30:33, 20:23] = 0.9  # and a speck with no candidate (thin), in the lung
+    affine = torch.diag(torch.tensor([*SPACING, 1.0], dtype=torch.float64))
+    for logit, kept in ((-10.0, False), (0.0, True)):  # scores 0.00005 and 0.5: veto 0.2
+        transform = ClassifyCandidatesd(keys="pred", weights=WEIGHTS, accept=0.95, veto=0.2)
+        transform.net = _Sure(logit)
+        data = {"image": MetaTensor(torch.from_numpy(image)[None], affine=affine),
+                "pred": MetaTensor(torch.from_numpy(prob.copy())[None], affine=affine)}
+        out = transform(data)["pred"][0].numpy()
+        assert bool(out[42:49, 57:64, 38:43].max() > 0.5) == kept
+        assert out[100:103, 30:33, 20:23].min() == np.float32(0.9)  # no candidate: untouched
