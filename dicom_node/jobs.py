@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -47,7 +48,7 @@ class JobRunner:
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=worker_init,
                 initargs=(self.config.jobs.torch_threads, self.config.logging.level,
-                          self.config.logging.json_format),
+                          self.config.logging.json_format, os.getpid()),
             )
         return self._pool
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -110,8 +111,10 @@ def warm_up(plugins: list[tuple[str, str | None, dict[str, Any]]]) -> int:
     return os.getpid()
 
 
-def worker_init(torch_threads: int | None, log_level: str = "INFO", json_logs: bool = False) -> None:
-    """Process initialiser: logging like the parent's, thread settings for inference."""
+def worker_init(torch_threads: int | None, log_level: str = "INFO", json_logs: bool = False,
+                node_pid: int | None = None) -> None:
+    """Process initialiser: logging like the parent's, thread settings for inference;
+    the worker ends when the node ``node_pid`` (default: its parent now) is gone."""
     import torch
 
     from dicom_node.logs import setup_logging
@@ -121,6 +124,21 @@ def worker_init(torch_threads: int | None, log_level: str = "INFO", json_logs: b
     threads = torch_threads or max(1, os.cpu_count() or 1)
     torch.set_num_threads(threads)
     _no_numpy_huge_pages()
+    _exit_with_parent(node_pid or os.getppid())
+
+
+def _exit_with_parent(parent_pid: int, every_s: float = 1.0) -> None:
+    """End this worker when the node that started it is gone (killed with kill -9, say):
+    an orphaned worker would go on holding memory and CPU, or finish a job that the
+    restarted node has already requeued. A daemon thread checks the parent every second
+    (the node may die while this worker is still starting: then it ends at once)."""
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(every_s)
+        log.warning("analysis worker %d: the node (pid %d) is gone; exiting", os.getpid(), parent_pid)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _no_numpy_huge_pages() -> None:

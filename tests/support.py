@@ -63,6 +63,23 @@ def start_node(tmp_path: Path, **sections: Any) -> Any:
     return node
 
 
+def descendants(pid: int) -> set[int]:
+    """The pids of every process below ``pid`` (children, their children, ...), from /proc."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
 @dataclass
 class NodeProcess:
     """``dicom-node serve`` in a subprocess, as an admin would run it."""

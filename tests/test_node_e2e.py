@@ -28,6 +28,7 @@ from tests.support import (
     free_port,
     node_config,
     acknowledged_files,
+    descendants,
     require_tool,
     storescu,
 )
@@ -215,10 +216,17 @@ def test_kill9_mid_transfer_loses_nothing(tmp_path: Path, dest: StoreSCP, ct150:
     deadline = time.monotonic() + 60
     while len(list(spool.rglob("*.dcm"))) < 40 and time.monotonic() < deadline:
         time.sleep(0.02)
+    assert node.proc is not None
+    workers = descendants(node.proc.pid)  # acceptors, analysis workers
     node.kill9()
+    assert workers, "the node started no process"
     _, err = sender.communicate(timeout=60)
     acked = acknowledged_files(err)
     assert 40 <= len(acked) < 150, f"{len(acked)} acknowledged"
+    deadline = time.monotonic() + 15  # the killed node's processes end on their own
+    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()], "processes of the killed node left"
     node.start()
     try:
         stored = {p.stem for p in spool.rglob("*.dcm")}
