@@ -39,7 +39,7 @@ STRUCTURE = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity
 class Candidates:
     """Candidate cores of one image (X, Y, Z), inside the bounding box ``box``."""
 
-    box: tuple[slice, slice, slice]  # where the soft tissue is, in the full image
+    box: tuple[slice, ...]  # (X, Y, Z) where the soft tissue is, in the full image
     soft: np.ndarray  # bool, soft tissue inside the lungs, within ``box``
     cores: np.ndarray  # int32 component labels 1..count of the cores, within ``box``
     count: int
@@ -88,7 +88,7 @@ def find_candidates(image: np.ndarray, spacing: np.ndarray, lungs: np.ndarray,
     cores, count = ndimage.label(depth >= CORE_RADIUS_MM, structure=STRUCTURE)
     where = np.nonzero(cores)
     ids, values = cores[where], depth[where]
-    # by core, the thickest voxel last (of equals, the first in raster order, as ndimage picks)
+    # by core, the thickest voxel last (of equals, the first in raster order: deterministic)
     order = np.lexsort((-np.arange(len(ids)), values, ids))
     last = order[np.flatnonzero(np.diff(ids[order], append=count + 1))]
     centres = np.stack([axis[last] for axis in where], axis=1).astype(np.int64).reshape(-1, 3)
