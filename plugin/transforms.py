@@ -139,11 +139,12 @@ class InvertThresholdd(MapTransform):
         if plan is None:
             logger.debug("InvertThresholdd: unsupported inversion, using Invertd")
             return dict(self.fallback(d))
-        for key in self.key_iterator(d):
+        probs = {key: torch.as_tensor(d[key]).detach().cpu() for key in self.key_iterator(d)}
+        if any(p.ndim != 4 or p.shape[0] != 1 or tuple(p.shape[1:]) != plan.working_shape
+               for p in probs.values()):
+            return dict(self.fallback(d))  # before any key is converted (no key inverted twice)
+        for key, prob in probs.items():
             pred = d[key]
-            prob = torch.as_tensor(pred).detach().cpu()
-            if prob.ndim != 4 or prob.shape[0] != 1 or tuple(prob.shape[1:]) != plan.working_shape:
-                return dict(self.fallback(d))
             labels = plan.threshold_back(prob[0].float().numpy(), self.threshold)
             meta = {k: v for k, v in getattr(pred, "meta", {}).items()}
             meta["affine"] = torch.as_tensor(plan.source_affine, dtype=torch.float64)

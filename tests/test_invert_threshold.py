@@ -81,3 +81,19 @@ def test_unsupported_chains_fall_back_to_invertd() -> None:
 def test_threshold_must_be_positive() -> None:
     with pytest.raises(ValueError):
         InvertThresholdd("pred", transform=Compose([]), orig_keys="img", threshold=0.0)
+
+
+def test_one_key_it_cannot_take_sends_every_key_to_invertd_once() -> None:
+    image = _image((50, 48, 30), (0.7, 0.7, 1.25), ())
+    pre = Compose([Orientationd("img", "RAS"), ZoomSpacingd("img", (1.0, 1.0, 1.25))])
+    data = pre({"img": image})
+    data["pred"] = _prediction(data["img"], 4)
+    two = torch.cat([data["pred"].as_tensor(), data["pred"].as_tensor()])  # 2 channels: not for the fast path
+    data["both"] = MetaTensor(two, meta=dict(data["pred"].meta))
+    slow = Compose([Invertd(["pred", "both"], transform=pre, orig_keys="img", nearest_interp=False, to_tensor=True),
+                    AsDiscreted(["pred", "both"], threshold=0.5)])(
+        {**data, "pred": data["pred"].clone(), "both": data["both"].clone()})
+    fast = InvertThresholdd(["pred", "both"], transform=pre, orig_keys="img", threshold=0.5)(dict(data))
+    for key in ("pred", "both"):
+        assert fast[key].shape[1:] == image.shape[1:]
+        assert np.array_equal(np.asarray(slow[key]) > 0.5, np.asarray(fast[key]) > 0.5), key
