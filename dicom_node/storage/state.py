@@ -69,11 +69,14 @@ Row = dict[str, Any]
 class StateDB:
     """Thread-safe access to the state database."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, busy_timeout_s: float = 30.0) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.busy_timeout_s = busy_timeout_s
+        self._waiting_since: float | None = None
+        self._watch: threading.Thread | None = None
         try:
             self._conn = sqlite3.connect(
-                path, isolation_level=None, check_same_thread=False, timeout=30
+                path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_s
             )
             self._conn.row_factory = sqlite3.Row
             self._conn.execute("PRAGMA journal_mode=WAL")
@@ -110,11 +113,39 @@ class StateDB:
         if fd is None:
             yield
             return
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another process writes: wait, woken by the kernel
+            self._waiting_since = time.monotonic()
+            self._start_stall_watch()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            finally:
+                self._waiting_since = None
         try:
             yield
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _start_stall_watch(self) -> None:
+        """A daemon thread that reports, once per stall, a wait for the writer lock
+        longer than ``busy_timeout_s``: a writer that holds it and is stuck (stopped, or
+        in I/O on a hung disk) stalls every other process, and the log must say so."""
+        if self._watch is not None:
+            return
+
+        def watch() -> None:
+            reported: float | None = None
+            while self._writer_fd is not None:
+                since = self._waiting_since
+                if since is not None and since != reported and time.monotonic() - since > self.busy_timeout_s:
+                    log.error("state database: waiting %.0f s for another process's write lock; ingest in this "
+                              "process is stalled until it is released", time.monotonic() - since)
+                    reported = since
+                time.sleep(min(1.0, self.busy_timeout_s / 4))
+
+        self._watch = threading.Thread(target=watch, name="db-writer-watch", daemon=True)
+        self._watch.start()
 
     def close(self) -> None:
         """Close the connection."""
