@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from monai.data.utils import affine_to_spacing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bundle_runner import BUNDLE_ROOT, make_metatensor
@@ -55,7 +56,7 @@ def phantom_patches(seed: int, prep: object) -> tuple[np.ndarray, np.ndarray]:
     })
     image = data["image"][0].numpy().astype(np.float32)
     label = data["label"][0].numpy() >= 0.5
-    spacing = np.sqrt((np.asarray(data["image"].affine)[:3, :3] ** 2).sum(axis=0))
+    spacing = np.asarray(affine_to_spacing(np.asarray(data["image"].affine, dtype=np.float64), r=3))
     cands = find_candidates(image, spacing, lung_region(image, step=2), step=2)
     positive = np.zeros(cands.count + 1, dtype=bool)
     positive[np.unique(cands.cores[label[cands.box]])] = True

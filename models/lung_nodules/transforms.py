@@ -1,6 +1,8 @@
 """Postprocessing specific to the lung-nodule bundle.
 
-``KeepInLungsd`` drops predicted components that lie mostly outside the lungs. It
+The bundle uses ``ClassifyCandidatesd`` (the second detector, below), which applies the
+lung gate and tube filter of ``KeepInLungsd`` itself; ``KeepInLungsd`` stays usable on
+its own. ``KeepInLungsd`` drops predicted components that lie mostly outside the lungs. It
 works at the network's working resolution, before ``Invertd``, on the preprocessed
 image (intensities scaled from [-1000, 400] HU to [0, 1]): the lungs are the air
 (below -500 HU) not connected to the outside of the body, with holes filled slice by
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
+from monai.data.utils import affine_to_spacing
 from monai.transforms import MapTransform
 from scipy import ndimage
 
@@ -114,18 +117,13 @@ class KeepInLungsd(MapTransform):
                 continue
             drop = outside_or_tubular(components, count, region, self.step, _spacing(pred),
                                       self.min_inside, self.max_elongation)
-            drop[0] = False
             if drop.any():
-                mask = torch.from_numpy(~drop[components])[None].to(pred.dtype)
-                kept = torch.as_tensor(pred) * mask
-                d[key] = MetaTensor(kept, meta=pred.meta, applied_operations=pred.applied_operations) \
-                    if isinstance(pred, MetaTensor) else kept
+                d[key] = _as_pred(np.where(drop[components], 0, array).astype(array.dtype), pred)
         return d
 
 
 def _spacing(pred: torch.Tensor) -> np.ndarray:
-    affine = np.asarray(getattr(pred, "affine", np.eye(4)), dtype=np.float64)
-    return np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    return np.asarray(affine_to_spacing(np.asarray(getattr(pred, "affine", np.eye(4)), dtype=np.float64), r=3))
 
 
 def _as_pred(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
