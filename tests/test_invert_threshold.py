@@ -16,7 +16,8 @@ from monai.transforms import (
 )
 from scipy import ndimage
 
-from plugin.transforms import InvertThresholdd, ZoomSpacingd
+from plugin.inversion import InvertThresholdd
+from plugin.transforms import ZoomSpacingd
 
 
 def _image(shape: tuple[int, int, int], spacing: tuple[float, float, float], flips: tuple[int, ...]) -> MetaTensor:
