@@ -113,6 +113,18 @@ class SharedSocketServer(ThreadedAssociationServer):
         self._tickets[address] = ticket
         return client, address
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Start the connection's thread; if that fails (no thread can be started),
+        release its ticket, so that it does not count against ``max_associations``
+        for as long as this acceptor lives."""
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            ticket = self._tickets.pop(client_address, None)
+            if ticket is not None:
+                ticket.release()
+            raise
+
     def finish_request(self, request: Any, client_address: Any) -> None:
         """Hand the connection's ticket to its association (released when it ends)."""
         ticket = self._tickets.pop(client_address, None)
