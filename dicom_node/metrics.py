@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -13,6 +14,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self._listener_seen: dict[str, int] = {}
+        self._scrape_lock = threading.Lock()  # scrapes may come from several HTTP threads at once
         self.associations = Counter(
             "dicomnode_associations_total", "Associations by outcome", ["outcome"], registry=self.registry
         )
@@ -41,28 +43,31 @@ class Metrics:
         """Count what acceptor processes counted (cumulative totals from the board).
 
         Only the increase since the last call is added, so calling it at every scrape
-        is right; the totals never go down (a restarted acceptor keeps its row).
+        is right, from any number of threads at once; the totals never go down (a
+        restarted acceptor keeps its row).
         """
-        seen = self._listener_seen
-        for name, total in totals.items():
-            delta = total - seen.get(name, 0)
-            if delta <= 0:
-                continue
-            kind, _, label = name.partition(":")
-            if kind == "association":
-                self.associations.labels(label).inc(delta)
-            elif kind == "instance":
-                self.instances.labels(label).inc(delta)
-            elif kind == "bytes":
-                self.bytes.inc(delta)
-        self._listener_seen = dict(totals)
+        with self._scrape_lock:
+            seen = self._listener_seen
+            for name, total in totals.items():
+                delta = total - seen.get(name, 0)
+                if delta <= 0:
+                    continue
+                kind, _, label = name.partition(":")
+                if kind == "association":
+                    self.associations.labels(label).inc(delta)
+                elif kind == "instance":
+                    self.instances.labels(label).inc(delta)
+                elif kind == "bytes":
+                    self.bytes.inc(delta)
+                seen[name] = total
 
     def refresh(self, counts: dict[str, dict[str, int]]) -> None:
         """Update the state gauges from the database counts (called at scrape time)."""
-        self.states.clear()
-        for kind, by_state in counts.items():
-            for state, n in by_state.items():
-                self.states.labels(kind, state).set(n)
+        with self._scrape_lock:
+            self.states.clear()
+            for kind, by_state in counts.items():
+                for state, n in by_state.items():
+                    self.states.labels(kind, state).set(n)
         jobs, deliveries = counts.get("jobs", {}), counts.get("deliveries", {})
         self.queue_depth.set(jobs.get("queued", 0) + jobs.get("running", 0) + deliveries.get("pending", 0))
 
