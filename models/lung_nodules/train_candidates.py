@@ -1,17 +1,22 @@
 """Train the nodule-candidate classifier (``models/candidates.pt``) on generated phantoms (CPU).
 
-    nice -n 15 python models/lung_nodules/train_candidates.py     # about 30 min on 2 cores
+    nice -n 15 python models/lung_nodules/train_candidates.py     # about 50 min on 2 cores
 
 Seeded and reproducible. Phantoms: :func:`dicom_node.synthetic.chest_phantom.make_chest_phantom`
-with seeds 600-719 (3-8 nodules of 4-30 mm each, random scanner geometry), which no
-other training stage and no evaluation uses (``evaluate.py``: 9000+). Each phantom goes
-through the bundle's own preprocessing (``train.bundle_preprocessing``); its candidates
-are found exactly as at inference (:func:`candidates.find_candidates` on the lung gate of
-:func:`transforms.lung_region`). A candidate whose core touches a nodule of the ground
-truth is a positive. All positives, every thick or large negative (thickness >= 3 mm or
-core >= 20 mm^3: the vessel segments and branchings that look like nodules) and 80
-other negatives per phantom are kept. The patches of each phantom are cached in
-``--work`` so that an interrupted run resumes.
+with seeds 600-719 (3-8 nodules of 4-30 mm each, random scanner geometry) and 720-979
+(the same, at 2.5, 3 or 5 mm slices, where thick vessel segments look most like
+nodules), which no other training stage and no evaluation uses (``evaluate.py``: 9000+).
+Each phantom goes through the bundle's own preprocessing (``train.bundle_preprocessing``);
+its candidates are found exactly as at inference (:func:`candidates.find_candidates` on
+the lung gate of :func:`transforms.lung_region`). A candidate is a positive when the
+patch's centre (its thickest point) lies within ``POSITIVE_MM`` of a nodule of the ground
+truth. A candidate whose core touches a nodule but whose centre lies farther away (a
+vessel or the chest wall merged with the nodule's core) is left out up to
+``AMBIGUOUS_MM`` and a negative beyond. All positives, every thick or large negative
+(thickness >= 3 mm or core >= 20 mm^3: the vessel segments and branchings that look like
+nodules) and 80 other negatives per phantom are kept. The patches of each phantom are
+cached in ``--work`` so that an interrupted run resumes; ``--jobs`` generates phantoms
+in parallel.
 """
 
 from __future__ import annotations
@@ -19,13 +24,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 from monai.data.utils import affine_to_spacing
+from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bundle_runner import BUNDLE_ROOT, make_metatensor
@@ -37,16 +45,23 @@ from dicom_node.synthetic.chest_phantom import make_chest_phantom
 
 LOG = logging.getLogger("train_candidates")
 SEEDS = range(600, 720)
+THICK_SEEDS = range(720, 980)
+THICK_SLICES_MM = (2.5, 3.0, 5.0)
+POSITIVE_MM = 1.0
+AMBIGUOUS_MM = 5.0
 EASY_NEGATIVES = 80
 BATCH = 64
 POSITIVE_SHARE = 0.25  # of each batch
+LOG_FORMAT = "%(asctime)s %(message)s"
 
 
 def phantom_patches(seed: int, prep: object) -> tuple[np.ndarray, np.ndarray]:
     """(patches uint8 (N, X, Y, Z), labels (N,)) of phantom ``seed``'s candidates."""
     assert seed < EVAL_SEED_MIN, "training must never use evaluation seeds"
     rng = np.random.default_rng(seed)
-    ph = make_chest_phantom(seed, n_nodules=int(rng.integers(3, 9)))
+    n_nodules = int(rng.integers(3, 9))
+    slice_mm = float(rng.choice(THICK_SLICES_MM)) if seed in THICK_SEEDS else None
+    ph = make_chest_phantom(seed, n_nodules=n_nodules, slice_spacing_mm=slice_mm)
     affine = ph.ras_affine()
     assert ph.lung_zyx is not None
     data = prep({  # type: ignore[operator]
@@ -58,33 +73,51 @@ def phantom_patches(seed: int, prep: object) -> tuple[np.ndarray, np.ndarray]:
     label = data["label"][0].numpy() >= 0.5
     spacing = np.asarray(affine_to_spacing(np.asarray(data["image"].affine, dtype=np.float64), r=3))
     cands = find_candidates(image, spacing, lung_region(image, step=2), step=2)
-    positive = np.zeros(cands.count + 1, dtype=bool)
-    positive[np.unique(cands.cores[label[cands.box]])] = True
-    positive[0] = False
+    touches = np.zeros(cands.count + 1, dtype=bool)
+    touches[np.unique(cands.cores[label[cands.box]])] = True
+    far = ndimage.distance_transform_edt(~label, sampling=spacing)[tuple(cands.centres.T)]
+    positive = far <= POSITIVE_MM
+    ambiguous = ~positive & touches[1:] & (far <= AMBIGUOUS_MM)
     ids = np.arange(1, cands.count + 1)
     size_mm3 = np.bincount(cands.cores.ravel(), minlength=cands.count + 1)[1:] * float(np.prod(spacing))
-    hard = ~positive[1:] & ((cands.thickness_mm >= 3.0) | (size_mm3 >= 20.0))
-    easy = ids[~positive[1:] & ~hard]
-    pick = np.concatenate([ids[positive[1:] | hard],
+    negative = ~positive & ~ambiguous
+    hard = negative & ((cands.thickness_mm >= 3.0) | (size_mm3 >= 20.0))
+    easy = ids[negative & ~hard]
+    pick = np.concatenate([ids[positive | hard],
                            rng.choice(easy, size=min(len(easy), EASY_NEGATIVES), replace=False)])
     pick.sort()
-    return patches(quantised(image), cands.centres[pick - 1]), positive[pick].astype(np.uint8)
+    return patches(quantised(image), cands.centres[pick - 1]), positive[pick - 1].astype(np.uint8)
 
 
-def collect(seeds: range, work: Path) -> tuple[np.ndarray, np.ndarray]:
+def _cache_path(work: Path, seed: int) -> Path:
+    return work / f"{seed}-centre.npz"  # "-centre": labelled by the centre's distance
+
+
+def _generate(seed: int, work: Path) -> None:
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stdout)
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    x, y = phantom_patches(seed, bundle_preprocessing())
+    path = _cache_path(work, seed)
+    np.savez(path.with_suffix(".tmp.npz"), x=x, y=y)
+    path.with_suffix(".tmp.npz").replace(path)
+    LOG.info("seed %d: %d candidates kept, %d positive (%.1f s)", seed, len(y), int(y.sum()),
+             time.perf_counter() - t0)
+
+
+def collect(seeds: list[int], work: Path, jobs: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """All phantoms' patches and labels, generated once per seed into ``work``."""
     work.mkdir(parents=True, exist_ok=True)
-    prep = bundle_preprocessing()
+    missing = [seed for seed in seeds if not _cache_path(work, seed).exists()]
+    if jobs > 1 and missing:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(_generate, missing, [work] * len(missing)))
+    else:
+        for seed in missing:
+            _generate(seed, work)
     xs, ys = [], []
     for seed in seeds:
-        path = work / f"{seed}.npz"
-        if not path.exists():
-            t0 = time.perf_counter()
-            x, y = phantom_patches(seed, prep)
-            np.savez(path, x=x, y=y)
-            LOG.info("seed %d: %d candidates kept, %d positive (%.1f s)", seed, len(y), int(y.sum()),
-                     time.perf_counter() - t0)
-        with np.load(path) as z:
+        with np.load(_cache_path(work, seed)) as z:
             xs.append(z["x"])
             ys.append(z["y"])
     return np.concatenate(xs), np.concatenate(ys)
@@ -133,22 +166,23 @@ def train(x: np.ndarray, y: np.ndarray, epochs: int, seed: int = 0) -> tuple[tor
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--first-seed", type=int, default=SEEDS.start)
-    ap.add_argument("--last-seed", type=int, default=SEEDS.stop - 1)
+    ap.add_argument("--jobs", type=int, default=2, help="phantoms generated in parallel")
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--work", type=Path, default=Path("/tmp/lung_nodules_candidates"))
     ap.add_argument("--out", type=Path, default=BUNDLE_ROOT / "models" / "candidates.pt")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stdout)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    x, y = collect(range(args.first_seed, args.last_seed + 1), args.work)
+    seeds = [*SEEDS, *THICK_SEEDS]
+    x, y = collect(seeds, args.work, args.jobs)
     LOG.info("%d patches, %d positive (%.0f s)", len(y), int(y.sum()), time.perf_counter() - t0)
     net, losses = train(x, y, args.epochs)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), args.out)
-    stats = {"seeds": [args.first_seed, args.last_seed], "patches": int(len(y)), "positives": int(y.sum()),
+    stats = {"seeds": [[SEEDS.start, SEEDS.stop - 1], [THICK_SEEDS.start, THICK_SEEDS.stop - 1]],
+             "positive_mm": POSITIVE_MM, "ambiguous_mm": AMBIGUOUS_MM, "patches": int(len(y)), "positives": int(y.sum()),
              "epochs": args.epochs, "losses": losses, "wall_s": round(time.perf_counter() - t0)}
     args.out.with_suffix(".json").write_text(json.dumps(stats, indent=2) + "\n")
     LOG.info("wrote %s: %s", args.out, json.dumps(stats))

@@ -140,8 +140,9 @@ class ClassifyCandidatesd(MapTransform):
     every nodule candidate with the candidate classifier and
 
     * drops a predicted component of ``keys`` whose candidates all score below ``veto``
-      (the classifier is sure it is no nodule: mostly vessel segments on thick slices);
-      components with no candidate at all (thinner than 5 mm) are left alone;
+      (the classifier does not confirm it: mostly vessel segments on thick slices; the
+      bundle uses 0.9, so a component the classifier doubts goes); components with no
+      candidate at all (thinner than 5 mm) are left alone;
     * adds the outline (:meth:`Candidates.outline`, probability 1) of each candidate
       scoring at least ``accept``: the nodules that the segmentation network misses or
       only marks with a speck. Where the network marks the nodule too, the finding is
