@@ -93,9 +93,13 @@ def _cache_path(work: Path, seed: int) -> Path:
     return work / f"{seed}-centre.npz"  # "-centre": labelled by the centre's distance
 
 
-def _generate(seed: int, work: Path) -> None:
+def _generator_init() -> None:
+    """A generating process: its own log output, one torch thread (the processes share the cores)."""
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stdout)
     torch.set_num_threads(1)
+
+
+def _generate(seed: int, work: Path) -> None:
     t0 = time.perf_counter()
     x, y = phantom_patches(seed, bundle_preprocessing())
     path = _cache_path(work, seed)
@@ -110,7 +114,8 @@ def collect(seeds: list[int], work: Path, jobs: int = 1) -> tuple[np.ndarray, np
     work.mkdir(parents=True, exist_ok=True)
     missing = [seed for seed in seeds if not _cache_path(work, seed).exists()]
     if jobs > 1 and missing:
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_generator_init) as pool:
             list(pool.map(_generate, missing, [work] * len(missing)))
     else:
         for seed in missing:
