@@ -30,6 +30,7 @@ from tests.support import (
     DCMTK_ENV,
     NodeProcess,
     acknowledged_files,
+    descendants,
     free_port,
     node_config,
     require_tool,
@@ -50,18 +51,6 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry.name))
-            except (OSError, ValueError):
-                continue
-    return found
 
 
 def _associate(port: int, title: str = "HOLDER") -> Association:
@@ -238,7 +227,7 @@ def test_killed_node_takes_its_acceptors_with_it_and_restarts_on_the_same_port(t
     proc = NodeProcess(cfg, tmp_path / "run").start()
     try:
         assert proc.proc is not None
-        acceptors = [pid for pid in _children(proc.proc.pid) if "dicom_node.net.acceptor"
+        acceptors = [pid for pid in descendants(proc.proc.pid) if "dicom_node.net.acceptor"
                      in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")]
         assert len(acceptors) == 2
         assert storescu(proc.port, series[:10]).returncode == 0
