@@ -64,6 +64,29 @@ def test_a_nodule_is_a_candidate_a_thin_vessel_is_not() -> None:
     assert not cands.cores[near_vessel].any()
 
 
+def test_a_nodule_on_a_thick_vessel_gets_its_own_candidate() -> None:
+    """Its core joins the vessel's, which ends in a thicker blob (the hilum): the core is
+    split at the vessel, so the nodule is a candidate centred on itself."""
+    image = _chest()
+    _ball(image, (30, 60, 40), 5.0)  # a 10 mm nodule
+    _tube(image, 60, 40, 3.2, slice(30, 62))  # on a 6.4 mm vessel
+    _ball(image, (62, 60, 40), 7.0)  # that ends in a 14 mm blob
+    cands = _candidates(image)
+    assert find_candidates(image, SPACING, lung_region(image, step=2), 2, split=False).count < cands.count
+    thick = np.flatnonzero(cands.thickness_mm >= 3.0)
+    nearest = np.abs(cands.centres[thick] - np.array([30, 60, 40])).max(axis=1)
+    assert nearest.min() <= 1, cands.centres[thick]
+    assert 4.0 <= cands.thickness_mm[thick[np.argmin(nearest)]] <= 5.5
+    assert len(thick) == 2  # the nodule and the blob; the vessel between them is neither
+
+
+def test_a_thick_vessel_is_one_candidate() -> None:
+    image = _chest()
+    _tube(image, 60, 40, 3.5, slice(24, 68))  # a 7 mm vessel across the right lung
+    cands = _candidates(image)
+    assert np.count_nonzero(cands.thickness_mm >= 3.0) == 1
+
+
 def test_the_outline_is_the_nodule_cut_free_of_a_thick_vessel() -> None:
     image = _chest()
     nodule = _ball(image, (45, 60, 40), 5.0)

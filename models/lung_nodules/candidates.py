@@ -8,7 +8,10 @@ shape (candidate generation, then false-positive reduction):
   inside the lungs, and of that only what is at least ``CORE_RADIUS_MM`` thick (the
   Euclidean distance to the nearest non-soft-tissue voxel). Thin vessels vanish; every
   solid nodule of 5 mm or more keeps a core, and so do thick vessel segments and
-  branchings, which is why there are about 150-350 candidates per chest.
+  branchings, which is why there are about 150-350 candidates per chest. A core that
+  holds several blobs (a nodule on a thick vessel that runs on to the hilum) is split
+  into one core per blob (:func:`split_cores`), so that nodule gets a candidate centred
+  on itself instead of being a corner of the vessel tree's.
 * **The classifier** (:func:`build_classifier`, a MONAI ``Classifier``) looks at a
   32 x 32 x 24 voxel patch (about 32 x 32 x 30 mm) of the scaled image centred on each
   candidate's thickest point and gives the probability that it is a nodule.
@@ -30,6 +33,7 @@ from scipy import ndimage
 
 SOFT_SCALED = (-450.0 + 1000.0) / 1400.0  # -450 HU on the bundle's [-1000, 400] scale
 CORE_RADIUS_MM = 2.5
+SPLIT_MM = 1.0  # a blob on a core at least this much thicker than where it joins the rest is split off
 OUTLINE_REACH = 1.5  # an outline stays within 1.5 x the core's thickness (+1 mm) of its centre
 PATCH = (32, 32, 24)  # voxels (X, Y, Z) at the working resolution (1 x 1 x 1.25 mm)
 STRUCTURE = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity
@@ -70,7 +74,7 @@ class Candidates:
 
 
 def find_candidates(image: np.ndarray, spacing: np.ndarray, lungs: np.ndarray,
-                    step: int) -> Candidates:
+                    step: int, split: bool = True) -> Candidates:
     """Candidate cores in ``image`` (X, Y, Z, scaled to [0, 1]) with voxel ``spacing``
     (mm); ``lungs`` is a lung gate on every ``step``-th voxel
     (:func:`transforms.lung_region`)."""
@@ -86,15 +90,99 @@ def find_candidates(image: np.ndarray, spacing: np.ndarray, lungs: np.ndarray,
     padded = np.pad(soft, 1)  # outside the box is not soft tissue
     depth = ndimage.distance_transform_edt(padded, sampling=spacing)[1:-1, 1:-1, 1:-1]
     cores, count = ndimage.label(depth >= CORE_RADIUS_MM, structure=STRUCTURE)
-    where = np.nonzero(cores)
-    ids, values = cores[where], depth[where]
-    # by core, the thickest voxel last (of equals, the first in raster order: deterministic)
-    order = np.lexsort((-np.arange(len(ids)), values, ids))
-    last = order[np.flatnonzero(np.diff(ids[order], append=count + 1))]
-    centres = np.stack([axis[last] for axis in where], axis=1).astype(np.int64).reshape(-1, 3)
-    thickness = values[last].astype(np.float64)
+    if split:
+        cores, count = split_cores(depth, cores, count, spacing)
+    centres, thickness = _thickest(cores, depth, count)
     centres += np.array([s.start for s in box], dtype=np.int64)
     return Candidates(box, soft, cores.astype(np.int32), count, centres, thickness)
+
+
+def split_cores(depth: np.ndarray, cores: np.ndarray, count: int,
+                spacing: np.ndarray) -> tuple[np.ndarray, int]:
+    """``cores`` (labels 1..count of ``depth >= CORE_RADIUS_MM``) with every core that
+    holds more than one blob split into one core per blob; returns (labels, new count).
+
+    A blob is a maximum of ``depth`` (mm) whose dynamic is at least ``SPLIT_MM``: to
+    reach a thicker part of its core one must descend at least that far (a nodule on a
+    vessel: its radius minus the vessel's). The maxima along a tube differ by less, so
+    a vessel tree stays one core. Each voxel of a split core goes to the blob whose
+    surface is nearest (:func:`_nearest_blob`), so each blob's thickest voxel, the
+    candidate's centre, is its own maximum."""
+    boxes = ndimage.find_objects(cores)
+    out = cores.astype(np.int32)
+    next_label = count
+    for label in np.flatnonzero(_thickest(cores, depth, count)[1] >= CORE_RADIUS_MM + SPLIT_MM) + 1:
+        box = boxes[label - 1]
+        assert box is not None
+        mine = cores[box] == label
+        local = np.where(mine, depth[box], 0.0)
+        peaks = _blob_peaks(local)
+        if len(peaks) < 2:
+            continue
+        basins = _nearest_blob(mine, peaks, local, spacing)
+        region = out[box]
+        for n in range(1, len(peaks)):
+            next_label += 1
+            region[mine & (basins == n)] = next_label
+    return out, next_label
+
+
+def _nearest_blob(mine: np.ndarray, peaks: list[tuple[int, ...]], local: np.ndarray,
+                  spacing: np.ndarray) -> np.ndarray:
+    """For each voxel of ``mine``, the index into ``peaks`` of the blob whose ball (centre
+    the peak, radius its depth) has the nearest surface (an additively weighted Voronoi split)."""
+    where = np.nonzero(mine)
+    points = np.stack(where, axis=1) * spacing
+    gaps = np.stack([np.linalg.norm(points - np.asarray(peak) * spacing, axis=1) - local[peak]
+                     for peak in peaks], axis=1)
+    out = np.full(mine.shape, -1, dtype=np.int32)
+    out[where] = np.argmin(gaps, axis=1)
+    for index, peak in enumerate(peaks):
+        out[peak] = index  # each blob keeps at least its own maximum
+    return out
+
+
+def _blob_peaks(local: np.ndarray) -> list[tuple[int, ...]]:
+    """Positions of the maxima of ``local`` (a core's depth, 0 outside it) whose dynamic
+    is at least ``SPLIT_MM``, thickest first; found by lowering a threshold in steps of
+    ``SPLIT_MM / 4``: a new component holds a new maximum, and a maximum meeting a
+    thicker one at a level less than ``SPLIT_MM`` below its own depth is dropped."""
+    positions: list[tuple[int, ...]] = []  # thickest first: found at ever lower levels
+    depths: list[float] = []
+    settled: list[bool] = []  # has met a thicker maximum
+    dropped: list[bool] = []
+    for level in np.arange(float(local.max()), CORE_RADIUS_MM - 1e-6, -SPLIT_MM / 4.0):
+        labels, n = ndimage.label(local >= level, structure=STRUCTURE)
+        owned = np.zeros(n + 1, dtype=bool)
+        for index, position in enumerate(positions):
+            component = labels[position]
+            if not owned[component]:
+                owned[component] = True
+            elif not settled[index]:
+                settled[index] = True
+                dropped[index] = depths[index] - level < SPLIT_MM
+        fresh = np.flatnonzero(~owned[1:])  # 0-based
+        if not len(fresh):
+            continue
+        tops, values = _thickest(labels, local, n)
+        for index in fresh[np.argsort(-values[fresh], kind="stable")]:
+            positions.append(tuple(int(i) for i in tops[index]))
+            depths.append(float(values[index]))
+            settled.append(False)
+            dropped.append(False)
+    return [position for position, gone in zip(positions, dropped) if not gone]
+
+
+def _thickest(labels: np.ndarray, values: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each label 1..``count`` of ``labels`` (all present): the index (count, 3) of
+    its voxel of largest ``values`` (of equals, the first in raster order:
+    deterministic) and that value (count,)."""
+    where = np.nonzero(labels)
+    ids, found = labels[where], values[where]
+    order = np.lexsort((-np.arange(len(ids)), found, ids))
+    last = order[np.flatnonzero(np.diff(ids[order], append=count + 1))]
+    return (np.stack([axis[last] for axis in where], axis=1).astype(np.int64).reshape(-1, 3),
+            found[last].astype(np.float64))
 
 
 def quantised(image: np.ndarray) -> np.ndarray:

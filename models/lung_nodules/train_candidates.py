@@ -90,7 +90,7 @@ def phantom_patches(seed: int, prep: object) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _cache_path(work: Path, seed: int) -> Path:
-    return work / f"{seed}-centre.npz"  # "-centre": labelled by the centre's distance
+    return work / f"{seed}-blobs.npz"  # "-blobs": cores split into blobs, labelled by the centre's distance
 
 
 def _generator_init() -> None:
