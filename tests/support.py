@@ -17,6 +17,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_FIXTURES = REPO.parent / "shared" / "fixtures"  # the shared/ folder beside the checkout
+REAL_CT = SHARED_FIXTURES / "dicom" / "real_ct_3slice"  # three real CT slices, a SEG and an SR (dcmqi)
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 

@@ -15,11 +15,9 @@ from pydicom.uid import SegmentationStorage
 from dicom_node.errors import EncodeError
 from dicom_node.results import encode_sr
 from dicom_node.results.common import node_version
-from tests.support import SHARED_FIXTURES
+from tests.support import REAL_CT
 
 from tests import results_support as rs
-
-REAL_CT = SHARED_FIXTURES / "dicom" / "real_ct_3slice"
 
 
 @pytest.fixture(scope="module")

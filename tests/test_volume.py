@@ -34,9 +34,8 @@ from dicom_node.synthetic.ct_writer import (
     write_ct_series,
 )
 from plugin.types import LPS_TO_RAS, SeriesCriteria, Volume
-from tests.support import SHARED_FIXTURES
+from tests.support import REAL_CT
 
-REAL_CT = SHARED_FIXTURES / "dicom" / "real_ct_3slice"
 SLICES, ROWS, COLUMNS = 20, 32, 32
 
 
