@@ -141,7 +141,7 @@ class ClassifyCandidatesd(MapTransform):
 
     * drops a predicted component of ``keys`` whose candidates all score below ``veto``
       (the classifier does not confirm it: mostly vessel segments on thick slices; the
-      bundle uses 0.9, so a component the classifier doubts goes); components with no
+      default and the bundle's 0.9 drop a component the classifier doubts); components with no
       candidate at all (thinner than 5 mm) are left alone;
     * adds the outline (:meth:`Candidates.outline`, probability 1) of each candidate
       scoring at least ``accept``: the nodules that the segmentation network misses or
@@ -151,7 +151,7 @@ class ClassifyCandidatesd(MapTransform):
     Runs at the working resolution, on the preprocessed image, before the inversion."""
 
     def __init__(self, keys: KeysCollection, weights: str | Path, image_key: str = "image",
-                 accept: float = 0.95, veto: float = 0.2,
+                 accept: float = 0.95, veto: float = 0.9,
                  min_inside: float | None = None, max_elongation: float | None = None,
                  threshold: float = 0.5, step: int = 2, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
