@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
-from models.lung_nodules.candidates import PATCH, find_candidates, patches
+from models.lung_nodules.candidates import PATCH, build_classifier, find_candidates, patches, quantised, score
 from models.lung_nodules.transforms import ClassifyCandidatesd, lung_region
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "models" / "lung_nodules" / "models" / "candidates.pt"
@@ -107,6 +107,21 @@ def test_patches_keep_their_size_at_the_edges() -> None:
     assert out.shape == (2, *PATCH)
     assert out[0, 0, 0, 0] == image[0, 0, 0]  # edges replicated
     assert out[1, PATCH[0] // 2, PATCH[1] // 2, PATCH[2] // 2] == image[10, 10, 5]
+
+
+def test_a_mirrored_score_does_not_depend_on_which_way_the_patch_faces() -> None:
+    net = build_classifier()
+    net.load_state_dict(torch.load(str(WEIGHTS), map_location="cpu", weights_only=True))
+    net.eval()
+    image = _chest(3)
+    _ball(image, (45, 60, 40), 4.0)
+    _tube(image, 62, 40, 2.8, slice(49, 72))
+    cands = _candidates(image)
+    batch = patches(quantised(image), cands.centres)
+    mirror = np.ascontiguousarray(batch[:, ::-1, :, ::-1])
+    assert np.allclose(score(net, batch), score(net, mirror), atol=1e-5)
+    plain, plain_mirror = score(net, batch, mirrored=False), score(net, mirror, mirrored=False)
+    assert not np.allclose(plain, plain_mirror, atol=1e-5)  # one view alone does depend on it
 
 
 def _run(image: np.ndarray, prob: np.ndarray, **kwargs: float) -> np.ndarray:

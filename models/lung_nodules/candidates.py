@@ -37,6 +37,7 @@ SPLIT_MM = 1.0  # a blob on a core at least this much thicker than where it join
 OUTLINE_REACH = 1.5  # an outline stays within 1.5 x the core's thickness (+1 mm) of its centre
 PATCH = (32, 32, 24)  # voxels (X, Y, Z) at the working resolution (1 x 1 x 1.25 mm)
 STRUCTURE = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity
+MIRRORS = ((), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4))  # flipped axes of a (N, 1, X, Y, Z) batch
 
 
 @dataclass
@@ -212,11 +213,17 @@ def build_classifier() -> torch.nn.Module:
                       strides=(2, 2, 2, 2), num_res_units=1, norm="batch")
 
 
-def score(net: torch.nn.Module, patch_u8: np.ndarray, batch: int = 256) -> np.ndarray:
-    """Nodule probability of each uint8 patch."""
-    out = []
+def score(net: torch.nn.Module, patch_u8: np.ndarray, batch: int = 256,
+          mirrored: bool = True) -> np.ndarray:
+    """Nodule probability of each uint8 patch; with ``mirrored``, the mean over the
+    patch and its seven mirror images (flipped on every combination of axes, as in
+    training), which evens out the classifier's whims on single nodules."""
+    views = MIRRORS if mirrored else ((),)
+    total = np.zeros(len(patch_u8), dtype=np.float64)
     with torch.inference_mode():
         for start in range(0, len(patch_u8), batch):
             x = torch.from_numpy(patch_u8[start:start + batch].astype(np.float32) / 255.0)[:, None]
-            out.append(torch.sigmoid(net(x))[:, 0].numpy())
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+            for axes in views:
+                view = torch.flip(x, dims=axes) if axes else x
+                total[start:start + len(x)] += torch.sigmoid(net(view))[:, 0].double().numpy()
+    return (total / len(views)).astype(np.float32)

@@ -1,6 +1,6 @@
 """Train the nodule-candidate classifier (``models/candidates.pt``) on generated phantoms (CPU).
 
-    nice -n 15 python models/lung_nodules/train_candidates.py     # about 50 min on 2 cores
+    nice -n 15 python models/lung_nodules/train_candidates.py     # about 40 min on 2 cores
 
 Seeded and reproducible. Phantoms: :func:`dicom_node.synthetic.chest_phantom.make_chest_phantom`
 with seeds 600-719 (3-8 nodules of 4-30 mm each, random scanner geometry) and 720-979

@@ -140,18 +140,19 @@ class ClassifyCandidatesd(MapTransform):
     every nodule candidate with the candidate classifier and
 
     * drops a predicted component of ``keys`` whose candidates all score below ``veto``
-      (the classifier does not confirm it: mostly vessel segments on thick slices; the
-      default and the bundle's 0.9 drop a component the classifier doubts); components with no
-      candidate at all (thinner than 5 mm) are left alone;
+      (the classifier does not confirm it: mostly vessel segments on thick slices);
+      components with no candidate at all (thinner than 5 mm) are left alone;
     * adds the outline (:meth:`Candidates.outline`, probability 1) of each candidate
       scoring at least ``accept``: the nodules that the segmentation network misses or
       only marks with a speck. Where the network marks the nodule too, the finding is
       the union of both (on validation phantoms that outlined nodules better than either).
 
-    Runs at the working resolution, on the preprocessed image, before the inversion."""
+    A score is the mean over the patch and its mirror images (``mirrored``, see
+    :func:`candidates.score`). The defaults are the bundle's settings. Runs at the
+    working resolution, on the preprocessed image, before the inversion."""
 
     def __init__(self, keys: KeysCollection, weights: str | Path, image_key: str = "image",
-                 accept: float = 0.95, veto: float = 0.9,
+                 accept: float = 0.7, veto: float = 0.5, mirrored: bool = True,
                  min_inside: float | None = None, max_elongation: float | None = None,
                  threshold: float = 0.5, step: int = 2, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -159,7 +160,7 @@ class ClassifyCandidatesd(MapTransform):
         self.net.load_state_dict(torch.load(str(weights), map_location="cpu", weights_only=True))
         self.net.eval()
         self.image_key = image_key
-        self.accept, self.veto = accept, veto
+        self.accept, self.veto, self.mirrored = accept, veto, mirrored
         self.min_inside, self.max_elongation = min_inside, max_elongation
         self.threshold, self.step = threshold, step
 
@@ -179,7 +180,7 @@ class ClassifyCandidatesd(MapTransform):
                           region: np.ndarray) -> tuple[Candidates, np.ndarray]:
         """The candidates of ``image`` and the classifier's score of each."""
         cands = find_candidates(image, spacing, region, self.step)
-        return cands, score(self.net, patches(quantised(image), cands.centres))
+        return cands, score(self.net, patches(quantised(image), cands.centres), mirrored=self.mirrored)
 
     def merge(self, prob: np.ndarray, cands: Candidates, scores: np.ndarray,
               spacing: np.ndarray, region: np.ndarray) -> np.ndarray:
