@@ -11,7 +11,14 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
-from models.lung_nodules.candidates import PATCH, build_classifier, find_candidates, patches, quantised, score
+from models.lung_nodules.candidates import (
+    PATCH,
+    build_classifier,
+    find_candidates,
+    patches,
+    quantised,
+    score,
+)
 from models.lung_nodules.transforms import ClassifyCandidatesd, lung_region
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "models" / "lung_nodules" / "models" / "candidates.pt"
