@@ -107,8 +107,15 @@ def split_cores(depth: np.ndarray, cores: np.ndarray, count: int,
     reach a thicker part of its core one must descend at least that far (a nodule on a
     vessel: its radius minus the vessel's). The maxima along a tube differ by less, so
     a vessel tree stays one core. Each voxel of a split core goes to the blob whose
-    surface is nearest (:func:`_nearest_blob`), so each blob's thickest voxel, the
-    candidate's centre, is its own maximum."""
+    surface is nearest (:func:`_nearest_blob`); a candidate's centre stays the thickest
+    voxel of its share.
+
+    Known flaws, kept because the committed classifier was trained on exactly these
+    candidates (see the bundle README, "Limits"): a blob's share can include a stretch
+    of vessel thicker than the blob, which then holds its centre; the dynamic is
+    measured in steps of ``SPLIT_MM / 4`` from the core's maximum, and the sweep may
+    stop up to that step above ``CORE_RADIUS_MM``, so a bump joined by a neck thinner
+    than the last level is kept as a blob whatever its dynamic."""
     boxes = ndimage.find_objects(cores)
     out = cores.astype(np.int32)
     next_label = count
@@ -216,8 +223,8 @@ def build_classifier() -> torch.nn.Module:
 def score(net: torch.nn.Module, patch_u8: np.ndarray, batch: int = 256,
           mirrored: bool = True) -> np.ndarray:
     """Nodule probability of each uint8 patch; with ``mirrored``, the mean over the
-    patch and its seven mirror images (flipped on every combination of axes, as in
-    training), which evens out the classifier's whims on single nodules."""
+    patch and its seven mirror images (flipped on every combination of axes, like the
+    flips of training), which evens out the classifier's whims on single nodules."""
     views = MIRRORS if mirrored else ((),)
     total = np.zeros(len(patch_u8), dtype=np.float64)
     with torch.inference_mode():
