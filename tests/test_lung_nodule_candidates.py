@@ -13,8 +13,8 @@ from monai.data import MetaTensor
 
 from models.lung_nodules.candidates import (
     PATCH,
-    build_classifier,
     find_candidates,
+    load_classifier,
     patches,
     quantised,
     score,
@@ -117,9 +117,7 @@ def test_patches_keep_their_size_at_the_edges() -> None:
 
 
 def test_a_mirrored_score_does_not_depend_on_which_way_the_patch_faces() -> None:
-    net = build_classifier()
-    net.load_state_dict(torch.load(str(WEIGHTS), map_location="cpu", weights_only=True))
-    net.eval()
+    net = load_classifier(WEIGHTS)
     image = _chest(3)
     _ball(image, (45, 60, 40), 4.0)
     _tube(image, 62, 40, 2.8, slice(49, 72))

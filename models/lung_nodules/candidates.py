@@ -25,6 +25,7 @@ it in the bundle's postprocessing.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -218,6 +219,14 @@ def build_classifier() -> torch.nn.Module:
     """The candidate classifier: a small MONAI ``Classifier`` (one logit, nodule)."""
     return Classifier(in_shape=(1, *PATCH), classes=1, channels=(8, 16, 32, 32),
                       strides=(2, 2, 2, 2), num_res_units=1, norm="batch")
+
+
+def load_classifier(weights: str | Path) -> torch.nn.Module:
+    """The candidate classifier with the ``state_dict`` at ``weights``, on the CPU, in eval mode."""
+    net = build_classifier()
+    net.load_state_dict(torch.load(str(weights), map_location="cpu", weights_only=True))
+    net.eval()
+    return net
 
 
 def score(net: torch.nn.Module, patch_u8: np.ndarray, batch: int = 256,

@@ -25,7 +25,7 @@ from monai.data.utils import affine_to_spacing
 from monai.transforms import MapTransform
 from scipy import ndimage
 
-from models.lung_nodules.candidates import Candidates, build_classifier, find_candidates, patches, quantised, score
+from models.lung_nodules.candidates import Candidates, find_candidates, load_classifier, patches, quantised, score
 
 AIR_SCALED = (-500.0 + 1000.0) / 1400.0  # -500 HU after ScaleIntensityRanged [-1000, 400] -> [0, 1]
 
@@ -156,9 +156,7 @@ class ClassifyCandidatesd(MapTransform):
                  min_inside: float | None = None, max_elongation: float | None = None,
                  threshold: float = 0.5, step: int = 2, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.net = build_classifier()
-        self.net.load_state_dict(torch.load(str(weights), map_location="cpu", weights_only=True))
-        self.net.eval()
+        self.net = load_classifier(weights)
         self.image_key = image_key
         self.accept, self.veto, self.mirrored = accept, veto, mirrored
         self.min_inside, self.max_elongation = min_inside, max_elongation
