@@ -16,8 +16,9 @@ import numpy as np
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_FIXTURES = REPO.parent / "shared" / "fixtures"  # the shared/ folder beside the checkout
-REAL_CT = SHARED_FIXTURES / "dicom" / "real_ct_3slice"  # three real CT slices, a SEG and an SR (dcmqi)
+FIXTURES = REPO / "tests" / "fixtures"  # third-party test material, each part with its NOTICE
+REAL_CT = FIXTURES / "dicom" / "real_ct_3slice"  # three real CT slices, a SEG and an SR (dcmqi)
+BUNDLE_FIXTURES = FIXTURES / "monai_bundles"  # Model Zoo bundle configs (no weights)
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 

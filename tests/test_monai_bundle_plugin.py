@@ -35,9 +35,9 @@ from monai.data.meta_tensor import MetaTensor
 from dicom_node.errors import PluginError
 from plugin.monai_bundle import MonaiBundlePlugin, create
 from plugin.types import Volume
-from tests.support import SHARED_FIXTURES
+from tests.support import BUNDLE_FIXTURES
 
-FIXTURE = SHARED_FIXTURES / "monai_bundles" / "spleen_ct_segmentation"
+FIXTURE = BUNDLE_FIXTURES / "spleen_ct_segmentation"
 SPLEEN = ("78961009", "SCT", "Spleen")
 THRESHOLD_NET = {
     "_target_": "torch.nn.Conv3d",
