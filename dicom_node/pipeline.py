@@ -196,7 +196,7 @@ def run_job(spec: JobSpec) -> JobOutcome:
         findings = plugin.analyse(volume)
     for name, seconds in getattr(findings, "timings", {}).items():
         t[f"analyse.{name}"] = float(seconds)
-    outcome.findings = len(findings.findings)
+    outcome.findings = findings.count
     seg_number, sr_number = result_series_numbers(spec.revision)
     folder = spec.results_dir / str(spec.job_id)
     datasets: list[tuple[str, Dataset]] = []

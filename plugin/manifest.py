@@ -22,6 +22,25 @@ DICOM. ``manifest.yaml`` fills that gap without code::
         site: {scheme: SCT, value: "39607008", meaning: "Lung"}
         color: [255, 64, 64]
 
+A detection bundle (boxes with scores, e.g. the Model Zoo's ``lung_nodule_ct_detection``)
+says ``kind: detection``; its ``labels`` are keyed by the detector's class index (from 0)
+and ``detection`` sets the score threshold and the most findings kept::
+
+    kind: detection
+    detection: {score_threshold: 0.5, max_findings: 10}
+    labels:
+      0: {name: Nodule, category: ..., type: ...}
+
+Further keys for Model Zoo bundles run unchanged:
+
+* ``overrides``: bundle config values replaced at parse time, as MONAI's own
+  ``--key value`` overrides (e.g. ``infer_patch_size: [192, 192, 80]``);
+* ``requires``: Python distributions the bundle needs (default: the ``metadata.json``
+  ``required_packages_version`` list), checked when the plugin is created;
+* a label's ``modifier`` (e.g. laterality, SCT 24028007 "Right") and its ``role``:
+  ``finding`` (measured with axes and outlines) or ``structure`` (an organ: its volume
+  and mean attenuation only).
+
 Unknown keys are errors; every error names the file and the key.
 """
 
@@ -30,7 +49,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -38,6 +57,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -110,6 +130,8 @@ class LabelSpec(_Strict):
     category: CodeSpec
     type: CodeSpec
     site: CodeSpec | None = None
+    modifier: CodeSpec | None = None  # Segmented Property Type Modifier, e.g. laterality
+    role: Literal["finding", "structure"] = "finding"
     color: tuple[int, int, int] = (255, 0, 0)
 
     @field_validator("color")
@@ -126,7 +148,18 @@ class LabelSpec(_Strict):
             type=self.type.code(),
             site=self.site.code() if self.site is not None else None,
             color_rgb=self.color,
+            modifier=self.modifier.code() if self.modifier is not None else None,
         )
+
+
+class DetectionSpec(_Strict):
+    """How a detection bundle's boxes become findings."""
+
+    score_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    max_findings: int = Field(default=10, ge=1, le=1000)
+    # how the bundle's postprocessing gives its boxes (see plugin.boxes)
+    box_mode: Literal["cccwhd", "xyzxyz"] = "cccwhd"
+    box_coordinates: Literal["LPS", "RAS"] = "LPS"
 
 
 class Manifest(_Strict):
@@ -140,6 +173,10 @@ class Manifest(_Strict):
     for_clinical_use: bool = False
     procedure: CodeSpec
     series: SeriesSpec = SeriesSpec()
+    kind: Literal["segmentation", "detection"] = "segmentation"
+    detection: DetectionSpec = DetectionSpec()
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    requires: tuple[str, ...] | None = None
     labels: dict[int, LabelSpec] = Field(min_length=1)
 
     @field_validator("device_uid")
@@ -151,8 +188,11 @@ class Manifest(_Strict):
 
     @field_validator("labels")
     @classmethod
-    def _positive(cls, value: dict[int, LabelSpec]) -> dict[int, LabelSpec]:
-        if any(k < 1 for k in value):
+    def _label_values(cls, value: dict[int, LabelSpec], info: ValidationInfo) -> dict[int, LabelSpec]:
+        if info.data.get("kind") == "detection":
+            if any(k < 0 for k in value):
+                raise ValueError("detector class indices must be >= 0")
+        elif any(k < 1 for k in value):
             raise ValueError("label values must be >= 1 (0 is background)")
         return value
 

@@ -208,15 +208,17 @@ def _finding(
     spacing: tuple[float, float],
 ) -> Finding:
     x0, y0, z0 = (s.start for s in comp.box)
-    contours: dict[int, list[np.ndarray]] = {}
-    for k in range(comp.mask.shape[2]):
-        plane = comp.mask[:, :, k]
-        if plane.any():
-            contours[z0 + k] = [c + (x0, y0) for c in outlines(plane)]
     areas = comp.mask.sum(axis=(0, 1))
     candidates = np.flatnonzero(areas == areas.max())
     key_local = int(candidates[np.argmin(np.abs(candidates + z0 - comp.centroid_index[2]))])
     key_slice = z0 + key_local
+    # a structure (organ) is outlined on its key slice only: its report gives its volume
+    outlined = [key_local] if comp.spec.role == "structure" else range(comp.mask.shape[2])
+    contours: dict[int, list[np.ndarray]] = {}
+    for k in outlined:
+        plane = comp.mask[:, :, k]
+        if plane.any():
+            contours[z0 + k] = [c + (x0, y0) for c in outlines(plane)]
     long_axis, short_axis = axes(contours[key_slice], spacing)
     centroid = affine @ np.append(comp.centroid_index, 1.0)
     return Finding(
@@ -230,6 +232,7 @@ def _finding(
         long_axis=long_axis,
         short_axis=short_axis,
         contours=contours,
+        role=comp.spec.role,
     )
 
 

@@ -36,8 +36,19 @@ from monai.transforms.io.array import LoadImage, SaveImage
 from monai.transforms.io.dictionary import LoadImaged, SaveImaged
 from monai.transforms.utility.array import EnsureChannelFirst
 from monai.transforms.utility.dictionary import EnsureChannelFirstd
+from pydicom.sr.coding import Code
 
 from dicom_node.errors import PluginError
+from plugin.boxes import detections_from_boxes, to_lps_cccwhd
+from plugin.bundle_config import (
+    BundleConfigError,
+    apply_overrides,
+    bundle_scripts,
+    check_requirements,
+    required_packages,
+    run_required,
+    strip_io_config,
+)
 from plugin.manifest import Manifest, load_manifest
 from plugin.measure import measure_findings
 from plugin.types import Findings, PluginInfo, SeriesCriteria, Volume
@@ -45,11 +56,6 @@ from plugin.types import Findings, PluginInfo, SeriesCriteria, Volume
 logger = logging.getLogger(__name__)
 
 REQUIRED_KEYS = ("network_def", "preprocessing", "inferer", "postprocessing")
-DROPPED_TARGETS = frozenset(
-    name + suffix
-    for name in ("LoadImage", "SaveImage", "EnsureChannelFirst")
-    for suffix in ("", "d", "D", "Dict")
-)
 _DROPPED_TYPES = (
     LoadImage,
     LoadImaged,
@@ -76,6 +82,7 @@ class MonaiBundlePlugin:
         device: str | None = None,
         num_threads: int | None = None,
         amp: bool = True,
+        overrides: dict[str, Any] | None = None,
     ) -> None:
         self.bundle_dir = Path(bundle_dir).resolve()
         try:
@@ -87,12 +94,14 @@ class MonaiBundlePlugin:
         self.device = self._pick_device(device)
         self.num_threads = num_threads
         self.amp = amp and self.device.type == "cuda"
-        parser = self._read_config()
+        parser = self._read_config({**self.manifest.overrides, **(overrides or {})})
         self.image_key = str(parser.get("image_key", "image"))
-        self.dropped = _strip_io_config(parser)
-        self.preprocessing = self._instantiate(parser, "preprocessing")
-        self.inferer = self._instantiate(parser, "inferer")
-        self.postprocessing = self._instantiate(parser, "postprocessing")
+        self.dropped = strip_io_config(parser)
+        with bundle_scripts(self.bundle_dir):
+            self.preprocessing = self._instantiate(parser, "preprocessing")
+            self.inferer = self._instantiate(parser, "inferer")
+            self.postprocessing = self._instantiate(parser, "postprocessing")
+            self._run_required(parser)
         self.dropped += _strip_io_objects(self.preprocessing) + _strip_io_objects(
             self.postprocessing
         )
@@ -119,7 +128,7 @@ class MonaiBundlePlugin:
             raise self._fail(f"device {device!r} requested but CUDA is not available")
         return chosen
 
-    def _read_config(self) -> ConfigParser:
+    def _read_config(self, overrides: dict[str, Any]) -> ConfigParser:
         configs = self.bundle_dir / "configs"
         found = [configs / f"inference.{ext}" for ext in ("json", "yaml", "yml")]
         config_file = next((f for f in found if f.is_file()), None)
@@ -139,7 +148,21 @@ class MonaiBundlePlugin:
             raise self._fail(f"metadata.json: the network expects {channels} input channels, not 1")
         parser["bundle_root"] = str(self.bundle_dir)
         parser["device"] = f"$torch.device({str(self.device)!r})"
+        try:
+            apply_overrides(parser, overrides)
+            check_requirements(required_packages(parser, self.manifest.requires))
+        except BundleConfigError as e:
+            raise self._fail(str(e)) from e
         return parser
+
+    def _run_required(self, parser: ConfigParser) -> None:
+        """What the bundle's evaluator requires first (e.g. ``detector_ops``)."""
+        try:
+            ran = run_required(parser)
+        except Exception as e:  # bundle expressions may raise anything; reported
+            raise self._fail(f"cannot run the evaluator's '_requires_': {type(e).__name__}: {e}") from e
+        if ran:
+            logger.debug("bundle %s: ran %s", self.bundle_dir.name, ", ".join(ran))
 
     def _read(self, read: Callable[[str], None], path: Path) -> None:
         try:
@@ -155,17 +178,28 @@ class MonaiBundlePlugin:
         except Exception as e:  # bundle code may raise anything; reported, never swallowed
             raise self._fail(f"cannot build {key!r}: {type(e).__name__}: {e}") from e
 
+    def _weights(self, parser: ConfigParser) -> Path:
+        """The checkpoint the bundle's own ``checkpointloader`` loads (e.g. the whole-body
+        bundle's ``model_lowres.pt`` when ``highres`` is off), else ``models/model.pt``."""
+        if "checkpointloader#load_path" in parser:
+            try:
+                return Path(str(parser.get_parsed_content("checkpointloader#load_path")))
+            except Exception as e:  # a bundle expression; reported with its cause
+                raise self._fail(f"cannot evaluate checkpointloader#load_path: {e}") from e
+        return self.bundle_dir / "models" / "model.pt"
+
     def _load_network(self, parser: ConfigParser) -> torch.nn.Module:
         models = self.bundle_dir / "models"
-        if (models / "model.pt").is_file():
+        weights = self._weights(parser)
+        if weights.is_file():
             network = self._instantiate(parser, "network_def")
             if not isinstance(network, torch.nn.Module):
                 raise self._fail(f"network_def is a {type(network).__name__}, not a torch module")
             try:
-                state = torch.load(models / "model.pt", map_location="cpu", weights_only=True)
+                state = torch.load(weights, map_location="cpu", weights_only=True)
                 network.load_state_dict(_unwrap_state_dict(state), strict=True)
             except (RuntimeError, ValueError, OSError, KeyError, TypeError) as e:
-                raise self._fail(f"models/model.pt does not load into network_def: {e}") from e
+                raise self._fail(f"{weights.name} does not load into network_def: {e}") from e
         elif (models / "model.ts").is_file():
             try:
                 load_script: Any = torch.jit.load
@@ -173,7 +207,10 @@ class MonaiBundlePlugin:
             except (RuntimeError, ValueError, OSError) as e:
                 raise self._fail(f"models/model.ts is not a loadable TorchScript model: {e}") from e
         else:
-            raise self._fail("no weights: expected models/model.pt or models/model.ts")
+            raise self._fail(
+                f"no weights: expected {weights.relative_to(self.bundle_dir) if weights.is_relative_to(self.bundle_dir) else weights}"
+                " or models/model.ts (download the bundle's weights into models/)"
+            )
         return cast(torch.nn.Module, network.to(self.device).eval())
 
     # -- analysis -------------------------------------------------------------------
@@ -188,18 +225,13 @@ class MonaiBundlePlugin:
         started = time.monotonic()
         timings: dict[str, float] = {}
         with self._threads(), torch.inference_mode():
-            pred = self._run(image, timings)
+            data = self._run(image, timings)
         mark = time.monotonic()
-        labels = self._label_map(pred, image)
-        del pred  # the label map replaces the (float) prediction before measuring
-        hu = _numpy(image.as_tensor()[0]).astype(np.float32, copy=False)
-        findings = measure_findings(
-            labels,
-            hu,
-            volume.lps_affine(),
-            self.manifest.labels,
-            procedure=self.manifest.procedure_code(),
-        )
+        if self.manifest.kind == "detection":
+            findings = self._detections(data, volume)
+        else:
+            findings = self._segmentation(data.pop(PRED_KEY), volume)
+        del data  # the findings replace the (float) prediction
         timings["measure"] = time.monotonic() - mark
         findings.timings = timings
         logger.info(
@@ -207,13 +239,63 @@ class MonaiBundlePlugin:
             volume.study_instance_uid,
             volume.series_instance_uid,
             self.info.name,
-            len(findings.findings),
+            findings.count,
             time.monotonic() - started,
         )
         return findings
 
-    def _run(self, image: MetaTensor, timings: dict[str, float]) -> Any:
-        """Preprocessing, inferer and postprocessing; their durations go to ``timings``."""
+    def _segmentation(self, pred: Any, volume: Volume) -> Findings:
+        """Measure the label map on the source grid."""
+        labels = self._label_map(pred, volume.image)
+        del pred  # the label map replaces the (float) prediction before measuring
+        hu = _numpy(volume.image.as_tensor()[0]).astype(np.float32, copy=False)
+        findings = measure_findings(
+            labels,
+            hu,
+            volume.lps_affine(),
+            self.manifest.labels,
+            procedure=self.manifest.procedure_code(),
+        )
+        findings.looked_for = self._looked_for()
+        return findings
+
+    def _detections(self, data: dict[str, Any], volume: Volume) -> Findings:
+        """The postprocessed boxes as findings on the source grid (see :mod:`plugin.boxes`)."""
+        keys = self._box_keys()
+        missing = [key for key in keys if key not in data]
+        if missing:
+            raise self._fail(f"postprocessing returned no {', '.join(map(repr, missing))} (detection)")
+        box, label, score = (_numpy(torch.as_tensor(data[key])) for key in keys)
+        spec = self.manifest.detection
+        try:
+            found = detections_from_boxes(
+                to_lps_cccwhd(box, spec.box_mode, spec.box_coordinates), label, score,
+                volume.lps_affine(), volume.shape, self.manifest.labels,
+                score_threshold=spec.score_threshold, max_findings=spec.max_findings,
+            )
+        except ValueError as e:
+            raise self._fail(f"detection output: {e}") from e
+        summary = ", ".join(f"{d.name} {d.long_axis_mm:.0f} mm (score {d.score:.2f})" for d in found)
+        return Findings(label_map=None, findings=[], detections=found,
+                        procedure=self.manifest.procedure_code(), summary=summary or "no findings",
+                        looked_for=self._looked_for())
+
+    def _looked_for(self) -> Code | None:
+        """The one finding type the manifest names, if it names one (e.g. Nodule)."""
+        types = {spec.type.code() for spec in self.manifest.labels.values()}
+        return types.pop() if len(types) == 1 else None
+
+    def _box_keys(self) -> tuple[str, str, str]:
+        """Box, label and score keys: the detector's own (``set_target_keys``)."""
+        detector = getattr(self.inferer, "detector", None)
+        box = str(getattr(detector, "target_box_key", "box"))
+        label = str(getattr(detector, "target_label_key", "label"))
+        return box, label, str(getattr(detector, "pred_score_key", f"{label}_scores"))
+
+    def _run(self, image: MetaTensor, timings: dict[str, float]) -> dict[str, Any]:
+        """Preprocessing, inferer and postprocessing; their durations go to ``timings``.
+        Returns the postprocessed data: ``pred`` holds a segmentation's prediction; a
+        detector's boxes, labels and scores are under its own keys."""
         try:
             mark = time.monotonic()
             data = self.preprocessing({self.image_key: self._input(image)})
@@ -227,12 +309,7 @@ class MonaiBundlePlugin:
             with self._autocast():
                 out = self.inferer(batch, self.network)
             timings["inference"] = time.monotonic() - mark
-            if not isinstance(out, torch.Tensor):
-                raise self._fail(f"the inferer returned a {type(out).__name__}, not a tensor")
-            pred = out[0].float()
-            data[PRED_KEY] = (
-                MetaTensor(pred, meta=dict(x.meta)) if isinstance(x, MetaTensor) else pred
-            )
+            data.update(self._prediction(out, x))
             mark = time.monotonic()
             data = self.postprocessing(data)
             timings["postprocessing"] = time.monotonic() - mark
@@ -240,9 +317,23 @@ class MonaiBundlePlugin:
             raise
         except Exception as e:  # bundle transforms may raise anything; reported with the cause
             raise self._fail(f"inference failed: {type(e).__name__}: {e}") from e
-        if not isinstance(data, dict) or PRED_KEY not in data:
+        if not isinstance(data, dict) or (self.manifest.kind == "segmentation" and PRED_KEY not in data):
             raise self._fail(f"postprocessing did not return a dict with {PRED_KEY!r}")
-        return data[PRED_KEY]
+        return data
+
+    def _prediction(self, out: Any, x: Any) -> dict[str, Any]:
+        """The inferer's output for the postprocessing: ``{"pred": tensor}`` for a
+        segmentation; a detector's first (only) result dict of boxes, labels, scores."""
+        if self.manifest.kind == "detection":
+            first = out[0] if isinstance(out, (list, tuple)) and out else out
+            if not isinstance(first, dict):
+                raise self._fail(f"the detector returned a {type(out).__name__}, not boxes")
+            return {key: value.detach().float() if key != self._box_keys()[1] else value.detach()
+                    for key, value in first.items()}
+        if not isinstance(out, torch.Tensor):
+            raise self._fail(f"the inferer returned a {type(out).__name__}, not a tensor")
+        pred = out[0].float()
+        return {PRED_KEY: MetaTensor(pred, meta=dict(x.meta)) if isinstance(x, MetaTensor) else pred}
 
     def _input(self, image: MetaTensor) -> MetaTensor:
         """What the preprocessing gets: the volume itself when its first transform
@@ -343,29 +434,6 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
     """A CPU numpy copy or view of ``tensor`` (MetaTensor or plain)."""
     plain = tensor.as_tensor() if isinstance(tensor, MetaTensor) else tensor
     return np.asarray(plain.detach().cpu().numpy())
-
-
-def _is_dropped(item: Any) -> bool:
-    target = item.get("_target_") if isinstance(item, dict) else None
-    return isinstance(target, str) and target.rsplit(".", 1)[-1] in DROPPED_TARGETS
-
-
-def _strip_io_config(parser: ConfigParser) -> list[str]:
-    """Remove dropped transforms from the transform lists of pre- and postprocessing."""
-    dropped: list[str] = []
-    for key in ("preprocessing", "postprocessing"):
-        node = parser[key]
-        if not isinstance(node, dict):
-            continue
-        list_id = f"{key}#transforms"
-        ref = node.get("transforms")
-        if isinstance(ref, str) and ref.startswith("@") and isinstance(parser.get(ref[1:]), list):
-            list_id = ref[1:]
-        items = parser.get(list_id)
-        if isinstance(items, list):
-            dropped += [str(t["_target_"]) for t in items if _is_dropped(t)]
-            parser[list_id] = [t for t in items if not _is_dropped(t)]
-    return dropped
 
 
 def _strip_io_objects(transform: Any) -> list[str]:

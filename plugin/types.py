@@ -96,6 +96,7 @@ class SegmentCodes:
     type: Code
     site: Code | None = None
     color_rgb: tuple[int, int, int] = (255, 0, 0)
+    modifier: Code | None = None  # Segmented Property Type Modifier (e.g. laterality)
 
 
 @dataclass(frozen=True)
@@ -120,15 +121,39 @@ class Finding:
     key_slice: int  # z index of the axial slice of largest extent
     long_axis: Axis
     short_axis: Axis
-    # z index -> closed outlines on that slice, each an (N, 2) array of (column, row)
+    # z index -> closed outlines on that slice, each an (N, 2) array of (column, row);
+    # for a "structure" (an organ, see the manifest's role) the key slice only
     contours: dict[int, list[np.ndarray]] = field(default_factory=dict)
+    role: str = "finding"  # "finding" (a lesion: axes, outlines) or "structure" (an organ)
+
+
+@dataclass
+class Detection:
+    """One box of a detection model, mapped onto the source grid (see :mod:`plugin.boxes`).
+
+    The box is axis-aligned in patient space; ``size_mm`` is its extent along the patient
+    axes: (right-left, anterior-posterior, inferior-superior), i.e. (width, depth, height).
+    """
+
+    label: int  # the detector's class index
+    name: str  # "Nodule 1", numbered by descending score
+    codes: SegmentCodes
+    score: float  # the detector's score, 0..1
+    center_mm: tuple[float, float, float]  # LPS patient coordinates
+    size_mm: tuple[float, float, float]  # (width, depth, height)
+    key_slice: int  # z index of the source image nearest the box centre
+    outline: np.ndarray  # (N, 2) closed polygon (column, row) on slices[key_slice], clipped
+    long_axis_mm: float  # the larger in-plane box side
+    short_axis_mm: float  # the smaller in-plane box side
+    clipped: bool = False  # the box reached beyond the image and was cut at its edge
 
 
 @dataclass
 class Findings:
-    """What an analysis returns: a label map on the source grid plus measurements."""
+    """What an analysis returns: a label map on the source grid plus measurements
+    (segmentation models), or boxes with scores (detection models)."""
 
-    label_map: np.ndarray  # (X, Y, Z) integer, 0 = background
+    label_map: np.ndarray | None  # (X, Y, Z) integer, 0 = background; None for detections
     findings: list[Finding]
     procedure: Code = field(
         default_factory=lambda: Code("25045-6", "LN", "CT unspecified body region")
@@ -137,3 +162,11 @@ class Findings:
     # optional sub-stage timings of the analysis (seconds), e.g. preprocessing,
     # inference, postprocessing, measure; the node records them with its own stages
     timings: dict[str, float] = field(default_factory=dict)
+    detections: list[Detection] = field(default_factory=list)
+    # what was looked for (e.g. SCT Nodule), named by the report when nothing was found
+    looked_for: Code | None = None
+
+    @property
+    def count(self) -> int:
+        """How many findings the report lists (segmented findings and detections)."""
+        return len(self.findings) + len(self.detections)

@@ -36,7 +36,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from dicom_node.errors import EncodeError
-from plugin.types import Finding, PluginInfo, Volume
+from plugin.types import Detection, Finding, PluginInfo, Volume
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def contributing_equipment(info: PluginInfo) -> list[hd.ContributingEquipment]:
     return [node, algorithm]
 
 
-def tracking_uid(volume: Volume, info: PluginInfo, finding: Finding) -> str:
+def tracking_uid(volume: Volume, info: PluginInfo, finding: Finding | Detection) -> str:
     """Deterministic tracking UID of one finding (shared by its SEG segment and SR groups)."""
     sources = [
         volume.study_instance_uid,

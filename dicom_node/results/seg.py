@@ -44,6 +44,8 @@ def encode_seg(
     """
     if not findings.findings:
         raise EncodeError("no findings: no SEG is produced (send the SR only)")
+    if findings.label_map is None:
+        raise EncodeError("findings without a label map (detections) have no SEG")
     common.check_grid(volume, findings.label_map.shape)
     sources = sources if sources is not None else common.load_sources(volume)
     frames = segment_frames(findings)
@@ -104,7 +106,7 @@ def segment_description(
 ) -> hd.seg.SegmentDescription:
     """Segment ``number`` for ``finding``: label, codes, algorithm, colour, tracking."""
     codes = finding.codes
-    return hd.seg.SegmentDescription(
+    description = hd.seg.SegmentDescription(
         segment_number=number,
         segment_label=common.ascii_text(finding.name) or f"Segment {number}",
         segmented_property_category=codes.category,
@@ -116,6 +118,10 @@ def segment_description(
         anatomic_regions=[codes.site] if codes.site is not None else None,
         display_color=hd.color.CIELabColor.from_rgb(*codes.color_rgb),
     )
+    if codes.modifier is not None:  # e.g. laterality of "Kidney" (PS3.3 C.8.20.2, Type 3)
+        item = hd.sr.CodedConcept.from_code(codes.modifier)
+        description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [item]
+    return description
 
 
 def _build(

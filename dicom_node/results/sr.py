@@ -46,7 +46,7 @@ def encode_sr(
     """Build the TID 1500 SR for ``findings`` on ``volume``.
 
     ``absent_finding_type`` names what was looked for when there are no findings
-    (e.g. SCT Nodule); it defaults to SCT "Finding". Raises :class:`EncodeError`
+    (e.g. SCT Nodule); it defaults to ``findings.looked_for``, then SCT "Finding". Raises :class:`EncodeError`
     when the inputs cannot be encoded.
     """
     sources = sources if sources is not None else common.load_sources(volume)
@@ -64,7 +64,7 @@ def encode_sr(
         raise EncodeError(f"cannot build SR: {e}") from e
     logger.info(
         "encoded SR %s: %d findings, study %s",
-        sr.SOPInstanceUID, len(findings.findings), volume.study_instance_uid,
+        sr.SOPInstanceUID, findings.count, volume.study_instance_uid,
     )
     return sr
 
@@ -146,19 +146,19 @@ def comments(findings: Findings, info: PluginInfo, absent: Code) -> list[str]:
         )
     if findings.summary:
         texts.append(findings.summary)
-    if not findings.findings:
+    if not findings.count:
         texts.append(f"Analysis completed: no {absent.meaning.lower()} detected.")
     return texts
 
 
 def library_images(findings: Findings, sources: list[Dataset]) -> list[Dataset]:
     """The images for the image library: those the findings are drawn on."""
-    if not findings.findings:
+    if not findings.count:
         return sources
-    used: set[int] = set()
+    used: set[int] = {detection.key_slice for detection in findings.detections}
     for finding in findings.findings:
         used.add(finding.key_slice)
-        used.update(finding.contours)
+        used.update(finding.contours if finding.role != "structure" else ())
     return [sources[z] for z in sorted(used) if 0 <= z < len(sources)]
 
 
@@ -169,10 +169,12 @@ def _report(
     sources: list[Dataset],
     absent_finding_type: Code | None,
 ) -> hd.sr.MeasurementReport:
-    absent = absent_finding_type or DEFAULT_ABSENT_FINDING
+    absent = absent_finding_type or findings.looked_for or DEFAULT_ABSENT_FINDING
     groups: list[sr_content.Group] = []
     for finding in findings.findings:
         groups.extend(sr_content.finding_groups(volume, finding, info, sources))
+    for detection in findings.detections:
+        groups.append(sr_content.detection_group(volume, detection, info, sources))
     if not groups:
         groups.append(sr_content.no_findings_group(info, absent))
     try:

@@ -7,6 +7,15 @@ Per finding there are two groups sharing one tracking identifier and UID:
 * TID 1411 volumetric group: closed SCOORD POLYLINE outlines on each slice the
   finding spans, with Volume (mm3) and Mean Attenuation Coefficient (HU).
 
+A structure (an organ of a multi-label model, ``Finding.role == "structure"``) gets one
+TID 1501 group without a region: Volume and Mean Attenuation Coefficient, its finding
+site carrying the laterality. A detection (a box of a detection model) gets one TID
+1410 planar group: the box's cross-section as a closed SCOORD POLYLINE on the source
+image nearest its centre, with Long axis (the larger in-plane side), Width, Depth and
+Height (the box's right-left, anterior-posterior and inferior-superior extents, mm) and
+the detector's score as (111012, DCM, "Certainty of Finding") in percent, as the CAD
+templates of PS3.16 report a finding's certainty (e.g. TID 4104, Single Image Finding).
+
 Nothing references the SEG (OHIF 3.13 rejects an SR whose groups reference
 segments). Pixel coordinates are used as given: :mod:`plugin.types` defines them
 in SCOORD image coordinates, ``(column, row)``.
@@ -25,7 +34,7 @@ from pydicom.sr.coding import Code
 
 from dicom_node.errors import EncodeError
 from dicom_node.results import common
-from plugin.types import Finding, PluginInfo, Volume
+from plugin.types import Detection, Finding, PluginInfo, Volume
 
 logger = logging.getLogger(__name__)
 
@@ -69,13 +78,75 @@ def finding_groups(
     volume: Volume, finding: Finding, info: PluginInfo, sources: Sequence[Dataset]
 ) -> list[Group]:
     """The planar (long axis) and the volumetric (outlines) group of one finding."""
-    tracking = hd.sr.TrackingIdentifier(
-        uid=common.tracking_uid(volume, info, finding),
-        identifier=common.plain(finding.name),
-    )
+    tracking = _tracking(volume, info, finding)
+    if finding.role == "structure":
+        return [_structure_group(finding, info, tracking)]
     return [
         _planar_group(finding, info, sources, tracking),
         _volumetric_group(finding, info, sources, tracking),
+    ]
+
+
+def detection_group(
+    volume: Volume, detection: Detection, info: PluginInfo, sources: Sequence[Dataset]
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """The planar group of one detected box (see the module docstring)."""
+    mm = codes.UCUM.Millimeter
+    width, depth, height = detection.size_mm
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(volume, info, detection),
+        referenced_region=_region(_closed(detection.outline), sources, detection.key_slice, detection),
+        finding_type=detection.codes.type,
+        finding_category=detection.codes.category,
+        finding_sites=_sites(detection),
+        algorithm_id=algorithm_id(info),
+        measurements=[
+            hd.sr.Measurement(name=codes.SCT.LongAxis, value=detection.long_axis_mm, unit=mm),
+            hd.sr.Measurement(name=codes.SCT.Width, value=width, unit=mm),
+            hd.sr.Measurement(name=codes.SCT.Depth, value=depth, unit=mm),
+            hd.sr.Measurement(name=codes.DCM.Height, value=height, unit=mm),
+            hd.sr.Measurement(
+                name=codes.DCM.CertaintyOfFinding,
+                value=round(100.0 * detection.score, 3),
+                unit=codes.UCUM.Percent,
+            ),
+        ],
+    )
+
+
+def _tracking(volume: Volume, info: PluginInfo, item: Finding | Detection) -> hd.sr.TrackingIdentifier:
+    return hd.sr.TrackingIdentifier(
+        uid=common.tracking_uid(volume, info, item),
+        identifier=common.plain(item.name),
+    )
+
+
+def _structure_group(
+    finding: Finding, info: PluginInfo, tracking: hd.sr.TrackingIdentifier
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    site = hd.sr.FindingSite(anatomic_location=finding.codes.type, laterality=finding.codes.modifier)
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        finding_type=finding.codes.type,
+        finding_category=finding.codes.category,
+        finding_sites=[site],
+        algorithm_id=algorithm_id(info),
+        measurements=_volume_measurements(finding),
+    )
+
+
+def _volume_measurements(finding: Finding) -> list[hd.sr.Measurement]:
+    return [
+        hd.sr.Measurement(
+            name=codes.SCT.Volume,
+            value=finding.volume_mm3,
+            unit=codes.UCUM.CubicMillimeter,
+        ),
+        hd.sr.Measurement(
+            name=codes.DCM.MeanAttenuationCoefficient,
+            value=finding.mean_hu,
+            unit=codes.UCUM.HounsfieldUnit,
+        ),
     ]
 
 
@@ -158,22 +229,11 @@ def _volumetric_group(
         finding_category=finding.codes.category,
         finding_sites=_sites(finding),
         algorithm_id=algorithm_id(info),
-        measurements=[
-            hd.sr.Measurement(
-                name=codes.SCT.Volume,
-                value=finding.volume_mm3,
-                unit=codes.UCUM.CubicMillimeter,
-            ),
-            hd.sr.Measurement(
-                name=codes.DCM.MeanAttenuationCoefficient,
-                value=finding.mean_hu,
-                unit=codes.UCUM.HounsfieldUnit,
-            ),
-        ],
+        measurements=_volume_measurements(finding),
     )
 
 
-def _sites(finding: Finding) -> list[hd.sr.FindingSite] | None:
+def _sites(finding: Finding | Detection) -> list[hd.sr.FindingSite] | None:
     site = finding.codes.site
     return [hd.sr.FindingSite(anatomic_location=site)] if site is not None else None
 
@@ -187,7 +247,7 @@ def _closed(outline: np.ndarray) -> np.ndarray:
 
 
 def _region(
-    points: np.ndarray, sources: Sequence[Dataset], z: int, finding: Finding
+    points: np.ndarray, sources: Sequence[Dataset], z: int, finding: Finding | Detection
 ) -> hd.sr.ImageRegion:
     if not 0 <= z < len(sources):
         raise EncodeError(f"{finding.name}: slice index {z} outside 0..{len(sources) - 1}")
@@ -206,7 +266,7 @@ def _region(
         raise EncodeError(f"{finding.name}: invalid region on slice {z}: {e}") from e
 
 
-def _check_points(points: np.ndarray, source: Dataset, finding: Finding) -> None:
+def _check_points(points: np.ndarray, source: Dataset, finding: Finding | Detection) -> None:
     if len(points) < 2 or not np.all(np.isfinite(points)):
         raise EncodeError(f"{finding.name}: a region needs >= 2 finite points")
     cols, rows = float(source.Columns), float(source.Rows)
