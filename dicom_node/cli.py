@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dicom_node.config import Config, load_config, with_overrides
-from dicom_node.errors import ConfigError, DeliveryError, NodeError
+from dicom_node.errors import ConfigError, DeliveryError, NodeError, PluginError
 from dicom_node.logs import setup_logging
 
 log = logging.getLogger("dicom_node")
@@ -132,11 +132,30 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+EXIT_ENVIRONMENT = 3  # check-config --deep: a plugin (bundle, packages, weights) cannot load
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
-    """Validate a configuration file."""
+    """Validate a configuration file; with ``--deep``, also load every plugin a route
+    names (its bundle, scripts, required packages and weights), as ``serve`` does."""
     config = load_config(Path(args.path))
     print(f"{args.path}: OK ({len(config.routes)} routes, {len(config.destinations)} destinations)")
-    return 0
+    if not args.deep:
+        return 0
+    from plugin.registry import load_plugin
+
+    failed = 0
+    for name in sorted({route.plugin for route in config.routes}):
+        spec = config.plugins.get(name)
+        try:
+            plugin = load_plugin(name, factory=spec.factory if spec else None,
+                                 options=dict(spec.options) if spec else {})
+        except PluginError as exc:
+            print(f"plugin {name}: FAILED: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"plugin {name}: OK ({plugin.info.display_name} {plugin.info.version})")
+    return EXIT_ENVIRONMENT if failed else 0
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -212,8 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
     conf = with_config(sub.add_parser("conformance", help="print the DICOM Conformance Statement"))
     conf.set_defaults(func=cmd_conformance)
-    check = sub.add_parser("check-config", help="validate a configuration file")
+    check = sub.add_parser("check-config", help="validate a configuration file (exit 0 ok, 2 configuration "
+                           "error, 3 a plugin cannot load)")
     check.add_argument("path")
+    check.add_argument("--deep", action="store_true",
+                       help="also load every plugin a route names, with its model weights (as serve does)")
     check.set_defaults(func=cmd_check_config)
     return parser
 

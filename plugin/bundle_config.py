@@ -3,10 +3,13 @@
 * :func:`apply_overrides`: values replaced at parse time, as MONAI's own
   ``python -m monai.bundle run --key value`` does (the manifest's ``overrides``, then
   the node config's plugin option ``overrides``).
-* :func:`check_requirements`: the Python distributions the bundle needs are installed
-  (the manifest's ``requires``, else ``metadata.json``'s ``required_packages_version``,
-  formerly ``optional_packages_version``); a missing one fails the plugin's creation
-  with the bundle's name and the install hint, not at the first study.
+* :func:`check_requirements`: the Python distributions the manifest's ``requires`` names
+  are installed; a missing one fails the plugin's creation with the bundle's name and
+  the install hint, not at the first study. ``metadata.json``'s
+  ``required_packages_version`` (formerly ``optional_packages_version``) lists what the
+  bundle's whole workflow needs, its evaluator and handlers included (pytorch-ignite
+  for nearly every bundle), which the node does not run: a missing one of those is a
+  warning (:func:`metadata_packages`), not a refusal.
 * :func:`bundle_scripts`: the bundle's own ``scripts/`` package importable for its
   ``_target_`` references (e.g. ``scripts.detection_inferer.RetinaNetInferer``), as
   ``monai.bundle run`` makes it by putting the bundle root first on ``sys.path``.
@@ -52,10 +55,8 @@ def apply_overrides(parser: ConfigParser, overrides: dict[str, Any]) -> None:
         parser[key] = value
 
 
-def required_packages(parser: ConfigParser, declared: Iterable[str] | None) -> list[str]:
-    """The distributions the bundle needs: ``declared`` (the manifest), else metadata's."""
-    if declared is not None:
-        return list(declared)
+def metadata_packages(parser: ConfigParser) -> list[str]:
+    """The distributions ``metadata.json`` lists for the bundle's whole workflow."""
     for key in REQUIREMENT_KEYS:
         listed = parser.get(f"{parser.meta_key}#{key}")
         if isinstance(listed, dict):
@@ -63,14 +64,20 @@ def required_packages(parser: ConfigParser, declared: Iterable[str] | None) -> l
     return []
 
 
-def check_requirements(packages: Iterable[str]) -> None:
-    """Raise :class:`BundleConfigError` naming every distribution that is not installed."""
+def missing_packages(packages: Iterable[str]) -> list[str]:
+    """The distributions among ``packages`` that are not installed."""
     missing = []
     for name in packages:
         try:
             version(name)
         except PackageNotFoundError:
             missing.append(name)
+    return missing
+
+
+def check_requirements(packages: Iterable[str]) -> None:
+    """Raise :class:`BundleConfigError` naming every distribution that is not installed."""
+    missing = missing_packages(packages)
     if missing:
         raise BundleConfigError(
             f"needs Python package(s) not installed: {', '.join(missing)} (for detection "
@@ -97,6 +104,34 @@ def bundle_scripts(bundle_dir: Path) -> Iterator[None]:
     finally:
         if sys.path and sys.path[0] == str(bundle_dir):
             sys.path.pop(0)
+
+
+def check_scripts(parser: ConfigParser, bundle_dir: Path, keys: Iterable[str]) -> None:
+    """Raise :class:`BundleConfigError` when what ``keys`` build names the bundle's
+    ``scripts`` package (``"_target_": "scripts...."``) and the bundle has no ``scripts/``."""
+    named = sorted({target for key in keys for target in _targets(parser.get(key), parser)
+                    if target.split(".", 1)[0] == SCRIPTS_PACKAGE})
+    if named and not (bundle_dir / SCRIPTS_PACKAGE / "__init__.py").is_file():
+        raise BundleConfigError(
+            f"the config uses {', '.join(named)} but the bundle has no {SCRIPTS_PACKAGE}/ package "
+            "(copy the whole bundle folder, scripts/ included)"
+        )
+
+
+def _targets(node: Any, parser: ConfigParser, depth: int = 0) -> Iterator[str]:
+    """Every ``_target_`` in ``node``, following ``@id`` references (a few levels deep)."""
+    if depth > 8:
+        return
+    if isinstance(node, str) and node.startswith("@"):
+        yield from _targets(parser.get(node[1:]), parser, depth + 1)
+    elif isinstance(node, dict):
+        if isinstance(node.get("_target_"), str):
+            yield node["_target_"]
+        for value in node.values():
+            yield from _targets(value, parser, depth + 1)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _targets(value, parser, depth + 1)
 
 
 def run_required(parser: ConfigParser, owner: str = "evaluator") -> list[str]:

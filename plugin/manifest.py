@@ -35,8 +35,8 @@ Further keys for Model Zoo bundles run unchanged:
 
 * ``overrides``: bundle config values replaced at parse time, as MONAI's own
   ``--key value`` overrides (e.g. ``infer_patch_size: [192, 192, 80]``);
-* ``requires``: Python distributions the bundle needs (default: the ``metadata.json``
-  ``required_packages_version`` list), checked when the plugin is created;
+* ``requires``: Python distributions the bundle needs for what the node runs of it
+  (its transforms, network, inferer and scripts), checked when the plugin is created;
 * a label's ``modifier`` (e.g. laterality, SCT 24028007 "Right") and its ``role``:
   ``finding`` (measured with axes and outlines) or ``structure`` (an organ: its volume
   and mean attenuation only).

@@ -39,17 +39,20 @@ from monai.transforms.utility.dictionary import EnsureChannelFirstd
 from pydicom.sr.coding import Code
 
 from dicom_node.errors import PluginError
+from plugin.argmax_fusion import argmax_channels, fuse_argmax
 from plugin.boxes import detections_from_boxes, to_lps_cccwhd
 from plugin.bundle_config import (
     BundleConfigError,
     apply_overrides,
     bundle_scripts,
     check_requirements,
-    required_packages,
+    check_scripts,
+    metadata_packages,
+    missing_packages,
     run_required,
     strip_io_config,
 )
-from plugin.manifest import Manifest, load_manifest
+from plugin.manifest import CodeSpec, LabelSpec, Manifest, load_manifest
 from plugin.measure import measure_findings
 from plugin.types import Findings, PluginInfo, SeriesCriteria, Volume
 
@@ -65,6 +68,8 @@ _DROPPED_TYPES = (
     EnsureChannelFirstd,
 )
 PRED_KEY = "pred"
+# what a label the manifest does not code is reported as (see MonaiBundlePlugin._label_specs)
+FALLBACK_CODE = CodeSpec(scheme="SCT", value="91723000", meaning="Anatomical structure")
 AFFINE_TOLERANCE_MM = 1e-3
 LABEL_SLAB_VOXELS = 8 * 2**20  # voxels converted at a time from the prediction to the label map
 
@@ -105,6 +110,10 @@ class MonaiBundlePlugin:
         self.dropped += _strip_io_objects(self.preprocessing) + _strip_io_objects(
             self.postprocessing
         )
+        self.fused_argmax = self.manifest.kind == "segmentation" and fuse_argmax(
+            self.postprocessing, PRED_KEY
+        )
+        self.labels = self._label_specs(parser)
         self.network = self._load_network(parser)
         logger.info(
             "bundle %s %s ready on %s (dropped: %s)",
@@ -150,10 +159,40 @@ class MonaiBundlePlugin:
         parser["device"] = f"$torch.device({str(self.device)!r})"
         try:
             apply_overrides(parser, overrides)
-            check_requirements(required_packages(parser, self.manifest.requires))
+            check_requirements(self.manifest.requires or ())
+            check_scripts(parser, self.bundle_dir, ("preprocessing", "inferer", "postprocessing"))
         except BundleConfigError as e:
             raise self._fail(str(e)) from e
+        absent = missing_packages(metadata_packages(parser))
+        if absent:
+            logger.warning("bundle %s: metadata.json lists %s, not installed here; the node runs "
+                           "no evaluator or handlers, so only transforms that import them would fail",
+                           self.bundle_dir.name, ", ".join(absent))
         return parser
+
+    def _label_specs(self, parser: ConfigParser) -> dict[int, LabelSpec]:
+        """The manifest's labels, plus a fallback for each output channel that the bundle's
+        ``metadata.json`` names (``channel_def``) and the manifest does not: named as the
+        bundle names it, coded (SCT 91723000, "Anatomical structure") as category and type,
+        reported as a structure. A bundle update that adds a class then shows up, named,
+        instead of being dropped or crashing the job; a warning says which labels lack codes.
+        """
+        labels = dict(self.manifest.labels)
+        if self.manifest.kind != "segmentation":
+            return labels
+        channels = parser.get(f"{parser.meta_key}#network_data_format#outputs#pred#channel_def")
+        if not isinstance(channels, dict):
+            return labels
+        fallback = [int(k) for k in channels if str(k).isdigit() and int(k) > 0 and int(k) not in labels]
+        for value in fallback:
+            labels[value] = LabelSpec(
+                name=str(channels[str(value)] if str(value) in channels else channels[value])[:56] or f"Label {value}",
+                category=FALLBACK_CODE, type=FALLBACK_CODE, role="structure", color=(128, 128, 128),
+            )
+        if fallback:
+            logger.warning("bundle %s: label(s) %s have no codes in the manifest; reported with "
+                           "the fallback code SCT 91723000", self.bundle_dir.name, fallback)
+        return labels
 
     def _run_required(self, parser: ConfigParser) -> None:
         """What the bundle's evaluator requires first (e.g. ``detector_ops``)."""
@@ -253,7 +292,7 @@ class MonaiBundlePlugin:
             labels,
             hu,
             volume.lps_affine(),
-            self.manifest.labels,
+            self.labels,
             procedure=self.manifest.procedure_code(),
         )
         findings.looked_for = self._looked_for()
@@ -332,6 +371,8 @@ class MonaiBundlePlugin:
                     for key, value in first.items()}
         if not isinstance(out, torch.Tensor):
             raise self._fail(f"the inferer returned a {type(out).__name__}, not a tensor")
+        if self.fused_argmax:  # on the device: one channel, not all of them, reaches the host
+            out = argmax_channels(out)
         pred = out[0].float()
         return {PRED_KEY: MetaTensor(pred, meta=dict(x.meta)) if isinstance(x, MetaTensor) else pred}
 
@@ -474,8 +515,8 @@ def _package_dir(package: str) -> Path:
 def create(**options: Any) -> MonaiBundlePlugin:
     """Entry-point factory. Options: ``bundle_dir`` (or ``bundle_package``, a package
     holding the bundle, e.g. ``"models.lung_nodules"``), ``device``, ``num_threads``,
-    ``amp``."""
-    allowed = {"bundle_dir", "bundle_package", "device", "num_threads", "amp"}
+    ``amp`` and ``overrides`` (bundle config values, over the manifest's)."""
+    allowed = {"bundle_dir", "bundle_package", "device", "num_threads", "amp", "overrides"}
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise PluginError(f"monai_bundle: unknown option(s) {unknown}; allowed: {sorted(allowed)}")
@@ -494,4 +535,11 @@ def create(**options: Any) -> MonaiBundlePlugin:
         device=options.get("device"),
         num_threads=options.get("num_threads"),
         amp=bool(options.get("amp", True)),
+        overrides=_overrides(options.get("overrides")),
     )
+
+
+def _overrides(value: Any) -> dict[str, Any] | None:
+    if value is not None and not isinstance(value, dict):
+        raise PluginError(f"monai_bundle: option 'overrides' must be a mapping, not {type(value).__name__}")
+    return value

@@ -259,7 +259,7 @@ def test_outline_beyond_the_image_is_clipped_at_its_edge() -> None:
     "change, reason",
     [
         ({"weights": False}, "no weights"),
-        ({"scripts": False}, "cannot build 'inferer'"),
+        ({"scripts": False}, "no scripts/ package"),
         ({"requires": ["torchvision", "no-such-package-xyz"]}, "no-such-package-xyz"),
         ({"overrides": {"no_such_key": 1}}, "no_such_key"),
     ],

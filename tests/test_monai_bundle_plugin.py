@@ -35,7 +35,7 @@ from monai.data.meta_tensor import MetaTensor
 from dicom_node.errors import PluginError
 from plugin.monai_bundle import MonaiBundlePlugin, create
 from plugin.types import Volume
-from tests.support import BUNDLE_FIXTURES
+from tests.support import BUNDLE_FIXTURES, REPO
 
 FIXTURE = BUNDLE_FIXTURES / "spleen_ct_segmentation"
 SPLEEN = ("78961009", "SCT", "Spleen")
@@ -435,3 +435,17 @@ def test_integer_labels_from_either_layout() -> None:
         assert out.dtype == np.uint8 and np.array_equal(out, labels.numpy())
     with pytest.raises(PluginError, match="integer label map"):
         plugin._integer_labels(labels + 0.5)
+
+
+def test_shipped_spleen_manifest_runs_the_bundle(tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path)
+    shutil.copy(REPO / "config" / "bundles" / "spleen_ct_segmentation" / "manifest.yaml", bundle)
+    plugin = create(bundle_dir=str(bundle), device="cpu")
+    hu, _ = box_phantom((64, 64, 40))
+
+    findings = plugin.analyse(make_volume(hu, ras_affine((1.0, 1.0, 2.5), (-40.0, -60.0, 100.0))))
+
+    assert plugin.info.name == "spleen_ct_segmentation" and not plugin.info.for_clinical_use
+    (spleen,) = findings.findings
+    assert spleen.name == "Spleen" and spleen.role == "structure" and spleen.codes.type.value == "78961009"
+    assert list(spleen.contours) == [spleen.key_slice]  # a structure is outlined on its key slice only
