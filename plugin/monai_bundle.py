@@ -24,6 +24,7 @@ import importlib.util
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -99,7 +100,19 @@ class MonaiBundlePlugin:
         self.device = self._pick_device(device)
         self.num_threads = num_threads
         self.amp = amp and self.device.type == "cuda"
-        parser = self._read_config({**self.manifest.overrides, **(overrides or {})})
+        with _quiet_monai():
+            self._build({**self.manifest.overrides, **(overrides or {})})
+        logger.info(
+            "bundle %s %s ready on %s (dropped: %s)",
+            self.info.name,
+            self.info.version,
+            self.device,
+            ", ".join(self.dropped) or "none",
+        )
+
+    def _build(self, overrides: dict[str, Any]) -> None:
+        """Parse the config and build the bundle's parts (see the module docstring)."""
+        parser = self._read_config(overrides)
         self.image_key = str(parser.get("image_key", "image"))
         self.dropped = strip_io_config(parser)
         with bundle_scripts(self.bundle_dir):
@@ -115,13 +128,6 @@ class MonaiBundlePlugin:
         )
         self.labels = self._label_specs(parser)
         self.network = self._load_network(parser)
-        logger.info(
-            "bundle %s %s ready on %s (dropped: %s)",
-            self.info.name,
-            self.info.version,
-            self.device,
-            ", ".join(self.dropped) or "none",
-        )
 
     # -- loading --------------------------------------------------------------------
 
@@ -157,6 +163,8 @@ class MonaiBundlePlugin:
             raise self._fail(f"metadata.json: the network expects {channels} input channels, not 1")
         parser["bundle_root"] = str(self.bundle_dir)
         parser["device"] = f"$torch.device({str(self.device)!r})"
+        if "inferer#device" in parser:  # the bundle's own "cuda if available" would override ours
+            parser["inferer#device"] = "@device"
         try:
             apply_overrides(parser, overrides)
             check_requirements(self.manifest.requires or ())
@@ -316,7 +324,7 @@ class MonaiBundlePlugin:
             raise self._fail(f"detection output: {e}") from e
         summary = ", ".join(f"{d.name} {d.long_axis_mm:.0f} mm (score {d.score:.2f})" for d in found)
         return Findings(label_map=None, findings=[], detections=found,
-                        procedure=self.manifest.procedure_code(), summary=summary or "no findings",
+                        procedure=self.manifest.procedure_code(), summary=summary,
                         looked_for=self._looked_for())
 
     def _looked_for(self) -> Code | None:
@@ -348,8 +356,8 @@ class MonaiBundlePlugin:
             with self._autocast():
                 out = self.inferer(batch, self.network)
             timings["inference"] = time.monotonic() - mark
+            mark = time.monotonic()  # the fused argmax (if any) counts as postprocessing
             data.update(self._prediction(out, x))
-            mark = time.monotonic()
             data = self.postprocessing(data)
             timings["postprocessing"] = time.monotonic() - mark
         except PluginError:
@@ -445,6 +453,23 @@ class MonaiBundlePlugin:
             yield
         finally:
             torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def _quiet_monai() -> Iterator[None]:
+    """MONAI's deprecation notices about a bundle's config (e.g. "optional_packages_version"
+    renamed, a changed default of Orientationd) go to the debug log, not to the admin's
+    terminal: they concern the bundle's authors, and the bundle runs as it is."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DeprecationWarning)
+        warnings.filterwarnings("always", category=FutureWarning)
+        warnings.filterwarnings("always", category=UserWarning, module=r"monai\.")
+        yield
+    for warning in caught:
+        if issubclass(warning.category, (DeprecationWarning, FutureWarning)) or warning.filename.find("monai") >= 0:
+            logger.debug("bundle config: %s", warning.message)
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
 
 def _working_copy(image: MetaTensor) -> MetaTensor:
