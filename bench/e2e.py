@@ -1,10 +1,26 @@
-"""End-to-end benchmark: a 300-slice chest-CT phantom through the shipped analysis.
+"""End-to-end benchmark: a chest-CT phantom (300 slices) through an analysis plugin.
 
     .venv/bin/python -m bench.e2e [--slices 300] [--rounds 2] [--stable 1]
+        [--plugin lung_nodules|lung_nodule_ct_detection|wholeBody_ct_segmentation]
+        [--device cpu|cuda] [--timeout 1800]
 
-A node (``dicom-node serve``, embedded default configuration: chest CT -> lung_nodules)
-runs in a subprocess with a short stable time and dcmtk ``storescp`` as destination.
-The phantom is sent with dcmtk ``storescu`` (one association, TCP_NODELAY=1). Measured:
+A node (``dicom-node serve``) runs in a subprocess with a short stable time and dcmtk
+``storescp`` as destination. ``--plugin lung_nodules`` (the default) is the embedded
+default configuration (chest CT -> lung_nodules), unchanged. The two MONAI Model Zoo
+bundles run through the generic ``monai_bundle`` factory from ``bench/out/bundles/``
+(built once by :mod:`bench.bundles`: the bundle's configs and the shipped manifest,
+unchanged, with seeded random weights), with the route sending every CT to them:
+
+* ``lung_nodule_ct_detection``: 3D RetinaNet, boxes -> one SR (no SEG);
+* ``wholeBody_ct_segmentation``: SegResNet, 104 structures -> SEG + SR.
+
+Random weights cost what the real ones cost, so timings and memory are real; the
+findings are not (the detector's random boxes score about 0.1, under the manifest's
+0.5 threshold: it reports "no findings").
+
+The phantom is sent with dcmtk ``storescu`` (one association, TCP_NODELAY=1) once the
+analysis worker has warmed up (model loaded). The run waits for the job to finish,
+then for as many result objects at the destination as the job recorded. Measured:
 
 * e2e: from the last acknowledged instance (storescu's end) to the last result
   acknowledged at the destination (the newest file storescp wrote), minus the stable
@@ -19,7 +35,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -29,9 +47,25 @@ from typing import Any
 
 import yaml
 
-from bench.common import DCMTK_ENV, LOOPBACK, OUT, REPO, free_port, require_tool, run_dir, wait_until
+from bench.common import (
+    DCMTK_ENV,
+    LOOPBACK,
+    OUT,
+    REPO,
+    BenchError,
+    free_port,
+    require_tool,
+    run_dir,
+    wait_until,
+)
 
 INFERENCE = "analyse.inference"  # the network's forward passes (sliding window) alone
+DEFAULT_PLUGIN = "lung_nodules"  # the embedded default configuration's plugin
+BUNDLE_PLUGINS = ("lung_nodule_ct_detection", "wholeBody_ct_segmentation")  # see bench.bundles
+PLUGINS = (DEFAULT_PLUGIN, *BUNDLE_PLUGINS)
+DEFAULT_TIMEOUT_S = 1800.0  # the detector's full-size sliding window on 2 cores: 10+ minutes
+JOB_POLL_S = 0.5  # state database poll while the job runs (cheap; it does not set the figures)
+FOUND = re.compile(r"found (\d+) finding\(s\)")
 
 
 def chest_series(slices: int) -> list[Path]:
@@ -65,20 +99,94 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def _config(storage: Path, dest_port: int, stable: float) -> dict[str, Any]:
+def _config(storage: Path, dest_port: int, stable: float, plugin: str = DEFAULT_PLUGIN,
+            bundle_dir: Path | None = None, device: str | None = None) -> dict[str, Any]:
+    """The node's configuration: the embedded default, on free ports, with ``plugin``.
+
+    ``lung_nodules`` with no ``device`` is the embedded default, unchanged. For a bundle
+    plugin, ``plugins:`` names it with the ``monai_bundle`` factory and one
+    route (the default's first, its plugin replaced) sends every CT study to it.
+    """
     from dicom_node.config import load_config
 
     data = load_config(None).model_dump(mode="json")
     data["node"].update(host=LOOPBACK, port=free_port(), storage_dir=str(storage))
     data["http"]["port"] = free_port()
     data["destinations"] = {"pacs": {"ae_title": "BENCHDEST", "host": LOOPBACK, "port": dest_port}}
+    if plugin == DEFAULT_PLUGIN and device is not None:  # the default otherwise: the plugin picks
+        data["plugins"] = {plugin: {"options": {"device": device}}}
+    elif plugin != DEFAULT_PLUGIN:
+        if bundle_dir is None:
+            raise ValueError(f"plugin {plugin!r} needs its bundle folder")
+        data["plugins"] = {plugin: {"factory": "monai_bundle",
+                                    "options": {"bundle_dir": str(bundle_dir), "device": device}}}
+        route = dict(data["routes"][0])
+        route.update(name=f"ct-{plugin}", plugin=plugin, match={"Modality": "^CT$"}, destinations=["pacs"])
+        data["routes"] = [route]
     for route in data["routes"]:
         route["stable_seconds"] = stable
     data["assembly"]["poll_seconds"] = 0.1
     return data
 
 
-def one_round(files: list[Path], stable: float) -> dict[str, Any]:
+def _state(storage: Path) -> tuple[dict[str, Any] | None, int]:
+    """The newest job (id, state, reason) and its recorded result count, read-only."""
+    db = storage / "state.sqlite3"
+    if not db.exists():
+        return None, 0
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1.0)
+    except sqlite3.Error:
+        return None, 0
+    try:
+        conn.row_factory = sqlite3.Row
+        row = conn.execute("SELECT id, state, reason FROM jobs ORDER BY id DESC LIMIT 1").fetchone()
+        if row is None:
+            return None, 0
+        count = conn.execute("SELECT COUNT(*) FROM results WHERE job_id=?", (row["id"],)).fetchone()[0]
+        return dict(row), int(count)
+    except sqlite3.Error:  # the node may hold the database for an instant
+        return None, 0
+    finally:
+        conn.close()
+
+
+def _wait_for_job(storage: Path, node: subprocess.Popen[bytes], timeout: float, log: Path) -> int:
+    """Wait until the job is done; returns how many result objects it recorded."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if node.poll() is not None:
+            raise BenchError(f"the node exited ({node.returncode}) during the job\n"
+                             + log.read_text(errors="replace")[-3000:])
+        job, results = _state(storage)
+        # a superseded job (more instances came after the stable wait) is followed by a newer one
+        if job is not None and job["state"] in ("done", "failed"):
+            if job["state"] != "done":
+                raise BenchError(f"job {job['id']} {job['state']}: {job['reason']}")
+            if results == 0:
+                raise BenchError(f"job {job['id']} produced no result: {job['reason']}")
+            return results
+        time.sleep(JOB_POLL_S)
+    job, _ = _state(storage)
+    raise BenchError(f"timed out after {timeout:.0f} s waiting for the job ({job})\n"
+                     + log.read_text(errors="replace")[-3000:])
+
+
+def _result_kinds(folder: Path) -> list[str]:
+    """The Modality (SEG, SR) of each object at the destination."""
+    import pydicom
+
+    kinds = []
+    for path in sorted(folder.iterdir()):
+        try:
+            kinds.append(str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality"]).Modality))
+        except Exception:  # noqa: BLE001 - a partial or foreign file is reported, not fatal
+            kinds.append("?")
+    return sorted(kinds)
+
+
+def one_round(files: list[Path], stable: float, plugin: str = DEFAULT_PLUGIN, bundle_dir: Path | None = None,
+              device: str | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
     """One measured run; returns the figures."""
     work = run_dir("e2e")
     dest_dir = work / "received"
@@ -87,22 +195,33 @@ def one_round(files: list[Path], stable: float) -> dict[str, Any]:
     storescp = subprocess.Popen([require_tool("storescp"), "-aet", "BENCHDEST", "-od", str(dest_dir), "+xa",
                                  str(dest_port)], env=DCMTK_ENV, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-    cfg = _config(work / "var", dest_port, stable)
+    cfg = _config(work / "var", dest_port, stable, plugin, bundle_dir, device)
     (work / "config.yaml").write_text(yaml.safe_dump(cfg))
     log = work / "node.log"
     node = subprocess.Popen([sys.executable, "-m", "dicom_node", "serve", "--config", str(work / "config.yaml")],
                             stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=REPO,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
+
+    def logged(text: str) -> bool:
+        if node.poll() is not None:
+            raise BenchError(f"the node exited ({node.returncode}) before {text!r}\n"
+                             + log.read_text(errors="replace")[-3000:])
+        return text in log.read_text(errors="replace")
+
     try:
-        wait_until(lambda: "dicom-node ready" in log.read_text(errors="replace"), 120, "node start", log)
+        start_timeout = max(120.0, min(timeout, 600.0))  # a bundle's model load is slower on a busy machine
+        wait_until(lambda: logged("dicom-node ready"), start_timeout, "node start", log)
         # the worker loads the model and warms up result encoding before the study is sent
-        wait_until(lambda: "warmed up" in log.read_text(errors="replace"), 120, "worker warm-up", log)
+        wait_until(lambda: logged("warmed up"), start_timeout, "worker warm-up", log)
         sent = subprocess.run([require_tool("storescu"), "-aec", "DICOMNODE", LOOPBACK, str(cfg["node"]["port"]),
                                *map(str, files)], env=DCMTK_ENV, capture_output=True, text=True)
         last_ack = time.time()
         if sent.returncode != 0:
             raise RuntimeError(f"storescu failed: {sent.stderr[-2000:]}")
-        wait_until(lambda: len(list(dest_dir.iterdir())) >= 2, 600, "results at the destination", log)
+        expected = _wait_for_job(work / "var", node, timeout, log)
+        # the delivery follows the job: seconds at most
+        wait_until(lambda: len(list(dest_dir.iterdir())) >= expected, 120, f"{expected} results at the destination",
+                   log)
         time.sleep(0.5)
         done = max(p.stat().st_mtime for p in dest_dir.iterdir())
         status = _status(work / "config.yaml")
@@ -113,7 +232,11 @@ def one_round(files: list[Path], stable: float) -> dict[str, Any]:
         node.wait(60)
         storescp.terminate()
         storescp.wait(10)
-    return _figures(status, last_ack, done, node_rss, worker_rss, len(list(dest_dir.iterdir())))
+    figures = _figures(status, last_ack, done, node_rss, worker_rss, len(list(dest_dir.iterdir())))
+    found = FOUND.findall(log.read_text(errors="replace"))
+    figures.update(plugin=plugin, device=device or _default_device(), result_kinds=_result_kinds(dest_dir),
+                   findings=int(found[-1]) if found else None)
+    return figures
 
 
 def _status(config: Path) -> dict[str, Any]:
@@ -128,6 +251,12 @@ def _figures(status: dict[str, Any], last_ack: float, done: float, node_rss: int
     study = status["studies"][0]
     stable_wait = job["created_at"] - study["last_received_at"]
     stages = dict(job["timings"])
+    inside = [k for k in stages if k.startswith("analyse.")]
+    if inside and "analyse" in stages:  # in the plugin but in none of its sub-stages
+        last = list(stages).index(inside[-1])
+        rest = max(0.0, stages["analyse"] - sum(stages[k] for k in inside))
+        items = list(stages.items())
+        stages = dict([*items[: last + 1], ("analyse.other", rest), *items[last + 1 :]])
     stages["queue"] = job["started_at"] - job["created_at"]
     delivery = status["deliveries"][0]
     stages["delivery"] = max(0.0, done - job["finished_at"])
@@ -158,7 +287,30 @@ def markdown(rounds: list[dict[str, Any]]) -> str:
                  f"{100 * med('non_analyse_share'):.0f} % of e2e | |")
     lines.append(f"| peak RSS, node process | {med('node_peak_rss_mib'):.0f} MiB | |")
     lines.append(f"| peak RSS, analysis worker | {med('worker_peak_rss_mib'):.0f} MiB | |")
+    if "result_kinds" in rounds[0]:
+        lines.append("| results at the destination | " + " + ".join(rounds[0]["result_kinds"]) + " | "
+                     + ", ".join(" + ".join(r["result_kinds"]) for r in rounds) + " |")
+        lines.append("| findings reported | " + _findings(rounds[0]["findings"]) + " | "
+                     + ", ".join(_findings(r["findings"]) for r in rounds) + " |")
     return "\n".join(lines)
+
+
+def _findings(count: int | None) -> str:
+    return "?" if count is None else "none (\"no findings\")" if count == 0 else str(count)
+
+
+def _default_device() -> str:
+    """What a plugin given no device picks (as ``MonaiBundlePlugin._pick_device``)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _title(args: argparse.Namespace) -> str:
+    what = f"{args.plugin} on {args.device or _default_device()}"
+    if args.plugin in BUNDLE_PLUGINS:
+        what += " (MONAI bundle, random weights: timings and memory real, findings not)"
+    return f"### End to end: {args.slices}-slice chest CT (512x512), {what}, {os.cpu_count()} cores"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,17 +320,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--stable", type=float, default=1.0, help="stable_seconds of the route")
+    parser.add_argument("--plugin", choices=PLUGINS, default=DEFAULT_PLUGIN,
+                        help=f"the analysis plugin (default {DEFAULT_PLUGIN}, the embedded configuration)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="the plugin's device (bundles: default cpu; lung_nodules: default as the "
+                             "embedded configuration has it, the plugin's own choice)")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                        help=f"seconds to wait for the job's results (default {DEFAULT_TIMEOUT_S:.0f})")
     args = parser.parse_args(argv)
+    bundle_dir = None
+    if args.plugin in BUNDLE_PLUGINS:
+        args.device = args.device or "cpu"
+        from bench.bundles import bundle_dir as build_bundle
+
+        bundle_dir = build_bundle(args.plugin)
     files = chest_series(args.slices)
     rounds = []
     for i in range(args.rounds):
-        figures = one_round(files, args.stable)
+        figures = one_round(files, args.stable, args.plugin, bundle_dir, args.device, args.timeout)
         print(f"round {i + 1}: e2e {figures['e2e_s']:.2f} s, stages "
               + " ".join(f"{k}={v:.2f}" for k, v in figures["stages"].items()), file=sys.stderr)
         rounds.append(figures)
-    print(f"\n### End to end: {args.slices}-slice chest CT (512x512), {os.cpu_count()} cores, CPU only\n")
+    print(f"\n{_title(args)}\n")
     print(markdown(rounds))
-    (OUT / "e2e.json").write_text(json.dumps(rounds, indent=1))
+    name = "e2e.json" if args.plugin == DEFAULT_PLUGIN else f"e2e-{args.plugin}.json"
+    (OUT / name).write_text(json.dumps(rounds, indent=1))
     return 0
 
 

@@ -147,10 +147,21 @@ def _components(
             if count * voxel_mm3 < spec.min_volume_mm3:
                 continue
             offset = np.array([s.start for s in box], dtype=np.float64)
-            centroid = np.argwhere(local).mean(axis=0) + offset
+            centroid = _mean_index(local, count) + offset
             found.append(_Component(value, spec, box, local, count, centroid))
         logger.debug("label %d: %d component(s), %d kept", value, n, len(found) - before)
     return found
+
+
+def _mean_index(mask: np.ndarray, count: int) -> np.ndarray:
+    """The mean voxel index of ``mask`` (``count`` true voxels), from its three axis
+    projections: no index list of every voxel (a whole organ holds millions)."""
+    means = []
+    for axis in range(mask.ndim):
+        others = tuple(a for a in range(mask.ndim) if a != axis)
+        profile = mask.sum(axis=others, dtype=np.int64)
+        means.append(float(np.dot(np.arange(profile.size, dtype=np.float64), profile)) / count)
+    return np.array(means, dtype=np.float64)
 
 
 def _label_boxes(labels: np.ndarray, highest: int) -> dict[int, tuple[slice, ...]]:

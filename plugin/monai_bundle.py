@@ -12,6 +12,17 @@ dropped because the volume is already in memory and channel-first:
 
 Everything else, including ``Invertd`` that brings ``pred`` back onto the source grid,
 is the bundle's own. Which label is which finding comes from ``manifest.yaml``.
+
+Two kinds of bundle (the manifest's ``kind``):
+
+* ``segmentation``: the postprocessed ``pred`` is a label map on the source grid,
+  measured by :mod:`plugin.measure` (a leading softmax + argmax runs as one argmax on
+  the device, :mod:`plugin.argmax_fusion`);
+* ``detection`` (e.g. the Model Zoo's ``lung_nodule_ct_detection``): the inferer is a
+  detector returning boxes, labels and scores under its own keys; the bundle's
+  postprocessing maps them to world coordinates and :mod:`plugin.boxes` onto the source
+  grid. The bundle's ``scripts/``, ``overrides``, required packages and the evaluator's
+  ``_requires_`` (``detector_ops``) are handled by :mod:`plugin.bundle_config`.
 Everything is checked when the plugin is created (node start): the config parses,
 the required keys exist and instantiate, the weights load strictly, the manifest is
 valid.
@@ -117,9 +128,12 @@ class MonaiBundlePlugin:
         self.dropped = strip_io_config(parser)
         with bundle_scripts(self.bundle_dir):
             self.preprocessing = self._instantiate(parser, "preprocessing")
+            # before the inferer, as the bundle's evaluator has it: the detector's
+            # RetinaNetInferer reads the sliding window that detector_ops sets up when it
+            # is built, and without one it runs the network on the whole image at once
+            self._run_required(parser)
             self.inferer = self._instantiate(parser, "inferer")
             self.postprocessing = self._instantiate(parser, "postprocessing")
-            self._run_required(parser)
         self.dropped += _strip_io_objects(self.preprocessing) + _strip_io_objects(
             self.postprocessing
         )
@@ -323,6 +337,8 @@ class MonaiBundlePlugin:
         except ValueError as e:
             raise self._fail(f"detection output: {e}") from e
         summary = ", ".join(f"{d.name} {d.long_axis_mm:.0f} mm (score {d.score:.2f})" for d in found)
+        if found:  # a reader must not take a box's side for a measured diameter
+            summary += ". Sizes are the sides of each detection box, not measured outlines."
         return Findings(label_map=None, findings=[], detections=found,
                         procedure=self.manifest.procedure_code(), summary=summary,
                         looked_for=self._looked_for())

@@ -205,6 +205,8 @@ def test_stub_boxes_land_at_their_patient_coordinates(tmp_path: Path) -> None:
     edge = volume.lps_affine() @ np.array([0.0, 36.0, 12.0, 1.0])  # centre on the first column
     outside = voxel_box(affine_ras, centre + np.array([0.0, 0.0, 200.0]), size)  # removed by the bundle
     boxes = np.stack([voxel_box(affine_ras, centre, size), outside, voxel_box(affine_ras, edge[:3], size)])
+    # the bundle's detector_ops ran before its inferer was built: it slides a window
+    assert plugin.inferer.sliding_window_size == np.prod(SMALL_PATCH)
     stub = StubDetector(boxes, [0.9, 0.85, 0.8])
     plugin.inferer = stub
 

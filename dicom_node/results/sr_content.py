@@ -93,24 +93,36 @@ def detection_group(
     """The planar group of one detected box (see the module docstring)."""
     mm = codes.UCUM.Millimeter
     width, depth, height = detection.size_mm
+    region = _region(_closed(detection.outline), sources, detection.key_slice, detection)
+    return _planar(detection, info, _tracking(volume, info, detection), region, [
+        hd.sr.Measurement(name=codes.SCT.LongAxis, value=detection.long_axis_mm, unit=mm),
+        hd.sr.Measurement(name=codes.SCT.Width, value=width, unit=mm),
+        hd.sr.Measurement(name=codes.SCT.Depth, value=depth, unit=mm),
+        hd.sr.Measurement(name=codes.DCM.Height, value=height, unit=mm),
+        hd.sr.Measurement(
+            name=codes.DCM.CertaintyOfFinding,
+            value=round(100.0 * detection.score, 3),
+            unit=codes.UCUM.Percent,
+        ),
+    ])
+
+
+def _planar(
+    item: Finding | Detection,
+    info: PluginInfo,
+    tracking: hd.sr.TrackingIdentifier,
+    region: hd.sr.ImageRegion,
+    measurements: list[hd.sr.Measurement],
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """A TID 1410 planar group of ``item`` (a finding or a detection) on ``region``."""
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=_tracking(volume, info, detection),
-        referenced_region=_region(_closed(detection.outline), sources, detection.key_slice, detection),
-        finding_type=detection.codes.type,
-        finding_category=detection.codes.category,
-        finding_sites=_sites(detection),
+        tracking_identifier=tracking,
+        referenced_region=region,
+        finding_type=item.codes.type,
+        finding_category=item.codes.category,
+        finding_sites=_sites(item),
         algorithm_id=algorithm_id(info),
-        measurements=[
-            hd.sr.Measurement(name=codes.SCT.LongAxis, value=detection.long_axis_mm, unit=mm),
-            hd.sr.Measurement(name=codes.SCT.Width, value=width, unit=mm),
-            hd.sr.Measurement(name=codes.SCT.Depth, value=depth, unit=mm),
-            hd.sr.Measurement(name=codes.DCM.Height, value=height, unit=mm),
-            hd.sr.Measurement(
-                name=codes.DCM.CertaintyOfFinding,
-                value=round(100.0 * detection.score, 3),
-                unit=codes.UCUM.Percent,
-            ),
-        ],
+        measurements=measurements,
     )
 
 
@@ -193,20 +205,10 @@ def _planar_group(
     line = np.array([axis.start, axis.end], dtype=np.float32)
     region = _region(line, sources, finding.key_slice, finding)
     mm = codes.UCUM.Millimeter
-    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=tracking,
-        referenced_region=region,
-        finding_type=finding.codes.type,
-        finding_category=finding.codes.category,
-        finding_sites=_sites(finding),
-        algorithm_id=algorithm_id(info),
-        measurements=[
-            hd.sr.Measurement(name=codes.SCT.LongAxis, value=axis.length_mm, unit=mm),
-            hd.sr.Measurement(
-                name=codes.SCT.ShortAxis, value=finding.short_axis.length_mm, unit=mm
-            ),
-        ],
-    )
+    return _planar(finding, info, tracking, region, [
+        hd.sr.Measurement(name=codes.SCT.LongAxis, value=axis.length_mm, unit=mm),
+        hd.sr.Measurement(name=codes.SCT.ShortAxis, value=finding.short_axis.length_mm, unit=mm),
+    ])
 
 
 def _volumetric_group(
