@@ -30,6 +30,7 @@ def _only_softmax(transform: Any, key: str) -> bool:
         and tuple(transform.softmax) == (True,)
         and not any(transform.sigmoid)
         and all(other is None for other in transform.other)
+        and not getattr(transform.converter, "kwargs", None)
     )
 
 
@@ -41,6 +42,7 @@ def _only_argmax(transform: Any, key: str) -> bool:
         and all(v is None for v in transform.to_onehot)
         and all(v is None for v in transform.threshold)
         and all(v is None for v in transform.rounding)
+        and not getattr(transform.converter, "kwargs", None)  # dim, keepdim, dtype: as given
     )
 
 

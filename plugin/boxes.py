@@ -71,8 +71,11 @@ def detections_from_boxes(
     unknown = sorted(set(labels.tolist()) - set(label_specs))
     if unknown:
         logger.warning("ignoring boxes of detector classes not in the manifest: %s", unknown)
+    usable = np.all(np.isfinite(boxes), axis=1) & np.all(boxes[:, 3:] > 0, axis=1) & np.isfinite(scores)
+    if not usable.all():
+        logger.warning("ignoring %d box(es) that are not finite or have no size", int((~usable).sum()))
     keep = [i for i in np.argsort(-scores, kind="stable")
-            if scores[i] >= score_threshold and int(labels[i]) in label_specs and np.all(np.isfinite(boxes[i]))]
+            if usable[i] and scores[i] >= score_threshold and int(labels[i]) in label_specs]
     affine = np.asarray(lps_affine, dtype=np.float64)
     numbers: dict[int, int] = {}
     found = []

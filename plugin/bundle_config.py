@@ -102,8 +102,8 @@ def bundle_scripts(bundle_dir: Path) -> Iterator[None]:
     try:
         yield
     finally:
-        if sys.path and sys.path[0] == str(bundle_dir):
-            sys.path.pop(0)
+        if str(bundle_dir) in sys.path:
+            sys.path.remove(str(bundle_dir))
 
 
 def check_scripts(parser: ConfigParser, bundle_dir: Path, keys: Iterable[str]) -> None:

@@ -177,6 +177,9 @@ class Manifest(_Strict):
     detection: DetectionSpec = DetectionSpec()
     overrides: dict[str, Any] = Field(default_factory=dict)
     requires: tuple[str, ...] | None = None
+    # output channels the bundle's metadata names and ``labels`` does not: "report" them
+    # under the bundle's name with a fallback code (SCT 91723000), or "ignore" them
+    unlisted_labels: Literal["report", "ignore"] = "report"
     labels: dict[int, LabelSpec] = Field(min_length=1)
 
     @field_validator("device_uid")

@@ -83,6 +83,8 @@ PRED_KEY = "pred"
 # what a label the manifest does not code is reported as (see MonaiBundlePlugin._label_specs)
 FALLBACK_CODE = CodeSpec(scheme="SCT", value="91723000", meaning="Anatomical structure")
 AFFINE_TOLERANCE_MM = 1e-3
+# boxes are axis-aligned in the world: on a grid tilted further they are not the detector's
+MAX_DETECTION_TILT_DEGREES = 1.0
 LABEL_SLAB_VOXELS = 8 * 2**20  # voxels converted at a time from the prediction to the label map
 
 
@@ -134,6 +136,7 @@ class MonaiBundlePlugin:
             self._run_required(parser)
             self.inferer = self._instantiate(parser, "inferer")
             self.postprocessing = self._instantiate(parser, "postprocessing")
+            self.network = self._load_network(parser)  # network_def may be in scripts/ too
         self.dropped += _strip_io_objects(self.preprocessing) + _strip_io_objects(
             self.postprocessing
         )
@@ -141,7 +144,6 @@ class MonaiBundlePlugin:
             self.postprocessing, PRED_KEY
         )
         self.labels = self._label_specs(parser)
-        self.network = self._load_network(parser)
 
     # -- loading --------------------------------------------------------------------
 
@@ -177,12 +179,15 @@ class MonaiBundlePlugin:
             raise self._fail(f"metadata.json: the network expects {channels} input channels, not 1")
         parser["bundle_root"] = str(self.bundle_dir)
         parser["device"] = f"$torch.device({str(self.device)!r})"
-        if "inferer#device" in parser:  # the bundle's own "cuda if available" would override ours
+        if self.device.type == "cpu" and "inferer#device" in parser:
+            # never a GPU the site did not choose (bundles say "cuda if available"); on a
+            # GPU the bundle's own choice stands (some stitch large outputs on the CPU)
             parser["inferer#device"] = "@device"
         try:
             apply_overrides(parser, overrides)
             check_requirements(self.manifest.requires or ())
-            check_scripts(parser, self.bundle_dir, ("preprocessing", "inferer", "postprocessing"))
+            check_scripts(parser, self.bundle_dir, ("preprocessing", "inferer", "postprocessing",
+                                                    "network_def", "evaluator#_requires_"))
         except BundleConfigError as e:
             raise self._fail(str(e)) from e
         absent = missing_packages(metadata_packages(parser))
@@ -200,7 +205,7 @@ class MonaiBundlePlugin:
         instead of being dropped or crashing the job; a warning says which labels lack codes.
         """
         labels = dict(self.manifest.labels)
-        if self.manifest.kind != "segmentation":
+        if self.manifest.kind != "segmentation" or self.manifest.unlisted_labels == "ignore":
             return labels
         channels = parser.get(f"{parser.meta_key}#network_data_format#outputs#pred#channel_def")
         if not isinstance(channels, dict):
@@ -328,6 +333,13 @@ class MonaiBundlePlugin:
             raise self._fail(f"postprocessing returned no {', '.join(map(repr, missing))} (detection)")
         box, label, score = (_numpy(torch.as_tensor(data[key])) for key in keys)
         spec = self.manifest.detection
+        tilt = _tilt_degrees(volume.lps_affine())
+        if tilt > MAX_DETECTION_TILT_DEGREES:
+            raise self._fail(
+                f"boxes need an axial series whose rows, columns and slices run along the patient "
+                f"axes; this one is tilted by {tilt:.1f} degrees (an oblique, coronal or sagittal "
+                "series), where an axis-aligned world box is not the detector's box"
+            )
         try:
             found = detections_from_boxes(
                 to_lps_cccwhd(box, spec.box_mode, spec.box_coordinates), label, score,
@@ -337,6 +349,9 @@ class MonaiBundlePlugin:
         except ValueError as e:
             raise self._fail(f"detection output: {e}") from e
         summary = ", ".join(f"{d.name} {d.long_axis_mm:.0f} mm (score {d.score:.2f})" for d in found)
+        clipped = [d.name for d in found if d.clipped]
+        if clipped:
+            summary += f". Outline cut at the image edge: {', '.join(clipped)}"
         if found:  # a reader must not take a box's side for a measured diameter
             summary += ". Sizes are the sides of each detection box, not measured outlines."
         return Findings(label_map=None, findings=[], detections=found,
@@ -469,6 +484,15 @@ class MonaiBundlePlugin:
             yield
         finally:
             torch.set_num_threads(previous)
+
+
+def _tilt_degrees(lps_affine: np.ndarray) -> float:
+    """How far (degrees) the volume's axes are from the patient axes, each allowed to be
+    any of them either way round: 0 for an axial stack, 90 for none at all."""
+    directions = np.asarray(lps_affine, dtype=np.float64)[:3, :3]
+    directions = directions / np.linalg.norm(directions, axis=0)
+    worst = float(np.abs(directions).max(axis=0).min())
+    return float(np.degrees(np.arccos(np.clip(worst, -1.0, 1.0))))
 
 
 @contextlib.contextmanager

@@ -275,3 +275,25 @@ def test_start_fails_with_the_bundle_name_and_reason(tmp_path: Path, change: dic
         create(bundle_dir=str(bundle), device="cpu")
 
     assert "lung_nodule_ct_detection" in str(caught.value) and reason in str(caught.value), caught.value
+
+
+def test_oblique_series_is_refused_for_boxes(tmp_path: Path) -> None:
+    from tests.test_monai_bundle_plugin import make_volume
+
+    plugin = create(bundle_dir=str(make_bundle(tmp_path)), device="cpu")
+    plugin.inferer = StubDetector(np.zeros((0, 6)), [])
+    angle = np.radians(20.0)  # a gantry tilt of 20 degrees about the patient's x axis
+    affine = np.diag([-0.7, -0.7, 1.25, 1.0])
+    affine[1:3, 1:3] = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) @ np.diag([-0.7, 1.25])
+
+    with pytest.raises(PluginError, match="tilted by 20.0 degrees"):
+        plugin.analyse(make_volume(np.full((48, 48, 24), -800.0, dtype=np.float32), affine))
+
+
+def test_box_modes_and_world_conventions() -> None:
+    from plugin.boxes import to_lps_cccwhd
+
+    lps = to_lps_cccwhd(np.array([[10.0, -20.0, 30.0, 4.0, 6.0, 8.0]]), "cccwhd", "LPS")
+    ras = to_lps_cccwhd(np.array([[-10.0, 20.0, 30.0, 4.0, 6.0, 8.0]]), "cccwhd", "RAS")
+    corners = to_lps_cccwhd(np.array([[12.0, -17.0, 34.0, 8.0, -23.0, 26.0]]), "xyzxyz", "LPS")
+    assert np.allclose(lps, ras) and np.allclose(lps, corners)

@@ -449,3 +449,22 @@ def test_shipped_spleen_manifest_runs_the_bundle(tmp_path: Path) -> None:
     (spleen,) = findings.findings
     assert spleen.name == "Spleen" and spleen.role == "structure" and spleen.codes.type.value == "78961009"
     assert list(spleen.contours) == [spleen.key_slice]  # a structure is outlined on its key slice only
+
+
+def test_network_def_from_the_bundles_own_scripts(tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path, threshold=True)
+    (bundle / "scripts").mkdir()
+    (bundle / "scripts" / "__init__.py").write_text("")
+    (bundle / "scripts" / "net.py").write_text(
+        "import torch\n\n\ndef Net() -> torch.nn.Module:\n    return torch.nn.Conv3d(1, 2, 1)\n")
+    config_file = bundle / "configs" / "inference.json"
+    config = json.loads(config_file.read_text())
+    config["network_def"] = {"_target_": "scripts.net.Net"}
+    config_file.write_text(json.dumps(config))
+
+    plugin = create(bundle_dir=str(bundle), device="cpu")
+
+    assert type(plugin.network).__name__ == "Conv3d"
+    shutil.rmtree(bundle / "scripts")
+    with pytest.raises(PluginError, match="scripts.net.Net but the bundle has no scripts/ package"):
+        create(bundle_dir=str(bundle), device="cpu")

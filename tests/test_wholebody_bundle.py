@@ -120,8 +120,28 @@ def test_shipped_manifest_codes_all_104_labels() -> None:
         "network_data_format"]["outputs"]["pred"]["channel_def"]
     assert sorted(manifest.labels) == list(range(1, 105)) == sorted(int(k) for k in names if k != "0")
     assert all(spec.role == "structure" for spec in manifest.labels.values())
-    lateral = [v for k, v in names.items() if "left" in v or "right" in v]
-    assert all(manifest.labels[int(k)].modifier is not None for k, v in names.items() if v in lateral)
+    # a paired organ's side is its modifier; types that are lateral themselves carry none
+    lateral_types = {16, 45, 46, 47, 48}  # middle lobe of right lung, the heart's chambers
+    for key, name in names.items():
+        if key != "0" and ("left" in name or "right" in name):
+            side = manifest.labels[int(key)].modifier
+            if int(key) in lateral_types:
+                assert side is None, name
+            else:
+                assert side is not None and side.meaning.lower() in name, name
+
+
+def test_fused_argmax_equals_the_bundles_softmax_then_argmax() -> None:
+    from monai.transforms import Activationsd, AsDiscreted, Compose
+
+    from plugin.argmax_fusion import argmax_channels, fuse_argmax
+
+    torch.manual_seed(0)
+    pred = torch.randn(1, 105, 12, 10, 8)
+    bundle_way = AsDiscreted(keys="pred", argmax=True)(Activationsd(keys="pred", softmax=True)({"pred": pred[0]}))
+    assert torch.equal(argmax_channels(pred)[0], bundle_way["pred"])
+    kept = Compose([Activationsd(keys="pred", softmax=True), AsDiscreted(keys="pred", argmax=True, keepdim=False)])
+    assert not fuse_argmax(kept) and len(kept.transforms) == 2  # any other setting: left to the bundle
 
 
 def test_softmax_argmax_is_taken_on_the_device(tmp_path: Path) -> None:
@@ -130,3 +150,14 @@ def test_softmax_argmax_is_taken_on_the_device(tmp_path: Path) -> None:
     assert plugin.fused_argmax  # the bundle's Activationsd + AsDiscreted ran as one argmax
     assert [type(t).__name__ for t in plugin.postprocessing.transforms] == ["Invertd"]
     assert len(plugin.labels) == 104
+
+
+def test_manifest_may_leave_a_label_out(tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path, drop_labels=(LEFT_KIDNEY,))
+    manifest = yaml.safe_load((bundle / "manifest.yaml").read_text())
+    manifest["unlisted_labels"] = "ignore"
+    (bundle / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+
+    seg, _, _ = run(tmp_path, bundle)
+
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Right kidney"]
