@@ -101,13 +101,20 @@ def _wait_for_results(node: Any, study_uid: str, start: float, timeout: float) -
             shown.add(phase)
             _say(start, {"receiving": "waiting for the study to become stable (2 s without new images)",
                          "processing": "study stable: queued for analysis",
-                         "analysing": "analysing with the lung-nodule model (MONAI, CPU)",
+                         "analysing": f"analysing with the lung-nodule model (MONAI, {_device_text()})",
                          "delivering": "sending SEG and SR to the destination",
                          "done": "results confirmed by the destination"}.get(phase, phase))
         if phase in ("done", "failed"):
             return {"study": study, "jobs": jobs}
         time.sleep(0.2)
     raise TimeoutError(f"no result within {timeout:.0f} s")
+
+
+def _device_text() -> str:
+    """The device the demo's plugin runs on: its default, CUDA when there is one."""
+    import torch
+
+    return f"CUDA, {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "CPU"
 
 
 def _location(f: ReportedFinding, sources: dict[str, Path]) -> str:

@@ -8,6 +8,7 @@ import sys
 import time
 
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+THIRD_PARTY_QUIET = ("highdicom", "monai")
 
 
 class JsonFormatter(logging.Formatter):
@@ -35,6 +36,11 @@ def setup_logging(level: str = "INFO", json_format: bool = False) -> None:
     root.setLevel(level)
     # pynetdicom logs PDU and dataset details at INFO/DEBUG; keep it to warnings.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # highdicom (about a dozen "copy attributes of module ..." lines per result) and MONAI
+    # speak at INFO about their own steps: warnings only, unless the node logs at DEBUG.
+    chatty = logging.DEBUG if logging.getLevelName(level) == logging.DEBUG else logging.WARNING
+    for name in THIRD_PARTY_QUIET:
+        logging.getLogger(name).setLevel(chatty)
     # Library warnings (deprecations, and some that quote element values) go to the
     # log, and only errors among them are kept: they could carry patient data.
     logging.captureWarnings(True)

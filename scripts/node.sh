@@ -9,5 +9,13 @@ bash scripts/setup.sh
 if [ "${DEMO:-1}" != "0" ]; then
   .venv/bin/dicom-node demo --out demo-output
 fi
-echo "==> running the node (embedded default configuration); stop with Ctrl-C"
+config="the embedded default configuration"
+if [ -n "${DICOM_NODE_CONFIG:-}" ]; then config="$DICOM_NODE_CONFIG"; fi
+prev=""
+for arg in "$@"; do
+  case "$arg" in --config=*) config="${arg#--config=}" ;; esac
+  if [ "$prev" = "--config" ]; then config="$arg"; fi
+  prev="$arg"
+done
+echo "==> running the node ($config); stop with Ctrl-C"
 exec .venv/bin/dicom-node serve "$@"
