@@ -145,11 +145,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from plugin.registry import load_plugin
 
     failed = 0
-    for name in sorted({route.plugin for route in config.routes}):
-        spec = config.plugins.get(name)
+    for name in config.routed_plugins():
+        factory, options = config.plugin_factory(name)
         try:
-            plugin = load_plugin(name, factory=spec.factory if spec else None,
-                                 options=dict(spec.options) if spec else {})
+            plugin = load_plugin(name, factory=factory, options=options)
         except PluginError as exc:
             print(f"plugin {name}: FAILED: {exc}", file=sys.stderr)
             failed += 1

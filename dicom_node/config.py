@@ -268,6 +268,16 @@ class Config(_Strict):
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
 
+    def plugin_factory(self, name: str) -> tuple[str | None, dict[str, Any]]:
+        """How the plugin ``name`` is created: its factory (None: the entry point of that
+        name) and options, from ``plugins:`` when it is configured there."""
+        spec = self.plugins.get(name)
+        return (spec.factory, dict(spec.options)) if spec else (None, {})
+
+    def routed_plugins(self) -> list[str]:
+        """The plugins the routes name, sorted, each once."""
+        return sorted({route.plugin for route in self.routes})
+
     @model_validator(mode="after")
     def _check_references(self) -> "Config":
         names = set()

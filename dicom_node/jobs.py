@@ -55,13 +55,9 @@ class JobRunner:
     def warm_up(self) -> None:
         """Start the workers now and load every routed plugin in them, so the first
         study does not wait for process start and model loading."""
-        names = sorted({r.plugin for r in self.config.routes})
-        if not names:
+        specs = [(name, *self.config.plugin_factory(name)) for name in self.config.routed_plugins()]
+        if not specs:
             return
-        specs = []
-        for name in names:
-            plugin = self.config.plugins.get(name)
-            specs.append((name, plugin.factory if plugin else None, dict(plugin.options) if plugin else {}))
         pool = self._get_pool()
         for _ in range(self.config.jobs.max_concurrent_analyses):
             pool.submit(warm_up, specs)
@@ -75,13 +71,13 @@ class JobRunner:
             self._submit(job)
 
     def _spec(self, job: dict[str, Any]) -> JobSpec:
-        plugin = self.config.plugins.get(job["plugin"])
+        factory, options = self.config.plugin_factory(job["plugin"])
         return JobSpec(
             job_id=job["id"],
             study_uid=job["study_uid"],
             plugin_name=job["plugin"],
-            plugin_factory=plugin.factory if plugin else None,
-            plugin_options=dict(plugin.options) if plugin else {},
+            plugin_factory=factory,
+            plugin_options=options,
             files=self.db.study_files(job["study_uid"]),
             results_dir=self.config.results_dir,
             revision=job["revision"],

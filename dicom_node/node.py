@@ -66,16 +66,15 @@ class Node:
 
     def validate_plugins(self) -> None:
         """Load every plugin a route names, so a broken one fails the start."""
-        names = sorted({r.plugin for r in self.config.routes})
+        names = self.config.routed_plugins()
         if not names:
             self.plugins_loaded = True
             return
         from plugin.registry import load_plugin
 
         for name in names:
-            spec = self.config.plugins.get(name)
-            plugin = load_plugin(name, factory=spec.factory if spec else None,
-                                 options=dict(spec.options) if spec else {})
+            factory, options = self.config.plugin_factory(name)
+            plugin = load_plugin(name, factory=factory, options=options)
             log.info("plugin %s %s validated", plugin.info.name, plugin.info.version)
             self.runner.plugin_infos[name] = plugin.info
         self.plugins_loaded = True

@@ -210,10 +210,11 @@ class MonaiBundlePlugin:
         channels = parser.get(f"{parser.meta_key}#network_data_format#outputs#pred#channel_def")
         if not isinstance(channels, dict):
             return labels
-        fallback = [int(k) for k in channels if str(k).isdigit() and int(k) > 0 and int(k) not in labels]
+        unlisted = {int(k): str(v) for k, v in channels.items() if str(k).isdigit()}
+        fallback = sorted(v for v in unlisted if v > 0 and v not in labels)
         for value in fallback:
             labels[value] = LabelSpec(
-                name=str(channels[str(value)] if str(value) in channels else channels[value])[:56] or f"Label {value}",
+                name=unlisted[value][:56] or f"Label {value}",
                 category=FALLBACK_CODE, type=FALLBACK_CODE, role="structure", color=(128, 128, 128),
             )
         if fallback:
@@ -288,6 +289,8 @@ class MonaiBundlePlugin:
             raise self._fail(
                 f"expected a MetaTensor (1, X, Y, Z), got {getattr(image, 'shape', None)}"
             )
+        if self.manifest.kind == "detection":
+            self._check_axial(volume)  # before minutes of network, not after
         started = time.monotonic()
         timings: dict[str, float] = {}
         with self._threads(), torch.inference_mode():
@@ -333,13 +336,6 @@ class MonaiBundlePlugin:
             raise self._fail(f"postprocessing returned no {', '.join(map(repr, missing))} (detection)")
         box, label, score = (_numpy(torch.as_tensor(data[key])) for key in keys)
         spec = self.manifest.detection
-        tilt = _tilt_degrees(volume.lps_affine())
-        if tilt > MAX_DETECTION_TILT_DEGREES:
-            raise self._fail(
-                f"boxes need an axial series whose rows, columns and slices run along the patient "
-                f"axes; this one is tilted by {tilt:.1f} degrees (an oblique, coronal or sagittal "
-                "series), where an axis-aligned world box is not the detector's box"
-            )
         try:
             found = detections_from_boxes(
                 to_lps_cccwhd(box, spec.box_mode, spec.box_coordinates), label, score,
@@ -357,6 +353,16 @@ class MonaiBundlePlugin:
         return Findings(label_map=None, findings=[], detections=found,
                         procedure=self.manifest.procedure_code(), summary=summary,
                         looked_for=self._looked_for())
+
+    def _check_axial(self, volume: Volume) -> None:
+        """Boxes are axis-aligned in the world: refuse a grid tilted away from it."""
+        tilt = _tilt_degrees(volume.lps_affine())
+        if tilt > MAX_DETECTION_TILT_DEGREES:
+            raise self._fail(
+                f"boxes need an axial series whose rows, columns and slices run along the patient "
+                f"axes; this one is tilted by {tilt:.1f} degrees (an oblique, coronal or sagittal "
+                "series), where an axis-aligned world box is not the detector's box"
+            )
 
     def _looked_for(self) -> Code | None:
         """The one finding type the manifest names, if it names one (e.g. Nodule)."""
@@ -406,7 +412,8 @@ class MonaiBundlePlugin:
             first = out[0] if isinstance(out, (list, tuple)) and out else out
             if not isinstance(first, dict):
                 raise self._fail(f"the detector returned a {type(out).__name__}, not boxes")
-            return {key: value.detach().float() if key != self._box_keys()[1] else value.detach()
+            label_key = self._box_keys()[1]  # class indices stay integers, the rest float
+            return {key: value.detach() if key == label_key else value.detach().float()
                     for key, value in first.items()}
         if not isinstance(out, torch.Tensor):
             raise self._fail(f"the inferer returned a {type(out).__name__}, not a tensor")
