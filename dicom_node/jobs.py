@@ -39,6 +39,7 @@ class JobRunner:
         self.plugin_infos: dict[str, PluginInfo] = {}
         self._pool: ProcessPoolExecutor | None = None
         self._running: dict[int, Future[JobOutcome | str]] = {}
+        self._warming: list[Future[int]] = []
         self._lock = threading.Lock()
 
     def _get_pool(self) -> ProcessPoolExecutor:
@@ -59,8 +60,22 @@ class JobRunner:
         if not specs:
             return
         pool = self._get_pool()
-        for _ in range(self.config.jobs.max_concurrent_analyses):
-            pool.submit(warm_up, specs)
+        self._warming = [pool.submit(warm_up, specs) for _ in range(self.config.jobs.max_concurrent_analyses)]
+
+    @property
+    def warm_state(self) -> str:
+        """The analysis workers' warm-up, for health and ``status``: "warming up (n of m)"
+        while plugins load (CUDA's start-up included), "warm", "not started" (no routed
+        plugin), or why the warm-up failed (the first job then loads the plugin itself)."""
+        if not self._warming:
+            return "not started"
+        done = [f for f in self._warming if f.done()]
+        if len(done) < len(self._warming):
+            return f"warming up ({len(done)} of {len(self._warming)} ready)"
+        failed = [f.exception() for f in done if f.exception() is not None]
+        if failed:
+            return f"warm-up failed: {type(failed[0]).__name__}: {failed[0]}"
+        return "warm"
 
     def tick(self) -> None:
         """Start queued jobs while there is capacity."""

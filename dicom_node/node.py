@@ -145,7 +145,7 @@ class Node:
             "dicom_listener": self._listener_up(),
         }
         report = {"live": True, "ready": all(checks.values()), "checks": checks, "free_disk_mb": free_mb,
-                  "jobs_running": self.runner.running}
+                  "jobs_running": self.runner.running, "analysis_workers": self.runner.warm_state}
         if self.acceptors is not None:
             report["listener_processes"] = {"configured": self.acceptors.processes,
                                             "serving": self.acceptors.running}

@@ -104,6 +104,8 @@ def warm_up(plugins: list[tuple[str, str | None, dict[str, Any]]]) -> int:
     from dicom_node.results.warmup import try_warm_up_encoders
 
     loaded = [get_plugin(name, factory, options) for name, factory, options in plugins]
+    for plugin in loaded:  # optional: a GPU plugin pays CUDA's start-up here, not in a study
+        getattr(plugin, "warm_up", lambda: None)()
     if loaded:
         try_warm_up_encoders(loaded[0].info)
         freeze_heap()

@@ -62,7 +62,9 @@ def _node_line(node: dict[str, Any] | None) -> str:
         return f"node: NOT RUNNING ({node['detail']})"
     failing = [k for k, ok in node.get("checks", {}).items() if not ok]
     state = "ready" if node.get("ready") else "NOT READY: " + ", ".join(failing)
-    return f"node: running, {state}; free disk {node.get('free_disk_mb')} MiB, {node.get('jobs_running')} jobs running"
+    workers = f"; analysis workers {node['analysis_workers']}" if node.get("analysis_workers") else ""
+    return (f"node: running, {state}; free disk {node.get('free_disk_mb')} MiB, "
+            f"{node.get('jobs_running')} jobs running{workers}")
 
 
 def render(data: dict[str, Any]) -> str:

@@ -383,6 +383,7 @@ class MonaiBundlePlugin:
         try:
             mark = time.monotonic()
             data = self.preprocessing({self.image_key: self._input(image)})
+            self._synchronize()
             timings["preprocessing"] = time.monotonic() - mark
             if not isinstance(data, dict) or self.image_key not in data:
                 raise self._fail("preprocessing must return one dict holding the image")
@@ -392,6 +393,7 @@ class MonaiBundlePlugin:
             mark = time.monotonic()
             with self._autocast():
                 out = self.inferer(batch, self.network)
+            self._synchronize()
             timings["inference"] = time.monotonic() - mark
             mark = time.monotonic()  # the fused argmax (if any) counts as postprocessing
             data.update(self._prediction(out, x))
@@ -476,6 +478,34 @@ class MonaiBundlePlugin:
             out[index] = slab.numpy().astype(dtype, copy=False)
         return out
 
+    def _synchronize(self) -> None:
+        """Wait for the device's queued work, so that each stage's time is its own
+        (CUDA runs asynchronously: unsynchronised, the network's time shows up in the
+        next stage that reads its output)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def warm_up(self) -> None:
+        """On CUDA, run the network once on a zero input of its sliding window's size
+        (the bundle's ``roi_size``), so that CUDA's start-up and kernel selection are paid
+        here, at worker start, and not by the first study. Nothing to do on the CPU."""
+        if self.device.type != "cuda":
+            return
+        roi = _window_size(self.inferer)
+        if roi is None:
+            logger.info("%s: no sliding window size known; CUDA warms up in the first job", self.info.name)
+            return
+        started = time.monotonic()
+        try:
+            with self._threads(), torch.inference_mode(), self._autocast():
+                self.network(torch.zeros((1, _in_channels(self.network), *roi), device=self.device))
+            self._synchronize()
+        except Exception as e:  # a warm-up is an optimisation: the first job pays instead
+            logger.warning("%s: CUDA warm-up failed (%s: %s); the first job pays it", self.info.name,
+                           type(e).__name__, e)
+            return
+        logger.info("%s: CUDA warmed up on %s in %.1f s", self.info.name, self.device, time.monotonic() - started)
+
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.amp:
             return torch.autocast(device_type="cuda", dtype=torch.float16)
@@ -491,6 +521,22 @@ class MonaiBundlePlugin:
             yield
         finally:
             torch.set_num_threads(previous)
+
+
+def _window_size(inferer: Any) -> tuple[int, ...] | None:
+    """The sliding window's ``roi_size`` of a bundle's inferer, or of a detector's own
+    sliding-window inferer; None when there is none."""
+    for candidate in (inferer, getattr(getattr(inferer, "detector", None), "inferer", None)):
+        roi = getattr(candidate, "roi_size", None)
+        if roi is not None and len(roi) and all(int(r) > 0 for r in roi):
+            return tuple(int(r) for r in roi)
+    return None
+
+
+def _in_channels(network: torch.nn.Module) -> int:
+    """Input channels of ``network``: its first convolution's (1 when it has none)."""
+    first = next((m for m in network.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)), None)
+    return int(first.in_channels) if first is not None else 1
 
 
 def _tilt_degrees(lps_affine: np.ndarray) -> float:

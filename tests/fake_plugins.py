@@ -41,6 +41,11 @@ class DensePlugin:
         self.criteria = self.manifest.series_criteria()
         self.threshold = threshold
         self.crash = crash
+        self.warm_ups = 0
+
+    def warm_up(self) -> None:
+        """The optional warm-up hook (a GPU plugin initialises CUDA here); counted."""
+        self.warm_ups += 1
 
     def analyse(self, volume: Volume) -> Findings:
         if self.crash:

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 from monai.data import MetaTensor
 
 from models.lung_nodules.candidates import (
     PATCH,
+    depth_map,
     find_candidates,
     load_classifier,
     patches,
@@ -174,3 +176,26 @@ def test_a_component_on_a_rejected_candidate_is_vetoed_others_kept() -> None:
         out = transform(data)["pred"][0].numpy()
         assert bool(out[42:49, 57:64, 38:43].max() > 0.5) == kept
         assert out[100:103, 30:33, 20:23].min() == np.float32(0.9)  # no candidate: untouched
+
+
+def test_the_depth_map_is_the_exact_euclidean_distance() -> None:
+    rng = np.random.default_rng(5)
+    mask = ndimage.gaussian_filter(rng.random((60, 50, 40)), 2) > 0.5
+    mask[0], mask[:, 0], mask[:, :, 0] = False, False, False
+    spacing = np.array([0.7, 0.9, 1.25])  # anisotropic, as a resampled chest is not
+    depth = depth_map(mask, spacing)
+    assert np.allclose(depth, ndimage.distance_transform_edt(mask, sampling=spacing), atol=1e-5)
+    assert np.array_equal(depth >= 2.5, ndimage.distance_transform_edt(mask, sampling=spacing) >= 2.5)
+
+
+def test_quantised_rounds_half_to_even_and_clips() -> None:
+    image = np.array([-0.2, 0.0, 0.5 / 255, 1.5 / 255, 2.5 / 255, 0.5, 1.0, 1.7], dtype=np.float32)
+    expected = np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+    assert np.array_equal(quantised(image), expected)
+    assert quantised(image).dtype == np.uint8
+
+
+def test_a_score_does_not_depend_on_the_batch_size() -> None:
+    net = load_classifier(WEIGHTS)
+    batch = np.random.default_rng(2).integers(0, 256, size=(70, *PATCH), dtype=np.uint8)
+    assert np.allclose(score(net, batch, batch=7), score(net, batch, batch=256), atol=1e-6)

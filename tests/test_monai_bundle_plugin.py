@@ -33,7 +33,7 @@ from monai.bundle.config_parser import ConfigParser
 from monai.data.meta_tensor import MetaTensor
 
 from dicom_node.errors import PluginError
-from plugin.monai_bundle import MonaiBundlePlugin, create
+from plugin.monai_bundle import MonaiBundlePlugin, _in_channels, _window_size, create
 from plugin.types import Volume
 from tests.support import BUNDLE_FIXTURES, REPO
 
@@ -139,6 +139,17 @@ def test_unet_bundle_end_to_end_in_memory(tmp_path: Path) -> None:
     assert spleen.codes.category.value == "91723000"
     assert spleen.volume_mm3 == pytest.approx(96 * 96 * 40 * 2.5)
     assert findings.procedure.value == "25045-6"
+
+
+def test_the_cuda_warm_up_knows_the_window_and_is_a_no_op_on_the_cpu(tmp_path: Path) -> None:
+    plugin = MonaiBundlePlugin(make_bundle(tmp_path), device="cpu")
+    assert _window_size(plugin.inferer) == (96, 96, 96)  # the spleen bundle's roi_size
+    assert _in_channels(plugin.network) == 1
+    assert _window_size(object()) is None and _in_channels(torch.nn.ReLU()) == 1
+    calls: list[Any] = []
+    plugin.network.register_forward_hook(lambda *args: calls.append(args))
+    plugin.warm_up()
+    assert calls == []  # nothing to initialise on the CPU: no forward pass at worker start
 
 
 @pytest.mark.parametrize(

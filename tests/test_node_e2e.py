@@ -93,6 +93,7 @@ def test_study_analysed_and_delivered(tmp_path: Path, dest: StoreSCP, study: lis
         assert (seg.SeriesNumber, results["SR"][0][1].SeriesNumber) == (9001, 9002)
         text = node.cli("status", "--config", str(node.config_path)).stdout
         assert "done" in text and source.StudyInstanceUID in text and "ready" in text
+        assert "analysis workers warm" in text
         _check_ops_endpoints(node, instances=len(study))
         _check_audit(node, source.StudyInstanceUID)
         # no PHI in any log line of the whole run
@@ -119,6 +120,7 @@ def _check_ops_endpoints(node: NodeProcess, instances: int) -> None:
     code, body = _get(base + "/health/ready")
     health = __import__("json").loads(body)
     assert code == 200 and health["ready"] and all(health["checks"].values()), body
+    assert health["analysis_workers"] == "warm", body  # a job ran: the workers warmed up before it
     assert _get(base + "/health/live")[0] == 200
     code, metrics = _get(base + "/metrics")
     assert code == 200

@@ -1,4 +1,5 @@
-"""Analysis worker set-up: numpy's huge-page requests are turned off unless configured."""
+"""Analysis worker set-up: numpy's huge-page requests are turned off unless configured;
+a plugin's optional warm-up hook runs when the worker loads it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from dicom_node import pipeline
 from dicom_node.pipeline import _no_numpy_huge_pages
 
 _multiarray = importlib.import_module("numpy._core.multiarray")
@@ -32,3 +34,11 @@ def test_the_environment_variable_wins(monkeypatch: pytest.MonkeyPatch, restore_
     _multiarray._set_madvise_hugepage(True)
     _no_numpy_huge_pages()
     assert _multiarray._set_madvise_hugepage(True) is True
+
+
+def test_warm_up_loads_the_plugin_and_runs_its_hook(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pipeline, "_PLUGINS", {})
+    spec = ("dense", "tests.fake_plugins:create", {"threshold": 300})
+    assert pipeline.warm_up([spec]) > 0
+    plugin = pipeline.get_plugin(*spec)  # the jobs get the instance the warm-up loaded
+    assert plugin.warm_ups == 1

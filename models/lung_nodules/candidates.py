@@ -24,20 +24,24 @@ it in the bundle's postprocessing.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from monai.networks.nets import Classifier
 from scipy import ndimage
 
+logger = logging.getLogger(__name__)
 SOFT_SCALED = (-450.0 + 1000.0) / 1400.0  # -450 HU on the bundle's [-1000, 400] scale
 CORE_RADIUS_MM = 2.5
 SPLIT_MM = 1.0  # a blob on a core at least this much thicker than where it joins the rest is split off
 OUTLINE_REACH = 1.5  # an outline stays within 1.5 x the core's thickness (+1 mm) of its centre
 PATCH = (32, 32, 24)  # voxels (X, Y, Z) at the working resolution (1 x 1 x 1.25 mm)
 STRUCTURE = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity
+CPU_BATCH, GPU_BATCH = 64, 512  # patches per forward pass of the classifier
 MIRRORS = ((), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4))  # flipped axes of a (N, 1, X, Y, Z) batch
 
 
@@ -76,10 +80,11 @@ class Candidates:
 
 
 def find_candidates(image: np.ndarray, spacing: np.ndarray, lungs: np.ndarray,
-                    step: int, split: bool = True) -> Candidates:
+                    step: int, split: bool = True, device: torch.device | None = None) -> Candidates:
     """Candidate cores in ``image`` (X, Y, Z, scaled to [0, 1]) with voxel ``spacing``
     (mm); ``lungs`` is a lung gate on every ``step``-th voxel
-    (:func:`transforms.lung_region`)."""
+    (:func:`transforms.lung_region`). The depth map is computed on ``device`` where it
+    is a CUDA device (:func:`depth_map`)."""
     soft_all = image > SOFT_SCALED
     soft_all &= lungs[np.ix_(*[np.arange(n) // step for n in image.shape])]
     found = ndimage.find_objects(soft_all.astype(np.uint8))
@@ -90,13 +95,49 @@ def find_candidates(image: np.ndarray, spacing: np.ndarray, lungs: np.ndarray,
     box = tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(found[0], image.shape))
     soft = soft_all[box]
     padded = np.pad(soft, 1)  # outside the box is not soft tissue
-    depth = ndimage.distance_transform_edt(padded, sampling=spacing)[1:-1, 1:-1, 1:-1]
+    depth = depth_map(padded, spacing, device)[1:-1, 1:-1, 1:-1]
     cores, count = ndimage.label(depth >= CORE_RADIUS_MM, structure=STRUCTURE)
     if split:
         cores, count = split_cores(depth, cores, count, spacing)
     centres, thickness = _thickest(cores, depth, count)
     centres += np.array([s.start for s in box], dtype=np.int64)
     return Candidates(box, soft, cores.astype(np.int32), count, centres, thickness)
+
+
+def depth_map(mask: np.ndarray, spacing: np.ndarray, device: torch.device | None = None) -> np.ndarray:
+    """Euclidean distance (mm) from each voxel of ``mask`` to the nearest voxel outside
+    it, 0 outside (exact, as SciPy's ``distance_transform_edt``, to float32 rounding).
+
+    On a CUDA ``device`` with CuPy installed: CuPy's exact transform on the GPU (only the
+    mask goes there, only the distances come back). Elsewhere the ``edt`` package's
+    separable transform on the CPU threads torch may use: on a real chest CT's soft
+    tissue (331 x 297 x 192 voxels) 1.8 s -> 0.3 s on 2 cores against SciPy's, which
+    computes a full feature transform (three index arrays) first."""
+    if device is not None and device.type == "cuda":
+        gpu = _cupy_ndimage()
+        if gpu is not None:
+            cupy, cupy_ndimage = gpu
+            try:
+                with cupy.cuda.Device(device.index if device.index is not None else 0):
+                    found = cupy_ndimage.distance_transform_edt(cupy.asarray(mask),
+                                                                sampling=tuple(map(float, spacing)))
+                    return np.asarray(cupy.asnumpy(found), dtype=np.float32)
+            except Exception as e:  # a CuPy that does not fit this CUDA: the CPU gives the same result
+                logger.warning("depth map on the CPU: CuPy failed on %s (%s: %s)", device, type(e).__name__, e)
+    import edt
+
+    return np.asarray(edt.edt(np.ascontiguousarray(mask, dtype=bool), anisotropy=tuple(map(float, spacing)),
+                              parallel=max(1, torch.get_num_threads())), dtype=np.float32)
+
+
+def _cupy_ndimage() -> tuple[Any, Any] | None:
+    """(cupy, cupyx.scipy.ndimage), or None where CuPy is not installed or unusable."""
+    try:
+        import cupy
+        import cupyx.scipy.ndimage as cupy_ndimage
+    except Exception:  # ImportError, or a CuPy built for another CUDA
+        return None
+    return cupy, cupy_ndimage
 
 
 def split_cores(depth: np.ndarray, cores: np.ndarray, count: int,
@@ -195,8 +236,11 @@ def _thickest(labels: np.ndarray, values: np.ndarray, count: int) -> tuple[np.nd
 
 
 def quantised(image: np.ndarray) -> np.ndarray:
-    """``image`` (scaled to [0, 1]) as uint8, the classifier's input precision."""
-    return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+    """``image`` (scaled to [0, 1]) as uint8, the classifier's input precision: rounded
+    half to even and clipped, in one multi-threaded pass (NumPy's three full-size
+    temporaries took 0.6 s on a real chest)."""
+    scaled = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).mul(255.0)
+    return scaled.round_().clamp_(0, 255).to(torch.uint8).numpy()
 
 
 def patches(image_u8: np.ndarray, centres: np.ndarray) -> np.ndarray:
@@ -229,17 +273,29 @@ def load_classifier(weights: str | Path) -> torch.nn.Module:
     return net
 
 
-def score(net: torch.nn.Module, patch_u8: np.ndarray, batch: int = 256,
+def module_device(net: torch.nn.Module) -> torch.device:
+    """The device of ``net``'s parameters (the CPU when it has none)."""
+    first = next(net.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def score(net: torch.nn.Module, patch_u8: np.ndarray, batch: int | None = None,
           mirrored: bool = True) -> np.ndarray:
     """Nodule probability of each uint8 patch; with ``mirrored``, the mean over the
     patch and its seven mirror images (flipped on every combination of axes, like the
-    flips of training), which evens out the classifier's whims on single nodules."""
+    flips of training), which evens out the classifier's whims on single nodules.
+    Runs on the device of ``net``'s parameters (the patches go there as uint8), in
+    batches of ``batch`` patches: by default 64 on the CPU (2.3 x faster than 256 on 2
+    cores, which spill the caches: 400 candidates of a real chest in 0.55 s instead of
+    1.3 s) and 512 on a GPU."""
     views = MIRRORS if mirrored else ((),)
-    total = np.zeros(len(patch_u8), dtype=np.float64)
+    device = module_device(net)
+    batch = batch or (CPU_BATCH if device.type == "cpu" else GPU_BATCH)
+    total = torch.zeros(len(patch_u8), dtype=torch.float64, device=device)
     with torch.inference_mode():
         for start in range(0, len(patch_u8), batch):
-            x = torch.from_numpy(patch_u8[start:start + batch].astype(np.float32) / 255.0)[:, None]
+            x = torch.from_numpy(patch_u8[start:start + batch]).to(device).float().div_(255.0)[:, None]
             for axes in views:
                 view = torch.flip(x, dims=axes) if axes else x
-                total[start:start + len(x)] += torch.sigmoid(net(view))[:, 0].double().numpy()
-    return (total / len(views)).astype(np.float32)
+                total[start:start + len(x)] += torch.sigmoid(net(view))[:, 0].double()
+    return (total / len(views)).cpu().numpy().astype(np.float32)

@@ -25,7 +25,15 @@ from monai.data.utils import affine_to_spacing
 from monai.transforms import MapTransform
 from scipy import ndimage
 
-from models.lung_nodules.candidates import Candidates, find_candidates, load_classifier, patches, quantised, score
+from models.lung_nodules.candidates import (
+    Candidates,
+    find_candidates,
+    load_classifier,
+    module_device,
+    patches,
+    quantised,
+    score,
+)
 
 AIR_SCALED = (-500.0 + 1000.0) / 1400.0  # -500 HU after ScaleIntensityRanged [-1000, 400] -> [0, 1]
 
@@ -164,20 +172,25 @@ class ClassifyCandidatesd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
-        image = np.asarray(torch.as_tensor(d[self.image_key]).detach().cpu()[0], dtype=np.float32)
+        tensor = torch.as_tensor(d[self.image_key]).detach()
+        image = np.asarray(tensor.cpu()[0], dtype=np.float32)
         spacing = _spacing(d[self.image_key])
         region = lung_region(image, step=self.step)
-        cands, scores = self.scored_candidates(image, spacing, region)
+        cands, scores = self.scored_candidates(image, spacing, region, tensor.device)
         for key in self.key_iterator(d):
             pred = d[key]
             prob = torch.as_tensor(pred).detach().cpu()[0].numpy()
             d[key] = _as_pred(self.merge(prob, cands, scores, spacing, region), pred)
         return d
 
-    def scored_candidates(self, image: np.ndarray, spacing: np.ndarray,
-                          region: np.ndarray) -> tuple[Candidates, np.ndarray]:
-        """The candidates of ``image`` and the classifier's score of each."""
-        cands = find_candidates(image, spacing, region, self.step)
+    def scored_candidates(self, image: np.ndarray, spacing: np.ndarray, region: np.ndarray,
+                          device: torch.device | None = None) -> tuple[Candidates, np.ndarray]:
+        """The candidates of ``image`` and the classifier's score of each; the depth map
+        and the classifier run on ``device`` (the image's: the plugin's device), the CPU by default."""
+        device = device or torch.device("cpu")
+        cands = find_candidates(image, spacing, region, self.step, device=device)
+        if module_device(self.net) != device:
+            self.net.to(device)
         return cands, score(self.net, patches(quantised(image), cands.centres), mirrored=self.mirrored)
 
     def merge(self, prob: np.ndarray, cands: Candidates, scores: np.ndarray,
@@ -195,7 +208,11 @@ class ClassifyCandidatesd(MapTransform):
             np.maximum.at(best, in_box[overlap], scores[cands.cores[overlap] - 1])
             drop |= (best >= 0) & (best < self.veto)
             drop[0] = False
-        out = np.where(drop[components], 0, prob).astype(prob.dtype) if drop.any() else prob.copy()
+        out = prob.copy()
+        if drop.any():  # zeroed voxel by voxel: a full-size gather and where cost 0.2-0.4 s on a real chest
+            where = np.nonzero(components)
+            gone = drop[components[where]]
+            out[tuple(axis[gone] for axis in where)] = 0
         for index in np.flatnonzero(scores >= self.accept) + 1:
             box, mask = cands.outline(int(index), spacing)
             out[box][mask] = 1.0
