@@ -151,12 +151,12 @@ def compare_with_cpu(plugin: str, factory: str | None, options: dict[str, Any],
     found = [p.analyse(volume) for p in (here, on_cpu)]
     out: dict[str, Any] = {"findings": [[(f.name, round(float(f.volume_mm3 or 0), 1)) for f in x.findings]
                                         for x in found]}
-    maps = [x.label_map for x in found]
-    if all(m is not None for m in maps):
-        a, b = (np.asarray(m) > 0 for m in maps)
+    first, second = (x.label_map for x in found)
+    if first is not None and second is not None:
+        a, b = np.asarray(first) > 0, np.asarray(second) > 0
         total = int(a.sum() + b.sum())
         out["dice"] = 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
-        out["labels_equal"] = bool(np.array_equal(maps[0], maps[1]))
+        out["labels_equal"] = bool(np.array_equal(np.asarray(first), np.asarray(second)))
     return out
 
 
