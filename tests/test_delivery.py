@@ -22,8 +22,9 @@ from tests.support import NodeProcess, StoreSCP, free_port, node_config
 class PynetdicomSCP:
     """A pynetdicom Storage SCP answering a fixed status (a real peer, in-process)."""
 
-    def __init__(self, status: int) -> None:
+    def __init__(self, status: int, first: list[int] | None = None) -> None:
         self.status = status
+        self.first = list(first or [])  # answered, in order, before ``status``
         self.received: list[str] = []
         self.ae = ApplicationEntity("REFUSER")
         self.ae.supported_contexts = AllStoragePresentationContexts
@@ -34,7 +35,7 @@ class PynetdicomSCP:
 
     def _store(self, event: evt.Event) -> int:
         self.received.append(str(event.request.AffectedSOPInstanceUID))
-        return self.status
+        return self.first.pop(0) if self.first else self.status
 
     def stop(self) -> None:
         self.server.shutdown()
@@ -92,6 +93,23 @@ def test_out_of_resources_is_retried_and_only_unconfirmed_resent(tmp_path: Path,
         deliverer.tick(now=row["next_attempt_at"])
         assert work.db.query("SELECT state FROM deliveries")[0]["state"] == "done"
         assert work.db.query("SELECT state FROM studies")[0]["state"] == "done"
+    finally:
+        scp.stop()
+
+
+@pytest.mark.parametrize("warning", [0x0001, 0x0107, 0x0116, 0xB000])
+def test_an_instance_stored_with_a_warning_is_not_sent_again(tmp_path: Path, results: list[Path],
+                                                             warning: int) -> None:
+    scp = PynetdicomSCP(0x0000, first=[warning, 0xA700])  # the first stored with a warning, the second refused for now
+    try:
+        work, deliverer, _ = _setup(tmp_path, scp.port, results)
+        deliverer.tick()
+        row = work.db.query("SELECT * FROM deliveries")[0]
+        assert row["state"] == "pending" and "0xA700" in row["last_error"]
+        first, second = scp.received
+        deliverer.tick(now=row["next_attempt_at"])
+        assert work.db.query("SELECT state FROM deliveries")[0]["state"] == "done"
+        assert scp.received == [first, second, second]  # only the refused one again
     finally:
         scp.stop()
 

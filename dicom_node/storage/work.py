@@ -6,6 +6,7 @@ import sqlite3
 import time
 from collections.abc import Sequence
 
+from dicom_node.net import statuses
 from dicom_node.storage.state import (
     DONE,
     FAILED,
@@ -175,13 +176,18 @@ class WorkStore:
         )
 
     def unconfirmed_items(self, delivery_id: int) -> list[Row]:
-        """Result instances of a delivery not yet confirmed by the destination."""
-        return self.db.query(
-            """SELECT r.sop_instance_uid, r.sop_class_uid, r.path FROM delivery_items i
+        """Result instances of a delivery not yet confirmed by the destination: no
+        status yet, or one that is neither Success nor a Warning
+        (:func:`dicom_node.net.statuses.is_success_or_warning`, the rule the delivery
+        itself judges by, so an instance stored with a warning is never sent again)."""
+        rows = self.db.query(
+            """SELECT r.sop_instance_uid, r.sop_class_uid, r.path, i.status FROM delivery_items i
                JOIN results r ON r.sop_instance_uid = i.sop_instance_uid
-               WHERE i.delivery_id=? AND (i.status IS NULL OR NOT (i.status=0 OR (i.status>>12)=11))""",
+               WHERE i.delivery_id=?""",
             (delivery_id,),
         )
+        return [{k: v for k, v in row.items() if k != "status"} for row in rows
+                if row["status"] is None or not statuses.is_success_or_warning(int(row["status"]))]
 
     def record_status(self, delivery_id: int, sop_uid: str, status: int) -> None:
         """Store the destination's status for one instance."""
