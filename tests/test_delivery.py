@@ -122,6 +122,24 @@ def test_deadline_ends_in_failed(tmp_path: Path, results: list[Path]) -> None:
     assert "deadline" in row["last_error"] and "cannot connect" in row["last_error"]
 
 
+def test_a_peer_that_never_answers_is_named_as_our_timeout_not_its_abort() -> None:
+    import socket
+
+    from dicom_node.errors import DeliveryError
+    from dicom_node.net.scu import Peer, echo
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)  # accepts TCP (the kernel does), never reads or answers
+    try:
+        with pytest.raises(DeliveryError) as raised:
+            echo(Peer("SILENT", "127.0.0.1", silent.getsockname()[1]), "NODE", timeout=1.0)
+        assert "no answer from" in str(raised.value) and "within 1 s" in str(raised.value)
+        assert "aborted" not in str(raised.value)
+    finally:
+        silent.close()
+
+
 def test_backoff_doubles_up_to_maximum() -> None:
     assert [backoff_seconds(n, 5, 300) for n in range(8)] == [5, 10, 20, 40, 80, 160, 300, 300]
 

@@ -99,9 +99,11 @@ def _make_ae(calling_ae: str, timeout: float) -> ApplicationEntity:
 
 def _associate(ae: ApplicationEntity, peer: Peer) -> Association:
     connected = threading.Event()
+    answered = threading.Event()  # any PDU from the peer: an accept, a reject or its own abort
     tls_args = (peer.tls, peer.server_hostname or peer.host) if peer.tls is not None else None
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, lambda _: connected.set())])
+                         evt_handlers=[(evt.EVT_CONN_OPEN, lambda _: connected.set()),
+                                       (evt.EVT_PDU_RECV, lambda _: answered.set())])
     if assoc.is_established:
         return assoc
     if not connected.is_set():
@@ -109,6 +111,9 @@ def _associate(ae: ApplicationEntity, peer: Peer) -> Association:
         raise DeliveryError(f"cannot connect to {peer}: {problem or 'refused or unreachable'}")
     if assoc.is_rejected:
         raise DeliveryError(f"association rejected by {peer} (check its AE title and allowlist)")
+    if not answered.is_set():  # our own ACSE timeout ended it, not the peer
+        raise DeliveryError(f"no answer from {peer} within {ae.acse_timeout:g} s: it accepted the connection "
+                            "but sent nothing back (is that port a DICOM service?)")
     raise DeliveryError(f"association aborted by {peer}")
 
 
@@ -135,7 +140,7 @@ def echo(peer: Peer, calling_ae: str, timeout: float = 10.0) -> int:
     finally:
         assoc.release()
     if "Status" not in rsp:
-        raise DeliveryError(f"no C-ECHO response from {peer}")
+        raise DeliveryError(f"no C-ECHO response from {peer} within {ae.dimse_timeout:g} s")
     return int(rsp.Status)
 
 
