@@ -189,50 +189,96 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     return 0
 
 
+DESCRIPTION = """\
+dicom-node: a DICOM node that a PACS routes studies to. It analyses them with MONAI
+models and sends the findings back to the same study as DICOM SEG and SR objects.
+
+Start with "dicom-node demo" (no network, no configuration), check a configuration
+with "dicom-node check-config FILE --deep", then run it with "dicom-node serve
+--config FILE". Every command that reads the configuration takes --config (the
+embedded default configuration when omitted)."""
+
+EPILOG = """\
+exit codes: 0 ok, 1 an operation failed (e.g. a peer refused), 2 configuration error,
+3 (check-config --deep) a plugin or its model cannot load.
+Each command has its own --help, e.g. "dicom-node send --help"."""
+
+
+def version_text() -> str:
+    """The node's version, its DICOM and model libraries' and the shipped models' (read
+    from their manifests: nothing is imported or loaded)."""
+    from importlib import metadata
+
+    import yaml
+
+    def installed(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    lines = [f"dicom-node {installed('dicom-node')}",
+             "libraries: " + ", ".join(f"{name} {installed(name)}" for name in
+                                       ("pynetdicom", "pydicom", "highdicom", "monai", "torch"))]
+    models = Path(__file__).resolve().parent.parent / "models"
+    for manifest in sorted(models.glob("*/manifest.yaml")):
+        try:
+            data = yaml.safe_load(manifest.read_text()) or {}
+            lines.append(f"model {data.get('name', manifest.parent.name)} {data.get('version', '?')}"
+                         f" ({data.get('display_name', '')})")
+        except (OSError, yaml.YAMLError) as exc:
+            lines.append(f"model {manifest.parent.name}: manifest unreadable ({exc})")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    parser = argparse.ArgumentParser(prog="dicom-node", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="dicom-node", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=version_text(),
+                        help="show the node's, its libraries' and the shipped models' versions and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--config", help="YAML configuration (default: the embedded default)")
         return p
 
     serve = with_config(sub.add_parser("serve", help="run the node"))
-    serve.add_argument("--port", type=int)
-    serve.add_argument("--ae-title")
-    serve.add_argument("--storage-dir")
+    serve.add_argument("--port", type=int, help="DICOM port to listen on (overrides node.port)")
+    serve.add_argument("--ae-title", help="the node's AE title (overrides node.ae_title)")
+    serve.add_argument("--storage-dir", help="state, spool and results folder (overrides node.storage_dir)")
     serve.set_defaults(func=cmd_serve)
     echo = with_config(sub.add_parser("echo", help="C-ECHO a destination (name or AE@host:port)"))
-    echo.add_argument("dest")
-    echo.add_argument("--calling-ae")
-    echo.add_argument("--timeout", type=float, default=10.0)
+    echo.add_argument("dest", help="a destination name from the configuration, or AE@host:port")
+    echo.add_argument("--calling-ae", help="calling AE title (default: the node's)")
+    echo.add_argument("--timeout", type=float, default=10.0,
+                      help="seconds to wait for the connection and the association (default 10)")
     echo.set_defaults(func=cmd_echo)
     send = with_config(sub.add_parser("send", help="C-STORE files or folders to a destination"))
-    send.add_argument("paths", nargs="+")
+    send.add_argument("paths", nargs="+", help="DICOM files or folders (searched recursively)")
     send.add_argument("--to", required=True, help="destination name or AE@host:port")
-    send.add_argument("--calling-ae")
+    send.add_argument("--calling-ae", help="calling AE title (default: the node's)")
     send.set_defaults(func=cmd_send)
     status = with_config(sub.add_parser("status", help="studies, jobs and deliveries"))
-    status.add_argument("--json", action="store_true")
-    status.add_argument("--limit", type=int, default=50)
-    status.add_argument("--storage-dir")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--limit", type=int, default=50, help="newest studies, jobs and deliveries shown (default 50)")
+    status.add_argument("--storage-dir", help="read this storage folder instead of the configuration's")
     status.set_defaults(func=cmd_status)
     audit = with_config(sub.add_parser("audit", help="print the audit trail (JSON lines)"))
     audit.add_argument("--since", help="ISO time (UTC if no zone) or a duration back from now: 30m, 2h, 7d")
     audit.add_argument("--event", choices=["association", "study-received", "analysis", "delivery",
-                                           "config-loaded"])
-    audit.add_argument("--storage-dir")
+                                           "config-loaded"], help="only this kind of event")
+    audit.add_argument("--storage-dir", help="read this storage folder instead of the configuration's")
     audit.set_defaults(func=cmd_audit)
     demo = sub.add_parser("demo", help="see it work: a phantom in, findings and a PNG out")
     demo.add_argument("--out", default="demo-output", help="output folder (default: demo-output)")
-    demo.add_argument("--slices", type=int, default=300)
+    demo.add_argument("--slices", type=int, default=300, help="slices of the phantom chest CT (default 300)")
     demo.set_defaults(func=cmd_demo)
     conf = with_config(sub.add_parser("conformance", help="print the DICOM Conformance Statement"))
     conf.set_defaults(func=cmd_conformance)
     check = sub.add_parser("check-config", help="validate a configuration file (exit 0 ok, 2 configuration "
                            "error, 3 a plugin cannot load)")
-    check.add_argument("path")
+    check.add_argument("path", help="the YAML configuration file to check")
     check.add_argument("--deep", action="store_true",
                        help="also load every plugin a route names, with its model weights (as serve does)")
     check.set_defaults(func=cmd_check_config)
