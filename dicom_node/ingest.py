@@ -260,7 +260,8 @@ class Ingestor:
         study_uid, series_uid, sop_uid = _checked_uids(req, header)
         sop_class = clean_uid(header.get("SOPClassUID", req.sop_class_uid))
         if self._is_duplicate(sop_uid):
-            log.info("duplicate instance ignored, first copy kept: sop=%s study=%s", sop_uid, study_uid)
+            # counted in the association's closing line; one line each only at DEBUG (a re-sent study: hundreds)
+            log.debug("duplicate instance ignored, first copy kept: sop=%s study=%s", sop_uid, study_uid)
             return StoreOutcome(statuses.SUCCESS, "", "duplicate", study_uid)
         self._check_space(len(req.data))
         try:

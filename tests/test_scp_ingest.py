@@ -197,6 +197,25 @@ def test_duplicate_sop_instance_is_idempotent(node: Node, ct150: list[Path]) -> 
 
 
 @in_process
+def test_a_resent_study_logs_one_line_with_its_duplicate_count(node: Node, ct150: list[Path],
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    import time
+
+    assert storescu(node.port, ct150[:5]).returncode == 0
+    with caplog.at_level(logging.INFO):
+        caplog.clear()
+        assert storescu(node.port, ct150[:5]).returncode == 0
+        deadline = time.monotonic() + 10
+        while "duplicates=" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)  # the closing line is written when the release completes
+    info = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert not [m for m in info if "duplicate instance ignored" in m]  # not one line per instance
+    closing = [m for m in info if "duplicates=" in m]
+    assert len(closing) == 1 and "instances=5 duplicates=5 failures=0" in closing[0], info
+
+
+@in_process
 def test_disk_reserve_stops_then_resumes_when_space_returns(node: Node, ct150: list[Path],
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     real_free = node.spool.free_bytes

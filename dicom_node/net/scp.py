@@ -125,6 +125,7 @@ class AssociationStats:
     started: float = field(default_factory=time.monotonic)
     instances: int = 0
     failures: int = 0
+    duplicates: int = 0  # acknowledged, first copy kept (one count here, not a log line each)
     bytes: int = 0
 
 
@@ -232,6 +233,7 @@ class StorageSCP:
             stats.instances += 1
             stats.bytes += len(data)
             stats.failures += outcome.status != 0
+            stats.duplicates += outcome.disposition == "duplicate"
         if self.metrics is not None:
             self.metrics.instance_received(len(data), outcome)
         rsp = Dataset()
@@ -283,6 +285,6 @@ class StorageSCP:
             return
         how = "released" if event.event is evt.EVT_RELEASED else "aborted"
         elapsed = time.monotonic() - stats.started
-        log.info("association %s %s: calling=%s peer=%s instances=%d failures=%d bytes=%d seconds=%.2f",
-                 self._id(event.assoc), how, stats.calling_ae, stats.peer, stats.instances,
-                 stats.failures, stats.bytes, elapsed)
+        log.info("association %s %s: calling=%s peer=%s instances=%d duplicates=%d failures=%d bytes=%d "
+                 "seconds=%.2f", self._id(event.assoc), how, stats.calling_ae, stats.peer, stats.instances,
+                 stats.duplicates, stats.failures, stats.bytes, elapsed)
