@@ -36,9 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import OUT, REPO
+from bench.e2e import DEFAULT_PLUGIN, PLUGINS, chest_series
 
-DEFAULT_PLUGIN = "lung_nodules"
-BUNDLE_PLUGINS = ("lung_nodule_ct_detection", "wholeBody_ct_segmentation")
 STAGES = ("select", "volume", "analyse.preprocessing", "analyse.inference", "analyse.postprocessing",
           "analyse.measure", "seg", "sr", "write")
 NETWORK = "analyse.inference"
@@ -61,12 +60,8 @@ def plugin_entry(plugin: str, device: str | None, amp: bool | None = None) -> tu
 def series_files(series: str, slices: int) -> list[Path]:
     """The phantom (``phantom``) or the ``.dcm`` files of a folder."""
     if series == "phantom":
-        from bench.e2e import chest_series
-
         return chest_series(slices)
     folder = Path(series)
-    if not folder.is_dir():
-        raise SystemExit(f"no series folder {folder} (the real CT lives in {REAL_CT}; skipped when absent)")
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in (".dcm", ""))
     if not files:
         raise SystemExit(f"no DICOM files in {folder}")
@@ -192,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="the plugin's device (default: the plugin's own choice, CUDA when present)")
-    parser.add_argument("--plugin", choices=(DEFAULT_PLUGIN, *BUNDLE_PLUGINS), default=DEFAULT_PLUGIN)
+    parser.add_argument("--plugin", choices=PLUGINS, default=DEFAULT_PLUGIN)
     parser.add_argument("--concurrency", default="", help="comma-separated worker counts for a throughput run")
     parser.add_argument("--studies", type=int, default=6, help="jobs per throughput run")
     parser.add_argument("--open-criteria", action="store_true",
@@ -207,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.WARNING)
     if args.series != "phantom" and not Path(args.series).is_dir():
-        print(f"bench.jobs: skipped, no series folder {args.series}", file=sys.stderr)
+        print(f"bench.jobs: skipped, no series folder {args.series} (the real CT lives in {REAL_CT})",
+              file=sys.stderr)
         return 0
     files = series_files(args.series, args.slices)
     factory, options = plugin_entry(args.plugin, args.device, args.amp)

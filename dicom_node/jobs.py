@@ -72,10 +72,8 @@ class JobRunner:
         done = [f for f in self._warming if f.done()]
         if len(done) < len(self._warming):
             return f"warming up ({len(done)} of {len(self._warming)} ready)"
-        failed = [f.exception() for f in done if f.exception() is not None]
-        if failed:
-            return f"warm-up failed: {type(failed[0]).__name__}: {failed[0]}"
-        return "warm"
+        failed = next((e for e in (f.exception() for f in done) if e is not None), None)
+        return "warm" if failed is None else f"warm-up failed: {type(failed).__name__}: {failed}"
 
     def tick(self) -> None:
         """Start queued jobs while there is capacity."""

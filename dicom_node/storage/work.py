@@ -186,7 +186,7 @@ class WorkStore:
                WHERE i.delivery_id=?""",
             (delivery_id,),
         )
-        return [{k: v for k, v in row.items() if k != "status"} for row in rows
+        return [row for row in rows
                 if row["status"] is None or not statuses.is_success_or_warning(int(row["status"]))]
 
     def record_status(self, delivery_id: int, sop_uid: str, status: int) -> None:
