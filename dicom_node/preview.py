@@ -8,6 +8,8 @@ view with the outline (red) and the long axis (yellow).
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,6 +32,12 @@ def _windowed(path: Path, window: tuple[float, float]) -> Image.Image:
     low = window[0] - window[1] / 2
     grey = np.clip((hu - low) / window[1] * 255.0, 0, 255).astype(np.uint8)
     return Image.fromarray(grey).convert("RGB")
+
+
+def hu_text(mean_hu: float) -> str:
+    """The mean attenuation as the report gives it; NaN when the SR has none (a finding
+    too thin for a core, see plugin.lesion_measure)."""
+    return "attenuation not measured" if math.isnan(mean_hu) else f"mean {mean_hu:.0f} HU"
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -73,7 +81,7 @@ def render_finding(source: Path, finding: ReportedFinding) -> Image.Image:
     row.paste(full, (0, 36))
     row.paste(zoom, (full.width, 36))
     label = (f"{finding.name}: long axis {finding.long_axis_mm:.1f} mm, short {finding.short_axis_mm:.1f} mm, "
-             f"volume {finding.volume_mm3:.0f} mm3, mean {finding.mean_hu:.0f} HU")
+             f"volume {finding.volume_mm3:.0f} mm3, " + hu_text(finding.mean_hu))
     ImageDraw.Draw(row).text((8, 8), label, fill=(255, 255, 255), font=_font(20))
     return row
 

@@ -39,7 +39,13 @@ Further keys for Model Zoo bundles run unchanged:
   (its transforms, network, inferer and scripts), checked when the plugin is created;
 * a label's ``modifier`` (e.g. laterality, SCT 24028007 "Right") and its ``role``:
   ``finding`` (measured with axes and outlines) or ``structure`` (an organ: its volume
-  and mean attenuation only).
+  and mean attenuation only);
+* a finding label's ``boundary``: ``mask`` (the model's mask as it is, the default) or
+  ``half_maximum`` (the mask moved to the lesion's half-maximum edge on the source grid,
+  the volume corrected for partial volume: :mod:`plugin.lesion_measure`; for lesions
+  brighter than the lung around them);
+* a finding label's ``mass``: ``{min_long_axis_mm: 30, name: Mass, type: {SCT 4147007}}``
+  reports a finding at least that long as a mass ("Mass 1") instead of the label's type.
 
 Unknown keys are errors; every error names the file and the key.
 """
@@ -121,6 +127,14 @@ class SeriesSpec(_Strict):
         return self
 
 
+class MassSpec(_Strict):
+    """A finding at least ``min_long_axis_mm`` long is reported as this (e.g. a lung mass)."""
+
+    min_long_axis_mm: float = Field(gt=0.0)
+    name: str = Field(min_length=1, max_length=56)
+    type: CodeSpec
+
+
 class LabelSpec(_Strict):
     """What one label value of the bundle's output means."""
 
@@ -133,6 +147,10 @@ class LabelSpec(_Strict):
     modifier: CodeSpec | None = None  # Segmented Property Type Modifier, e.g. laterality
     role: Literal["finding", "structure"] = "finding"
     color: tuple[int, int, int] = (255, 0, 0)
+    # "half_maximum": a finding's mask is moved to the lesion's half-maximum edge on the
+    # source grid and its volume corrected for partial volume (plugin.lesion_measure)
+    boundary: Literal["mask", "half_maximum"] = "mask"
+    mass: MassSpec | None = None
 
     @field_validator("color")
     @classmethod

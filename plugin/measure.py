@@ -24,8 +24,15 @@ Conventions
   long axis are swept through every outline vertex and the extent of the outline on
   each line is measured; the chord runs between the extreme intersections. For
   concave or split outlines this chord may cross outside the finding.
-* Volume: voxel count times ``|det(affine[:3, :3])|``. Centroid: the mean voxel index
-  mapped through the LPS affine.
+* Volume: voxel count times ``|det(affine[:3, :3])|``, or for a label with
+  ``boundary: half_maximum`` the partial-volume corrected volume of the mask moved to the
+  lesion's half-maximum edge (:mod:`plugin.lesion_measure`). Centroid: the mean voxel
+  index mapped through the LPS affine.
+* Attenuation of a finding (mean, standard deviation, maximum HU): over its core, the
+  voxels at least 1 mm inside its boundary (:mod:`plugin.lesion_measure`); of a
+  structure (an organ): over all its voxels.
+* A finding whose long axis reaches the label's ``mass.min_long_axis_mm`` is named and
+  coded as the mass (e.g. "Mass 1", SCT 4147007) instead of the label's type.
 """
 
 from __future__ import annotations
@@ -39,8 +46,9 @@ from pydicom.sr.coding import Code
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
+from plugin.lesion_measure import Attenuation, attenuation, margin_voxels, measure_lesion
 from plugin.manifest import LabelSpec
-from plugin.types import Axis, Finding, Findings
+from plugin.types import Axis, Finding, Findings, SegmentCodes
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +84,8 @@ class _Component:
     mask: np.ndarray  # bool, inside ``box``
     count: int
     centroid_index: np.ndarray  # (x, y, z) mean voxel index
+    volume_mm3: float
+    attenuation: Attenuation
 
 
 def measure_findings(
@@ -93,23 +103,19 @@ def measure_findings(
     if labels.shape != hu.shape or labels.ndim != 3:
         raise ValueError(f"labels {labels.shape} and hu {hu.shape} must be the same 3D shape")
     affine = np.asarray(lps_affine, dtype=np.float64)
-    voxel_mm3 = abs(float(np.linalg.det(affine[:3, :3])))
-    spacing = (float(np.linalg.norm(affine[:3, 0])), float(np.linalg.norm(affine[:3, 1])))
-    components = _components(labels, label_specs, voxel_mm3)
-    components.sort(key=lambda c: (-c.count, *np.round(c.centroid_index[::-1], 6), c.label))
+    spacing3 = tuple(float(np.linalg.norm(affine[:3, a])) for a in range(3))
+    spacing = (spacing3[0], spacing3[1])
+    components = _components(labels, hu, label_specs, spacing3)  # type: ignore[arg-type]
+    components.sort(key=lambda c: (-c.volume_mm3, *np.round(c.centroid_index[::-1], 6), c.label))
     out = np.zeros(labels.shape, dtype=np.uint8 if len(components) < 256
                    else np.uint16 if len(components) < 65536 else np.int32)
     findings: list[Finding] = []
-    per_label: dict[int, int] = {}
+    per_name: dict[str, int] = {}
     for value, comp in enumerate(components, start=1):
         out[comp.box][comp.mask] = value
-        per_label[comp.label] = per_label.get(comp.label, 0) + 1
-        name = (
-            f"{comp.spec.name} {per_label[comp.label]}"
-            if comp.spec.per_component
-            else comp.spec.name
-        )
-        findings.append(_finding(value, name, comp, hu, affine, voxel_mm3, spacing))
+        finding = _finding(value, comp.spec.name, comp, affine, spacing)
+        _name_by_size(finding, comp.spec, per_name)
+        findings.append(finding)
     summary = ", ".join(f"{f.name} {f.volume_mm3:.0f} mm3" for f in findings) or "no findings"
     result = Findings(label_map=out, findings=findings, summary=summary)
     if procedure is not None:
@@ -118,8 +124,23 @@ def measure_findings(
     return result
 
 
+def _name_by_size(finding: Finding, spec: LabelSpec, per_name: dict[str, int]) -> None:
+    """Name (and code, for a mass) ``finding``, numbered per name: "Nodule 2", "Mass 1"."""
+    name = spec.name
+    if spec.mass is not None and finding.long_axis.length_mm >= spec.mass.min_long_axis_mm:
+        name = spec.mass.name
+        codes = finding.codes
+        finding.codes = SegmentCodes(codes.category, spec.mass.type.code(), codes.site,
+                                     codes.color_rgb, codes.modifier)
+    per_name[name] = per_name.get(name, 0) + 1
+    finding.name = f"{name} {per_name[name]}" if spec.per_component else name
+
+
 def _components(
-    labels: np.ndarray, label_specs: Mapping[int, LabelSpec], voxel_mm3: float
+    labels: np.ndarray,
+    hu: np.ndarray,
+    label_specs: Mapping[int, LabelSpec],
+    spacing: tuple[float, float, float],
 ) -> list[_Component]:
     unknown = _unknown_values(labels, set(label_specs))
     if unknown:
@@ -141,16 +162,51 @@ def _components(
             if local_box is None:
                 continue
             local = comp_map[local_box] == index
+            if float(local.sum()) * float(np.prod(spacing)) < spec.min_volume_mm3:
+                continue  # the model's component, before any refinement
             x, y, z = (slice(r.start + b.start, r.start + b.stop) for r, b in zip(region, local_box))
-            box = (x, y, z)
-            count = int(local.sum())
-            if count * voxel_mm3 < spec.min_volume_mm3:
-                continue
-            offset = np.array([s.start for s in box], dtype=np.float64)
-            centroid = _mean_index(local, count) + offset
-            found.append(_Component(value, spec, box, local, count, centroid))
+            found.append(_measured(value, spec, (x, y, z), local, labels, hu, spacing))
         logger.debug("label %d: %d component(s), %d kept", value, n, len(found) - before)
     return found
+
+
+def _measured(
+    value: int,
+    spec: LabelSpec,
+    box: tuple[slice, slice, slice],
+    mask: np.ndarray,
+    labels: np.ndarray,
+    hu: np.ndarray,
+    spacing: tuple[float, float, float],
+) -> _Component:
+    """One component measured on the source grid: a structure by its voxels, a finding
+    by :func:`plugin.lesion_measure.measure_lesion` (its mask refined to the
+    half-maximum edge when the label asks for it)."""
+    voxel_mm3 = float(np.prod(spacing))
+    if spec.role == "structure":
+        values = hu[box][mask].astype(np.float64)
+        att = Attenuation(float(values.mean()), float(values.std()), float(values.max()),
+                          int(values.size), from_core=False)
+        volume = float(mask.sum()) * voxel_mm3
+    else:
+        margin = margin_voxels(spacing)
+        grown = tuple(slice(max(0, s.start - m), min(n, s.stop + m))
+                      for s, m, n in zip(box, margin, labels.shape))
+        inner = tuple(slice(s.start - g.start, s.stop - g.start) for s, g in zip(box, grown))
+        local = np.zeros(tuple(g.stop - g.start for g in grown), dtype=bool)
+        local[inner] = mask
+        others = (labels[grown] != 0) & ~local
+        result = measure_lesion(hu[grown], local, spacing,
+                                half_maximum=spec.boundary == "half_maximum", others=others)
+        tight = _bounding_box(result.mask)
+        assert tight is not None  # measure_lesion never returns an empty mask
+        box = tuple(slice(g.start + t.start, g.start + t.stop) for g, t in zip(grown, tight))  # type: ignore[assignment]
+        mask = result.mask[tight]
+        att, volume = result.attenuation, result.volume_mm3
+    count = int(mask.sum())
+    offset = np.array([s.start for s in box], dtype=np.float64)
+    centroid = _mean_index(mask, count) + offset
+    return _Component(value, spec, box, mask, count, centroid, volume, att)
 
 
 def _mean_index(mask: np.ndarray, count: int) -> np.ndarray:
@@ -230,9 +286,7 @@ def _finding(
     value: int,
     name: str,
     comp: _Component,
-    hu: np.ndarray,
     affine: np.ndarray,
-    voxel_mm3: float,
     spacing: tuple[float, float],
 ) -> Finding:
     x0, y0, z0 = (s.start for s in comp.box)
@@ -254,8 +308,11 @@ def _finding(
         name=name,
         codes=comp.spec.segment_codes(),
         centroid_mm=(float(centroid[0]), float(centroid[1]), float(centroid[2])),
-        volume_mm3=comp.count * voxel_mm3,
-        mean_hu=float(hu[comp.box][comp.mask].mean()),
+        volume_mm3=comp.volume_mm3,
+        mean_hu=comp.attenuation.mean,
+        sd_hu=comp.attenuation.sd,
+        max_hu=comp.attenuation.maximum,
+        attenuation_from_core=comp.attenuation.from_core,
         key_slice=key_slice,
         long_axis=long_axis,
         short_axis=short_axis,

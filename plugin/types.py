@@ -125,6 +125,13 @@ class Finding:
     # for a "structure" (an organ, see the manifest's role) the key slice only
     contours: dict[int, list[np.ndarray]] = field(default_factory=dict)
     role: str = "finding"  # "finding" (a lesion: axes, outlines) or "structure" (an organ)
+    # attenuation over the finding's core (see plugin.lesion_measure); a finding too thin
+    # for a core (fewer than 3 slices on thick slices) has from_core False: its mean
+    # reads low by partial volume and the report leaves its attenuation out
+    sd_hu: float = 0.0
+    max_hu: float = 0.0
+    attenuation_from_core: bool = True
+    score: float | None = None  # the model's confidence 0..1, where the model gives one
 
 
 @dataclass

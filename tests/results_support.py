@@ -161,6 +161,9 @@ def _finding(
         centroid_mm=(float(centre[0]), float(centre[1]), float(centre[2])),
         volume_mm3=float(mask.sum() * sx * sy * sz),
         mean_hu=float(hu[mask].mean()),
+        sd_hu=float(hu[mask].std()),
+        max_hu=float(hu[mask].max()),
+        score=(0.87, None)[number - 1],  # the first finding has a model score, the second none
         key_slice=sphere.z,
         long_axis=Axis((cx - radius_px, cy), (cx + radius_px, cy), 2 * sphere.radius_mm),
         short_axis=Axis((cx, cy - radius_px), (cx, cy + radius_px), 2 * sphere.radius_mm * 0.9),

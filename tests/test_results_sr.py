@@ -15,6 +15,8 @@ from pydicom.uid import SegmentationStorage
 from dicom_node.errors import EncodeError
 from dicom_node.results import encode_sr
 from dicom_node.results.common import node_version
+from dicom_node.results.readback import read_findings
+from dicom_node.results.sr import MEASUREMENT_CONVENTIONS
 from tests.support import REAL_CT
 
 from tests import results_support as rs
@@ -97,6 +99,12 @@ def test_volumetric_groups_volume_mean_hu_and_outlines(case: tuple) -> None:
         assert volume_mm3.unit == codes.UCUM.CubicMillimeter
         assert mean_hu.value == pytest.approx(finding.mean_hu, rel=1e-9)
         assert mean_hu.unit == codes.UCUM.HounsfieldUnit
+        spread = group.get_measurements(name=codes.DCM.AttenuationCoefficient)
+        by_derivation = {m.derivation: m.value for m in spread}
+        assert by_derivation == {
+            codes.SCT.StandardDeviation: pytest.approx(finding.sd_hu, rel=1e-9),
+            codes.SCT.Maximum: pytest.approx(finding.max_hu, rel=1e-9),
+        }
         regions = group.roi
         assert len(regions) == sum(len(c) for c in finding.contours.values())
         slices = [uids.index(_region_source(r)) for r in regions]
@@ -159,11 +167,47 @@ def test_report_context_library_and_provenance(case: tuple) -> None:
     assert {"dicom-node", rs.INFO.manufacturer} <= equipment
 
 
+def test_a_model_score_is_the_certainty_of_finding(case: tuple) -> None:
+    _, findings, path = case
+    report = report_of(path)
+    scored, unscored = findings.findings
+    group = single(report.get_planar_roi_measurement_groups(tracking_uid=_uid(report, scored)))
+    certainty = single(group.get_measurements(name=codes.DCM.CertaintyOfFinding))
+    assert certainty.value == pytest.approx(87.0)
+    assert certainty.unit == codes.UCUM.Percent
+    group = single(report.get_planar_roi_measurement_groups(tracking_uid=_uid(report, unscored)))
+    assert not group.get_measurements(name=codes.DCM.CertaintyOfFinding)
+    read = {f.name: f for f in read_findings(path)}
+    assert read[scored.name].certainty_percent == pytest.approx(87.0)
+    assert read[scored.name].sd_hu == pytest.approx(scored.sd_hu, rel=1e-6)
+    assert read[scored.name].max_hu == pytest.approx(scored.max_hu, rel=1e-6)
+
+
+def test_a_finding_without_a_core_gets_no_attenuation(case: tuple, tmp_path: Path) -> None:
+    """Too thin for a core: its mean would read low by partial volume, so the report
+    gives its volume and says why the attenuation is missing."""
+    volume, findings, _ = case
+    thin = dataclasses.replace(findings.findings[1], attenuation_from_core=False)
+    changed = dataclasses.replace(findings, findings=[findings.findings[0], thin])
+    path = tmp_path / "sr.dcm"
+    path.write_bytes(rs.to_bytes(encode_sr(volume, changed, rs.INFO, series_number=9003)))
+    report = report_of(path)
+    group = single(report.get_volumetric_roi_measurement_groups(tracking_uid=_uid(report, thin)))
+    assert single(group.get_measurements(name=codes.SCT.Volume)).value == pytest.approx(thin.volume_mm3)
+    assert not group.get_measurements(name=codes.DCM.MeanAttenuationCoefficient)
+    assert not group.get_measurements(name=codes.DCM.AttenuationCoefficient)
+    texts = _comments(pydicom.dcmread(path))
+    assert any(t.startswith(f"Attenuation not measured for {thin.name}:") for t in texts), texts
+    errors, output = rs.dciodvfy_errors(path)
+    assert not errors, output
+
+
 def test_states_not_for_diagnostic_use_and_summary(case: tuple) -> None:
     _, _, path = case
     texts = _comments(pydicom.dcmread(path))
     assert any("NOT FOR DIAGNOSTIC USE" in t for t in texts)
     assert "2 nodules found." in texts
+    assert MEASUREMENT_CONVENTIONS in texts
 
 
 def test_never_references_a_segmentation(case: tuple) -> None:

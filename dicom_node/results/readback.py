@@ -21,6 +21,9 @@ class ReportedFinding:
     short_axis_mm: float = float("nan")
     volume_mm3: float = float("nan")
     mean_hu: float = float("nan")
+    sd_hu: float = float("nan")
+    max_hu: float = float("nan")
+    certainty_percent: float = float("nan")
     key_image_uid: str = ""
     long_axis_points: np.ndarray | None = None  # (2, 2) column, row
     outlines: dict[str, list[np.ndarray]] = field(default_factory=dict)  # image UID -> (N, 2)
@@ -31,8 +34,10 @@ def _image_uid(region: object) -> str:
     return str(region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)  # type: ignore[attr-defined]
 
 
-def _value(group: object, concept: object) -> float:
+def _value(group: object, concept: object, derivation: object | None = None) -> float:
     found = group.get_measurements(name=concept)  # type: ignore[attr-defined]
+    if derivation is not None:
+        found = [m for m in found if m.derivation == derivation]
     return float(found[0].value) if found else float("nan")
 
 
@@ -45,6 +50,7 @@ def read_findings(sr_path: Path) -> list[ReportedFinding]:
         item = out.setdefault(uid, ReportedFinding(str(group.tracking_identifier), uid))
         item.long_axis_mm = _value(group, codes.SCT.LongAxis)
         item.short_axis_mm = _value(group, codes.SCT.ShortAxis)
+        item.certainty_percent = _value(group, codes.DCM.CertaintyOfFinding)
         roi = group.roi
         item.key_image_uid = _image_uid(roi)
         item.long_axis_points = np.asarray(roi.value, dtype=float).reshape(-1, 2)
@@ -53,6 +59,8 @@ def read_findings(sr_path: Path) -> list[ReportedFinding]:
         item = out.setdefault(uid, ReportedFinding(str(group.tracking_identifier), uid))
         item.volume_mm3 = _value(group, codes.SCT.Volume)
         item.mean_hu = _value(group, codes.DCM.MeanAttenuationCoefficient)
+        item.sd_hu = _value(group, codes.DCM.AttenuationCoefficient, codes.SCT.StandardDeviation)
+        item.max_hu = _value(group, codes.DCM.AttenuationCoefficient, codes.SCT.Maximum)
         for region in group.roi or []:
             ref = _image_uid(region)
             item.outlines.setdefault(ref, []).append(np.asarray(region.value, dtype=float).reshape(-1, 2))

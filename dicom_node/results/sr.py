@@ -136,6 +136,15 @@ def _check_tree(root: Dataset, sources: list[Dataset]) -> None:
         pending.extend(item.get("ContentSequence", []))
 
 
+MEASUREMENT_CONVENTIONS = (
+    "Measurements on the source images: long and short axis on the axial slice of largest "
+    "extent, the short axis the longest diameter perpendicular to the long one; attenuation "
+    "(mean, standard deviation, maximum) over the core, the voxels at least 1 mm inside the "
+    "boundary; volume from the mask (where the model's manifest asks for it: moved to the "
+    "half-maximum edge and corrected for partial volume)."
+)
+
+
 def comments(findings: Findings, info: PluginInfo, absent: Code) -> list[str]:
     """Free-text comments of the report (intended use, summary, none found)."""
     texts = []
@@ -146,6 +155,14 @@ def comments(findings: Findings, info: PluginInfo, absent: Code) -> list[str]:
         )
     if findings.summary:
         texts.append(findings.summary)
+    thin = [f.name for f in findings.findings if f.role != "structure" and not f.attenuation_from_core]
+    if thin:
+        texts.append(
+            f"Attenuation not measured for {', '.join(thin)}: thinner than three slices, so "
+            "every voxel is diluted by partial volume (a solid nodule would read as ground glass)."
+        )
+    if findings.findings and any(f.role != "structure" for f in findings.findings):
+        texts.append(MEASUREMENT_CONVENTIONS)
     if not findings.count:
         texts.append(f"Analysis completed: no {absent.meaning.lower()} detected.")
     return texts

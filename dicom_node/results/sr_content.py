@@ -5,7 +5,14 @@ Per finding there are two groups sharing one tracking identifier and UID:
 * TID 1410 planar group: the long axis as a 2-point SCOORD POLYLINE on the key
   slice, with Long axis and Short axis (mm).
 * TID 1411 volumetric group: closed SCOORD POLYLINE outlines on each slice the
-  finding spans, with Volume (mm3) and Mean Attenuation Coefficient (HU).
+  finding spans, with Volume (mm3), Mean Attenuation Coefficient (HU) and the
+  Attenuation Coefficient's Standard Deviation and Maximum (HU; derivation SCT
+  386136009 and 56851009), all over the finding's core (:mod:`plugin.lesion_measure`).
+  A finding too thin for a core (fewer than 3 slices on thick slices) gets no
+  attenuation: its voxels are diluted by partial volume, and a solid nodule would read as
+  ground glass; the report's comments say so.
+* Where the model gives a score per finding, the planar group carries it as (111012,
+  DCM, "Certainty of Finding") in percent.
 
 A structure (an organ of a multi-label model, ``Finding.role == "structure"``) gets one
 TID 1501 group without a region: Volume and Mean Attenuation Coefficient, its finding
@@ -99,11 +106,7 @@ def detection_group(
         hd.sr.Measurement(name=codes.SCT.Width, value=width, unit=mm),
         hd.sr.Measurement(name=codes.SCT.Depth, value=depth, unit=mm),
         hd.sr.Measurement(name=codes.DCM.Height, value=height, unit=mm),
-        hd.sr.Measurement(
-            name=codes.DCM.CertaintyOfFinding,
-            value=round(100.0 * detection.score, 3),
-            unit=codes.UCUM.Percent,
-        ),
+        certainty(detection.score),
     ])
 
 
@@ -148,18 +151,32 @@ def _structure_group(
 
 
 def _volume_measurements(finding: Finding) -> list[hd.sr.Measurement]:
-    return [
+    hu = codes.UCUM.HounsfieldUnit
+    measurements = [
         hd.sr.Measurement(
             name=codes.SCT.Volume,
             value=finding.volume_mm3,
             unit=codes.UCUM.CubicMillimeter,
         ),
-        hd.sr.Measurement(
-            name=codes.DCM.MeanAttenuationCoefficient,
-            value=finding.mean_hu,
-            unit=codes.UCUM.HounsfieldUnit,
-        ),
     ]
+    if finding.role == "structure" or finding.attenuation_from_core:
+        measurements += [
+            hd.sr.Measurement(name=codes.DCM.MeanAttenuationCoefficient, value=finding.mean_hu, unit=hu),
+            hd.sr.Measurement(name=codes.DCM.AttenuationCoefficient, value=finding.sd_hu, unit=hu,
+                              derivation=codes.SCT.StandardDeviation),
+            hd.sr.Measurement(name=codes.DCM.AttenuationCoefficient, value=finding.max_hu, unit=hu,
+                              derivation=codes.SCT.Maximum),
+        ]
+    return measurements
+
+
+def certainty(score: float) -> hd.sr.Measurement:
+    """A model's score 0..1 as (111012, DCM, "Certainty of Finding") in percent."""
+    return hd.sr.Measurement(
+        name=codes.DCM.CertaintyOfFinding,
+        value=round(100.0 * score, 3),
+        unit=codes.UCUM.Percent,
+    )
 
 
 def no_findings_group(
@@ -205,10 +222,13 @@ def _planar_group(
     line = np.array([axis.start, axis.end], dtype=np.float32)
     region = _region(line, sources, finding.key_slice, finding)
     mm = codes.UCUM.Millimeter
-    return _planar(finding, info, tracking, region, [
+    measurements = [
         hd.sr.Measurement(name=codes.SCT.LongAxis, value=axis.length_mm, unit=mm),
         hd.sr.Measurement(name=codes.SCT.ShortAxis, value=finding.short_axis.length_mm, unit=mm),
-    ])
+    ]
+    if finding.score is not None:
+        measurements.append(certainty(finding.score))
+    return _planar(finding, info, tracking, region, measurements)
 
 
 def _volumetric_group(

@@ -1,0 +1,218 @@
+"""Partial-volume-aware measurements of one lesion on the source grid.
+
+The conventions a radiologist's numbers rest on (see the model README, "Measurement
+conventions"); every step works on the source image's voxels and HU, never on the
+model's resampled grid:
+
+* **Core.** The voxels of a mask at least 1 mm inside its boundary, the boundary lying
+  half a voxel beyond the outermost voxels: the mask eroded by an ellipsoid whose
+  semi-axis along each axis is ``round((1 mm + s / 2) / s)`` voxels (at least one) for
+  that axis' spacing ``s``. On 5 mm slices a core voxel therefore has a mask voxel
+  above and below it: its slab lies wholly inside the lesion. A lesion too small or too
+  thin to have such voxels has no core; its *central* voxels stand in (those whose
+  distance to the outside is at least two thirds of the largest), and the attenuation
+  is flagged as not from a core (it reads low: partial volume).
+* **Attenuation** (mean, standard deviation, maximum): the source HU over the core.
+* **Half-maximum boundary** (``boundary: half_maximum`` in the manifest, for a lesion
+  brighter than its background such as a lung nodule): the background ``B`` is the
+  median HU of the lung (below -300 HU) 2-4 mm outside the model's mask, the lesion's
+  level ``C`` its core mean, and the mask becomes the voxels above ``(B + C) / 2`` among
+  the model's mask and its 26 neighbours, in two passes (the core taken again from the
+  new mask): the edge moves by at most one voxel, so an attached vessel or chest wall is
+  not followed (a vessel that the model's mask itself carries stays in it). Without enough lung around (fewer than 10 voxels) or contrast (``C - B`` under
+  100 HU) the model's mask is kept as it is.
+* **Volume** with ``half_maximum``: partial-volume corrected. Each voxel contributes its
+  fraction of lesion tissue ``f = (HU - B) / (C - B)``: 1 in the core, ``f`` clipped to
+  [0, 1] elsewhere in the mask, and ``f`` clipped to [-0.5, 0.5] in a shell 1.5 mm deep
+  (at least one voxel) around it, where blur and the slice profile spread the lesion
+  below the half maximum; a shell voxel above the half maximum is another structure
+  (vessel, chest wall) and counts 0. This keeps the volume within a few percent where
+  the slices are as thick as the lesion, where a voxel count cannot (a 6 mm ball on
+  5 mm slices is counted -24 % to +4 % depending on where the slices fall). When the
+  lesion has no core, ``C`` is at least :data:`SOLID_REFERENCE_HU` (a solid nodule):
+  its central voxels are diluted by partial volume and would inflate ``f``.
+  Without ``half_maximum`` the volume is the voxel count times the voxel volume.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+LUNG_BELOW_HU = -300.0
+MIN_BACKGROUND_VOXELS = 10
+MIN_CONTRAST_HU = 100.0
+SOLID_REFERENCE_HU = 0.0
+CORE_DEPTH_MM = 1.0
+SHELL_MM = 1.5
+BACKGROUND_RING_MM = (2.0, 4.0)
+PASSES = 2
+
+
+@dataclass(frozen=True)
+class Attenuation:
+    """HU statistics over a lesion's core (see the module conventions)."""
+
+    mean: float
+    sd: float
+    maximum: float
+    voxels: int
+    from_core: bool  # False: too small or thin for a core; central voxels were used
+
+
+@dataclass(frozen=True)
+class LesionMeasure:
+    """The refined mask (inside the box it was measured in), its volume and attenuation."""
+
+    mask: np.ndarray  # bool, same shape as the box
+    volume_mm3: float
+    attenuation: Attenuation
+    half_maximum: bool  # the mask follows the half-maximum edge (False: the model's mask)
+    background_hu: float | None = None
+
+
+def ellipsoid(radii: tuple[int, int, int]) -> np.ndarray:
+    """A boolean ellipsoid structuring element with integer semi-axes (voxels)."""
+    if min(radii) < 1:
+        raise ValueError(f"semi-axes must be at least one voxel, got {radii}")
+    grids = np.ogrid[tuple(slice(-r, r + 1) for r in radii)]
+    total = sum((g / r) ** 2 for g, r in zip(grids, radii))
+    return np.asarray(total <= 1.0 + 1e-9)
+
+
+def _radii(spacing: tuple[float, float, float], mm: float, *, half_voxel: bool) -> tuple[int, int, int]:
+    """Per-axis voxel counts reaching ``mm`` (plus half a voxel if asked), at least one."""
+    out = []
+    for s in spacing:
+        reach = (mm + (s / 2 if half_voxel else 0.0)) / s
+        out.append(max(1, int(math.floor(reach + 0.5))))
+    return (out[0], out[1], out[2])
+
+
+def core(mask: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
+    """The voxels of ``mask`` at least :data:`CORE_DEPTH_MM` inside its boundary."""
+    element = ellipsoid(_radii(spacing, CORE_DEPTH_MM, half_voxel=True))
+    return np.asarray(ndimage.binary_erosion(mask, structure=element, border_value=0))
+
+
+def central(mask: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
+    """The voxels whose distance to the outside is at least 2/3 of the largest."""
+    depth = ndimage.distance_transform_edt(np.pad(mask, 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
+    return np.asarray(mask & (depth >= depth.max() * 2.0 / 3.0))
+
+
+def attenuation(hu: np.ndarray, mask: np.ndarray, spacing: tuple[float, float, float]) -> Attenuation:
+    """Mean, SD and maximum HU over the core of ``mask`` (central voxels if it has none)."""
+    inner = core(mask, spacing)
+    from_core = bool(inner.any())
+    if not from_core:
+        inner = central(mask, spacing)
+    values = hu[inner].astype(np.float64)
+    return Attenuation(
+        mean=float(values.mean()),
+        sd=float(values.std(ddof=1)) if values.size > 1 else 0.0,
+        maximum=float(values.max()),
+        voxels=int(values.size),
+        from_core=from_core,
+    )
+
+
+def measure_lesion(
+    hu: np.ndarray,
+    mask: np.ndarray,
+    spacing: tuple[float, float, float],
+    *,
+    half_maximum: bool,
+    others: np.ndarray | None = None,
+) -> LesionMeasure:
+    """Measure one lesion: ``hu`` and ``mask`` are a box around it with a margin of at
+    least 4 mm + one voxel; ``others`` marks voxels of other findings in that box.
+
+    ``spacing`` is the (x, y, z) voxel size in mm of ``hu``'s axes.
+    """
+    if hu.shape != mask.shape or hu.ndim != 3:
+        raise ValueError(f"hu {hu.shape} and mask {mask.shape} must be the same 3D shape")
+    voxel_mm3 = float(np.prod(spacing))
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        raise ValueError("the lesion's mask is empty")
+    if not half_maximum:
+        return LesionMeasure(mask, float(mask.sum()) * voxel_mm3, attenuation(hu, mask, spacing), False)
+    blocked = np.zeros_like(mask) if others is None else np.asarray(others, dtype=bool) & ~mask
+    background = _background(hu, mask, blocked, spacing)
+    if background is None:
+        return LesionMeasure(mask, float(mask.sum()) * voxel_mm3, attenuation(hu, mask, spacing), False)
+    # one voxel of growth, diagonals included: an attached vessel is not followed
+    allowed = ndimage.binary_dilation(mask, structure=np.ones((3, 3, 3), dtype=bool)) & ~blocked
+    refined = mask
+    for _ in range(PASSES):
+        level = _lesion_level(hu, refined, spacing)
+        if level - background < MIN_CONTRAST_HU:
+            return LesionMeasure(mask, float(mask.sum()) * voxel_mm3, attenuation(hu, mask, spacing), False)
+        above = allowed & (hu > (background + level) / 2.0)
+        if not above.any():
+            break
+        refined = _touching(above, mask)
+    level = _lesion_level(hu, refined, spacing)
+    volume = _partial_volume(hu, refined, blocked, spacing, background, level)
+    return LesionMeasure(refined, volume, attenuation(hu, refined, spacing), True, background)
+
+
+def _background(
+    hu: np.ndarray, mask: np.ndarray, blocked: np.ndarray, spacing: tuple[float, float, float]
+) -> float | None:
+    """Median HU of the lung 2-4 mm outside ``mask``, or None with too few such voxels."""
+    near, far = BACKGROUND_RING_MM
+    outside = ndimage.distance_transform_edt(~mask, sampling=spacing)
+    ring = (outside >= near) & (outside <= far) & ~blocked & (hu < LUNG_BELOW_HU)
+    if int(ring.sum()) < MIN_BACKGROUND_VOXELS:
+        return None
+    return float(np.median(hu[ring]))
+
+
+def _lesion_level(hu: np.ndarray, mask: np.ndarray, spacing: tuple[float, float, float]) -> float:
+    """The lesion's own HU: its core mean, or at least the solid reference without a core."""
+    att = attenuation(hu, mask, spacing)
+    return att.mean if att.from_core else max(att.mean, SOLID_REFERENCE_HU)
+
+
+def _touching(candidate: np.ndarray, seed: np.ndarray) -> np.ndarray:
+    """The parts of ``candidate`` (26-connected) that overlap ``seed``."""
+    labels, n = ndimage.label(candidate, structure=np.ones((3, 3, 3), dtype=bool))
+    if n == 0:
+        return candidate
+    keep = np.unique(labels[seed & candidate])
+    keep = keep[keep > 0]
+    if keep.size == 0:
+        return candidate
+    return np.isin(labels, keep)
+
+
+def _partial_volume(
+    hu: np.ndarray,
+    mask: np.ndarray,
+    blocked: np.ndarray,
+    spacing: tuple[float, float, float],
+    background: float,
+    level: float,
+) -> float:
+    """Partial-volume corrected volume (mm³), see the module conventions."""
+    fraction = (hu.astype(np.float64) - background) / (level - background)
+    inner = core(mask, spacing)
+    edge = mask & ~inner
+    shell_element = ellipsoid(_radii(spacing, SHELL_MM, half_voxel=False))
+    shell = ndimage.binary_dilation(mask, structure=shell_element) & ~mask & ~blocked
+    shell &= fraction <= 0.5
+    total = float(inner.sum())
+    total += float(np.clip(fraction[edge], 0.0, 1.0).sum())
+    total += float(np.clip(fraction[shell], -0.5, 0.5).sum())
+    return total * float(np.prod(spacing))
+
+
+def margin_voxels(spacing: tuple[float, float, float]) -> tuple[int, int, int]:
+    """The box margin :func:`measure_lesion` needs around a lesion, per axis."""
+    reach = max(BACKGROUND_RING_MM[1], SHELL_MM) + 0.5
+    return tuple(int(math.ceil(reach / s)) + 1 for s in spacing)  # type: ignore[return-value]

@@ -1,0 +1,184 @@
+"""Measurement conventions on analytic lesions (plugin.lesion_measure, plugin.measure).
+
+The lesions are rendered as a scanner sees them (tests/lesion_phantoms.py): each voxel
+the fraction of its box the shape fills, an in-plane point spread, noise. The truth is
+analytic, so these tests measure the conventions' error, not the model's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from pydicom.sr.codedict import codes
+from scipy import ndimage
+
+from plugin.lesion_measure import attenuation, core, measure_lesion
+from plugin.manifest import parse_manifest
+from plugin.measure import axes, measure_findings, outlines
+from tests.lesion_phantoms import render_ellipsoid
+
+ANISOTROPIC = (0.6, 0.85)  # pixel spacing (x, y) mm
+SLICES = (0.625, 1.25, 2.5, 5.0)
+
+
+def _volume_error(diameter: float, slice_mm: float, *, semi: tuple[float, float, float] | None = None,
+                  angle: float = 0.0, seed: int = 0, model: str = "truth") -> float:
+    rng = np.random.default_rng(seed)
+    lesion = render_ellipsoid(semi or (diameter / 2,) * 3, (*ANISOTROPIC, slice_mm), angle_deg=angle,
+                              offset_voxels=tuple(rng.uniform(-0.5, 0.5, 3)), noise_hu=25.0, seed=seed)
+    mask = lesion.truth
+    if model == "eroded in-plane":  # the model's edge one pixel inside the lesion's
+        mask = ndimage.binary_erosion(mask, structure=np.ones((3, 3, 1), dtype=bool))
+    result = measure_lesion(lesion.hu, mask, lesion.spacing, half_maximum=True)
+    assert result.half_maximum
+    return result.volume_mm3 / lesion.volume_mm3 - 1.0
+
+
+@pytest.mark.parametrize("slice_mm", SLICES)
+def test_volume_of_spheres_6_to_30_mm_within_8_percent(slice_mm: float) -> None:
+    """Every sphere of 6-30 mm within 8 % (the issue's target: 20 %, median 8 %), on
+    every slice spacing, where a voxel count is off by up to 37 % on 5 mm slices."""
+    errors = [_volume_error(d, slice_mm, seed=i) for i, d in enumerate((6.0, 7.0, 9.0, 14.0, 22.0, 30.0))]
+    assert max(abs(e) for e in errors) <= 0.08, errors
+    assert float(np.median(np.abs(errors))) <= 0.03, errors
+
+
+@pytest.mark.parametrize("angle", [0.0, 30.0, 75.0])
+def test_volume_of_ellipsoids_within_8_percent(angle: float) -> None:
+    for slice_mm in (0.625, 2.5, 5.0):
+        error = _volume_error(0.0, slice_mm, semi=(9.0, 5.0, 6.0), angle=angle, seed=int(angle))
+        assert abs(error) <= 0.08, (slice_mm, error)
+
+
+def test_volume_when_the_models_edge_lies_a_pixel_inside() -> None:
+    """The half-maximum edge is found from a model mask one pixel too small in-plane."""
+    for slice_mm in (0.625, 2.5):
+        for diameter in (8.0, 16.0):
+            error = _volume_error(diameter, slice_mm, model="eroded in-plane", seed=3)
+            assert abs(error) <= 0.08, (diameter, slice_mm, error)
+
+
+def test_small_lesions_3_to_5_mm_on_thin_slices_within_15_percent() -> None:
+    errors = [_volume_error(d, s, seed=i) for i, (d, s) in enumerate([(3.0, 0.625), (4.0, 1.25), (5.0, 2.5)])]
+    assert max(abs(e) for e in errors) <= 0.15, errors
+
+
+def test_the_refined_mask_follows_the_half_maximum_edge_not_an_attached_vessel() -> None:
+    lesion = render_ellipsoid((6.0, 6.0, 6.0), (0.7, 0.7, 1.25), noise_hu=20.0, vessel=(1.5, 6.5))
+    result = measure_lesion(lesion.hu, lesion.truth, lesion.spacing, half_maximum=True)
+    dice = 2 * float((result.mask & lesion.truth).sum()) / float(result.mask.sum() + lesion.truth.sum())
+    assert dice >= 0.97
+    assert abs(result.volume_mm3 / lesion.volume_mm3 - 1.0) <= 0.05
+    grown = result.mask & ~ndimage.binary_dilation(lesion.truth, structure=np.ones((3, 3, 3), dtype=bool))
+    assert not grown.any()  # at most one voxel of growth: the vessel is not followed
+
+
+@pytest.mark.parametrize("slice_mm", [0.625, 1.25, 2.5])
+def test_mean_attenuation_of_solid_nodules_from_8_mm_within_15_hu(slice_mm: float) -> None:
+    for i, diameter in enumerate((8.0, 12.0, 20.0)):
+        lesion = render_ellipsoid((diameter / 2,) * 3, (*ANISOTROPIC, slice_mm), lesion_hu=35.0,
+                                  offset_voxels=(0.3, -0.2, 0.4), noise_hu=30.0, seed=i)
+        result = measure_lesion(lesion.hu, lesion.truth, lesion.spacing, half_maximum=True)
+        assert result.attenuation.from_core
+        assert abs(result.attenuation.mean - 35.0) <= 15.0, (diameter, result.attenuation)
+        assert 20.0 <= result.attenuation.sd <= 40.0  # the noise, not the edge's blur
+
+
+def test_a_nodule_too_thin_for_a_core_is_flagged_not_reported_as_ground_glass() -> None:
+    """8 mm on 5 mm slices, centred on a slice boundary: no voxel is wholly inside, and the
+    central voxels read about -150 HU for a 35 HU nodule."""
+    lesion = render_ellipsoid((4.0, 4.0, 4.0), (0.7, 0.7, 5.0), offset_voxels=(0.0, 0.0, 0.5), noise_hu=10.0)
+    result = measure_lesion(lesion.hu, lesion.truth, lesion.spacing, half_maximum=True)
+    assert not result.attenuation.from_core
+    assert result.attenuation.mean < -50.0  # why it is not reported
+    assert abs(result.volume_mm3 / lesion.volume_mm3 - 1.0) <= 0.08  # the volume still is
+
+
+def test_core_is_at_least_1_mm_inside_the_boundary() -> None:
+    spacing = (0.5, 0.5, 0.625)
+    mask = np.zeros((41, 41, 41), dtype=bool)
+    mask[10:31, 10:31, 10:31] = True  # a 10.5 mm cube (boundary half a voxel outside)
+    inner = core(mask, spacing)
+    xs, _, zs = np.nonzero(inner)
+    assert xs.min() == 10 + 3  # (1 mm + half of 0.5 mm) / 0.5 mm = 2.5, rounded up: 3 voxels
+    assert zs.min() == 10 + 2  # (1 mm + half of 0.625 mm) / 0.625 mm = 2.1: 2 voxels
+    thick = np.zeros((21, 21, 7), dtype=bool)
+    thick[5:16, 5:16, 2:5] = True  # three 5 mm slices: the middle one is the core
+    assert set(np.nonzero(core(thick, (0.7, 0.7, 5.0)))[2]) == {3}
+
+
+def test_maximum_shows_a_calcification() -> None:
+    lesion = render_ellipsoid((5.0, 5.0, 5.0), (0.7, 0.7, 1.0), noise_hu=10.0)
+    hu = lesion.hu.copy()
+    centre = tuple(s // 2 for s in hu.shape)
+    hu[centre[0] - 1: centre[0] + 2, centre[1] - 1: centre[1] + 2, centre[2]] = 600.0
+    att = attenuation(hu, lesion.truth, lesion.spacing)
+    assert att.maximum >= 590.0 and att.from_core
+    assert att.sd > 50.0
+
+
+@pytest.mark.parametrize("angle", [0.0, 20.0, 45.0, 70.0, 110.0, 160.0])
+def test_long_and_short_axis_of_ellipses_at_angles(angle: float) -> None:
+    """RECIST/Fleischner: the long axis the longest diameter, the short axis the longest
+    diameter perpendicular to it, on the key slice."""
+    spacing = (0.5, 0.5)
+    a, b = 12.0, 5.0  # semi-axes, mm
+    n = 80
+    x = (np.arange(n) - n / 2 + 0.25) * spacing[0]
+    y = (np.arange(n) - n / 2 - 0.15) * spacing[1]
+    X, Y = np.meshgrid(x, y, indexing="ij")
+    t = math.radians(angle)
+    u = X * math.cos(t) + Y * math.sin(t)
+    v = -X * math.sin(t) + Y * math.cos(t)
+    mask = (u / a) ** 2 + (v / b) ** 2 <= 1.0
+    long_axis, short_axis = axes(outlines(mask), spacing)
+    assert abs(long_axis.length_mm - 2 * a) <= 2 * spacing[0]
+    assert abs(short_axis.length_mm - 2 * b) <= 2 * spacing[0]
+    dl = np.subtract(long_axis.end, long_axis.start) * spacing
+    ds = np.subtract(short_axis.end, short_axis.start) * spacing
+    assert abs(float(np.dot(dl, ds))) <= 1e-6 * np.linalg.norm(dl) * np.linalg.norm(ds)
+    direction = abs(math.degrees(math.atan2(dl[1], dl[0]))) % 180
+    off = abs(direction - angle % 180)
+    assert min(off, 180 - off) <= 5.0, direction
+
+
+MANIFEST = {
+    "name": "t", "display_name": "T", "version": "1", "device_uid": "2.25.1",
+    "procedure": {"scheme": "LN", "value": "24627-2", "meaning": "CT Chest"},
+    "labels": {1: {
+        "name": "Nodule", "per_component": True, "boundary": "half_maximum",
+        "category": {"scheme": "SCT", "value": "49755003", "meaning": "Morphologically abnormal structure"},
+        "type": {"scheme": "SCT", "value": "27925004", "meaning": "Nodule"},
+        "mass": {"min_long_axis_mm": 30, "name": "Mass",
+                 "type": {"scheme": "SCT", "value": "4147007", "meaning": "Mass"}},
+    }},
+}
+
+
+def test_findings_from_30_mm_are_reported_as_masses_and_measured_on_the_source_grid() -> None:
+    spacing = (0.8, 0.8, 2.5)
+    big = render_ellipsoid((20.0, 17.0, 15.0), spacing, noise_hu=15.0, margin_mm=30.0)
+    shape = big.hu.shape
+    small = render_ellipsoid((4.0, 4.0, 4.0), spacing, noise_hu=15.0)
+    hu = big.hu.copy()
+    labels = big.truth.astype(np.uint8)
+    sx, sy, sz = small.hu.shape
+    corner = (2, 2, (shape[2] - sz) // 2)
+    box = tuple(slice(c, c + s) for c, s in zip(corner, small.hu.shape))
+    assert not labels[box].any()
+    hu[box] = small.hu
+    labels[box][small.truth] = 1
+    affine = np.diag([*spacing, 1.0])
+    specs = parse_manifest(MANIFEST).labels
+    result = measure_findings(labels, hu, affine, specs)
+    names = [f.name for f in result.findings]
+    assert names == ["Mass 1", "Nodule 1"]
+    mass, nodule = result.findings
+    assert mass.codes.type == codes.SCT.Mass and nodule.codes.type == codes.SCT.Nodule
+    assert abs(mass.volume_mm3 / big.volume_mm3 - 1.0) <= 0.03
+    assert abs(nodule.volume_mm3 / small.volume_mm3 - 1.0) <= 0.08
+    assert abs(mass.mean_hu - 35.0) <= 5.0 and mass.attenuation_from_core
+    assert 38.0 <= mass.long_axis.length_mm <= 42.0
+    assert set(np.unique(result.label_map)) == {0, 1, 2}
