@@ -9,6 +9,8 @@ preview to the output folder.
 
 from __future__ import annotations
 
+import math
+
 import shutil
 import sys
 import threading
@@ -16,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydicom import dcmread
 from pynetdicom import evt
 from pynetdicom.ae import ApplicationEntity
@@ -132,7 +135,8 @@ def _location(f: ReportedFinding, sources: dict[str, Path]) -> str:
 def print_table(findings: list[ReportedFinding], sources: dict[str, Path]) -> None:
     """The findings table a radiologist would read."""
     rows = [(f.name, _location(f, sources), f"{f.long_axis_mm:.1f}", f"{f.short_axis_mm:.1f}",
-             f"{f.volume_mm3:.0f}", f"{f.mean_hu:.0f}") for f in findings]
+             f"{f.volume_mm3:.0f}", "not measured" if math.isnan(f.mean_hu) else f"{f.mean_hu:.0f}")
+            for f in findings]
     head = ("Nodule", "Location", "Long axis mm", "Short axis mm", "Volume mm3", "Mean HU")
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
     print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
@@ -141,6 +145,26 @@ def print_table(findings: list[ReportedFinding], sources: dict[str, Path]) -> No
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
     if not rows:
         print("(no nodule found)")
+
+
+def print_truth(phantom: Any) -> None:
+    """What the phantom holds, to compare with the table: each nodule's volume from the
+    generator's label voxels (an irregular nodule is a union of balls) and its HU."""
+    from scipy import ndimage
+
+    components, _ = ndimage.label(phantom.labels_zyx > 0, structure=np.ones((3, 3, 3), dtype=bool))
+    voxel_mm3 = float(np.prod(phantom.spacing_zyx))
+    print("Phantom truth (largest first):")
+    rows = []
+    for nodule in phantom.nodules:
+        index = tuple(int(round(c)) for c in nodule.centre_voxel_zyx)
+        label = int(components[index])
+        volume = float((components == label).sum()) * voxel_mm3 if label else float("nan")
+        where = "juxtapleural" if nodule.juxtapleural else "juxtavascular" if nodule.juxtavascular else "in the lung"
+        rows.append((volume, f"  {nodule.diameter_mm:.1f} mm {nodule.kind} nodule ({where}): volume "
+                             f"{volume:.0f} mm3, {nodule.hu:.0f} HU"))
+    for _, text in sorted(rows, key=lambda r: -r[0]):
+        print(text)
 
 
 def run_demo(out_dir: Path, slices: int = 300, seed: int = 7, timeout: float = 600) -> int:
@@ -189,6 +213,8 @@ def run_demo(out_dir: Path, slices: int = 300, seed: int = 7, timeout: float = 6
         findings = read_findings(sr)
         print()
         print_table(findings, sources)
+        print()
+        print_truth(phantom)
         print()
         preview = write_preview(sources, findings, out_dir / "preview.png") if findings else None
         for path in sorted(receiver.received):

@@ -3,6 +3,7 @@
     python models/lung_nodules/evaluate.py                   # seeds 10000..10019
     python models/lung_nodules/evaluate.py --seeds 10000 10001 --json out.json
     python models/lung_nodules/evaluate.py --seeds $(seq 9000 9019)   # validation
+    python models/lung_nodules/evaluate.py --real ../shared/fixtures/real_ct   # real CT, see real_ct.py
 
 The phantoms come from seeds that training never uses (training: below 1000). Seeds
 9000-9999 are the validation set (used to choose postprocessing settings); seeds
@@ -17,7 +18,11 @@ a label map on the source grid. Per scan it reports:
 * long-axis error (mm) of each detected nodule >= 6 mm: the longest in-plane extent on
   the axial slice of largest area, for the prediction and the ground truth alike;
 * Dice of each detected nodule >= 6 mm (ground truth vs the predicted components
-  that overlap it).
+  that overlap it);
+* the reported measurements against the truth, for detected spherical nodules >= 6 mm
+  that do not touch the pleura (their truth is analytic: ``4/3 pi r^3`` and the
+  nodule's HU): volume error (%) and mean-attenuation error (HU), or "not measured"
+  where the finding is too thin for a core (see ``plugin/lesion_measure.py``).
 
 Predicted components smaller than the manifest's ``min_volume_mm3`` are dropped first,
 as the plugin does.
@@ -44,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bundle_runner import BUNDLE_ROOT, BundleRunner, make_metatensor
 
 from dicom_node.synthetic.chest_phantom import ChestPhantom, make_chest_phantom
-from plugin.types import Volume
+from plugin.types import Findings, Volume
 
 EVAL_SEEDS = tuple(range(10000, 10020))
 LOG = logging.getLogger("evaluate")
@@ -67,6 +72,10 @@ class ScanResult:
     dice: list[float] = field(default_factory=list)
     missed_diameters_mm: list[float] = field(default_factory=list)
     inference_s: float = 0.0
+    # (diameter mm, slice mm, reported / true volume - 1) per measured nodule
+    volume_errors: list[tuple[float, float, float]] = field(default_factory=list)
+    # (diameter mm, slice mm, reported - true mean HU, or None: not measured)
+    hu_errors: list[tuple[float, float, float | None]] = field(default_factory=list)
 
 
 def min_volume_mm3(bundle_root: Path = BUNDLE_ROOT) -> float:
@@ -110,8 +119,10 @@ def long_axis_mm(
     return float(pdist(pts).max())
 
 
-def score(phantom: ChestPhantom, pred_zyx: np.ndarray, min_mm3: float) -> ScanResult:
-    """Compare a predicted label map (Z, Y, X) with the phantom's ground truth."""
+def score(phantom: ChestPhantom, pred_zyx: np.ndarray, min_mm3: float,
+          findings: Findings | None = None) -> ScanResult:
+    """Compare a predicted label map (Z, Y, X) with the phantom's ground truth; with the
+    plugin's ``findings`` (whose label map ``pred_zyx`` is) also their measurements."""
     spacing = phantom.spacing_zyx
     comp, n_pred = predicted_components(pred_zyx, float(np.prod(spacing)), min_mm3)
     gt, n_gt = ndimage.label(phantom.labels_zyx > 0, structure=STRUCTURE)
@@ -146,7 +157,34 @@ def score(phantom: ChestPhantom, pred_zyx: np.ndarray, min_mm3: float) -> ScanRe
             abs(long_axis_mm(pmask, spacing) - long_axis_mm(gmask, spacing))
         )
     res.false_positives = n_pred - len(matched)
+    if findings is not None:
+        _score_measurements(phantom, pred_zyx, gt, findings, res)
     return res
+
+
+def _score_measurements(phantom: ChestPhantom, labels_zyx: np.ndarray, gt: np.ndarray,
+                        findings: Findings, res: ScanResult) -> None:
+    """Reported volume and mean HU against the analytic truth (see the module docstring)."""
+    by_label = {f.label: f for f in findings.findings}
+    slice_mm = float(phantom.spacing_zyx[0])
+    for nod in phantom.nodules:
+        if nod.diameter_mm < MIN_DIAMETER_MM or nod.kind != "spherical" or nod.juxtapleural:
+            continue
+        idx = tuple(round(c) for c in nod.centre_voxel_zyx)
+        if not all(0 <= i < n for i, n in zip(idx, gt.shape)) or not gt[idx]:
+            continue
+        region = gt == gt[idx]
+        hits = np.bincount(labels_zyx[region].astype(np.int64).ravel())
+        hits[0] = 0
+        if hits.max() == 0:
+            continue  # missed
+        finding = by_label.get(int(np.argmax(hits)))
+        if finding is None:
+            continue
+        truth = np.pi / 6.0 * nod.diameter_mm**3
+        res.volume_errors.append((round(nod.diameter_mm, 1), slice_mm, round(finding.volume_mm3 / truth - 1, 4)))
+        res.hu_errors.append((round(nod.diameter_mm, 1), slice_mm,
+                              round(finding.mean_hu - nod.hu, 1) if finding.attenuation_from_core else None))
 
 
 def _gt_diameters(phantom: ChestPhantom, gt: np.ndarray, n_gt: int) -> dict[int, float]:
@@ -193,15 +231,18 @@ def as_volume(phantom: ChestPhantom) -> Volume:
     )
 
 
-def run_bundle(runner: Any, phantom: ChestPhantom) -> tuple[np.ndarray, float]:
-    """Label map (Z, Y, X) for ``phantom`` and the analysis wall time."""
+def run_bundle(runner: Any, phantom: ChestPhantom) -> tuple[np.ndarray, float, Findings | None]:
+    """Label map (Z, Y, X) for ``phantom``, the analysis wall time and (from the plugin)
+    the findings; the map holds each finding's label, or 1 from the local runner."""
     volume = as_volume(phantom)
     t0 = time.perf_counter()
+    findings = None
     if isinstance(runner, BundleRunner):
         pred_xyz = runner(volume.image)
     else:
-        pred_xyz = (runner.analyse(volume).label_map > 0).astype(np.uint8)
-    return pred_xyz.transpose(2, 1, 0), time.perf_counter() - t0
+        findings = runner.analyse(volume)
+        pred_xyz = findings.label_map
+    return pred_xyz.transpose(2, 1, 0), time.perf_counter() - t0, findings
 
 
 def summarise(results: list[ScanResult]) -> dict[str, float]:
@@ -227,6 +268,25 @@ def summarise(results: list[ScanResult]) -> dict[str, float]:
         "median_inference_s": round(
             float(np.median([r.inference_s for r in results])), 2
         ),
+        **_measurement_summary(results),
+    }
+
+
+def _measurement_summary(results: list[ScanResult]) -> dict[str, float]:
+    volume = np.array([e for r in results for _, _, e in r.volume_errors])
+    hu = [(d, e) for r in results for d, _, e in r.hu_errors]
+    measured = np.array([e for d, e in hu if d >= 8.0 and e is not None])
+    if volume.size == 0:
+        return {}
+    return {
+        "measured_nodules": int(volume.size),
+        "median_abs_volume_error": round(float(np.median(np.abs(volume))), 3),
+        "max_abs_volume_error": round(float(np.max(np.abs(volume))), 3),
+        "volume_within_20_percent": round(float(np.mean(np.abs(volume) <= 0.2)), 3),
+        "hu_ge8mm_measured": int(measured.size),
+        "hu_ge8mm_not_measured": sum(1 for d, e in hu if d >= 8.0 and e is None),
+        "max_abs_hu_error_ge8mm": round(float(np.max(np.abs(measured))), 1) if measured.size else float("nan"),
+        "median_hu_error_ge8mm": round(float(np.median(measured)), 1) if measured.size else float("nan"),
     }
 
 
@@ -237,9 +297,16 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runner", choices=("plugin", "local"), default="plugin")
+    ap.add_argument("--real", type=Path, default=None,
+                    help="a folder of real CT series: print every finding and write previews (real_ct.py)")
+    ap.add_argument("--out", type=Path, default=Path("real-ct-eval"), help="where --real writes its PNGs")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     torch.set_num_threads(args.threads)
+    if args.real is not None:
+        from real_ct import evaluate_real
+
+        raise SystemExit(evaluate_real(args.real, args.out))
     runner = make_runner(args.runner, args.weights)
     min_mm3 = min_volume_mm3()
     results = []
@@ -249,8 +316,8 @@ def main() -> None:
                 "evaluation seeds start at 9000 (lower seeds are for training)"
             )
         phantom = eval_phantom(seed)
-        pred, seconds = run_bundle(runner, phantom)
-        res = score(phantom, pred, min_mm3)
+        pred, seconds, findings = run_bundle(runner, phantom)
+        res = score(phantom, pred, min_mm3, findings)
         res.inference_s = round(seconds, 2)
         results.append(res)
         LOG.info(json.dumps(asdict(res)))
