@@ -135,9 +135,10 @@ def _location(f: ReportedFinding, sources: dict[str, Path]) -> str:
 def print_table(findings: list[ReportedFinding], sources: dict[str, Path]) -> None:
     """The findings table a radiologist would read."""
     rows = [(f.name, _location(f, sources), f"{f.long_axis_mm:.1f}", f"{f.short_axis_mm:.1f}",
-             f"{f.volume_mm3:.0f}", "not measured" if math.isnan(f.mean_hu) else f"{f.mean_hu:.0f}")
+             f"{f.volume_mm3:.0f}", "not measured" if math.isnan(f.mean_hu) else f"{f.mean_hu:.0f}",
+             "-" if math.isnan(f.certainty_percent) else f"{f.certainty_percent:.0f}")
             for f in findings]
-    head = ("Nodule", "Location", "Long axis mm", "Short axis mm", "Volume mm3", "Mean HU")
+    head = ("Nodule", "Location", "Long axis mm", "Short axis mm", "Volume mm3", "Mean HU", "Score %")
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
     print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
     print("  ".join("-" * w for w in widths))

@@ -17,7 +17,8 @@ Two kinds of bundle (the manifest's ``kind``):
 
 * ``segmentation``: the postprocessed ``pred`` is a label map on the source grid,
   measured by :mod:`plugin.measure` (a leading softmax + argmax runs as one argmax on
-  the device, :mod:`plugin.argmax_fusion`);
+  the device, :mod:`plugin.argmax_fusion`); scores per finding, where the
+  postprocessing gives them, as :mod:`plugin.finding_scores` describes;
 * ``detection`` (e.g. the Model Zoo's ``lung_nodule_ct_detection``): the inferer is a
   detector returning boxes, labels and scores under its own keys; the bundle's
   postprocessing maps them to world coordinates and :mod:`plugin.boxes` onto the source
@@ -65,6 +66,7 @@ from plugin.bundle_config import (
     strip_io_config,
 )
 from plugin.manifest import CodeSpec, LabelSpec, Manifest, load_manifest
+from plugin.finding_scores import SCORES_KEY, assign_scores
 from plugin.measure import measure_findings
 from plugin.types import Findings, PluginInfo, SeriesCriteria, Volume
 
@@ -300,6 +302,7 @@ class MonaiBundlePlugin:
             findings = self._detections(data, volume)
         else:
             findings = self._segmentation(data.pop(PRED_KEY), volume)
+            assign_scores(findings, data.pop(SCORES_KEY, None) or [], np.asarray(volume.image.affine))
         del data  # the findings replace the (float) prediction
         timings["measure"] = time.monotonic() - mark
         findings.timings = timings

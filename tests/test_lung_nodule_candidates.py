@@ -22,6 +22,7 @@ from models.lung_nodules.candidates import (
     score,
 )
 from models.lung_nodules.transforms import ClassifyCandidatesd, lung_region
+from plugin.finding_scores import SCORES_KEY
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "models" / "lung_nodules" / "models" / "candidates.pt"
 SPACING = np.array([1.0, 1.0, 1.25])
@@ -199,3 +200,27 @@ def test_a_score_does_not_depend_on_the_batch_size() -> None:
     net = load_classifier(WEIGHTS)
     batch = np.random.default_rng(2).integers(0, 256, size=(70, *PATCH), dtype=np.uint8)
     assert np.allclose(score(net, batch, batch=7), score(net, batch, batch=256), atol=1e-6)
+
+
+def test_each_finding_gets_a_score_and_a_point_inside_it() -> None:
+    """The score of a finding is the higher of the network's probability and the best
+    candidate's score; its point lies in the finding (world coordinates, RAS)."""
+    image = _chest(2)
+    _ball(image, (45, 60, 40), 5.0)
+    prob = np.zeros_like(image)
+    prob[42:49, 57:64, 38:43] = 0.6  # the network marks the nodule, not very sure
+    prob[100:103, 30:33, 20:23] = 0.8  # a speck with no candidate
+    affine = torch.diag(torch.tensor([*SPACING, 1.0], dtype=torch.float64))
+    affine[:3, 3] = torch.tensor([-10.0, 5.0, 100.0], dtype=torch.float64)
+    transform = ClassifyCandidatesd(keys="pred", weights=WEIGHTS, accept=0.95, veto=0.2)
+    transform.net = _Sure(2.0)  # every candidate 0.88
+    data = {"image": MetaTensor(torch.from_numpy(image)[None], affine=affine),
+            "pred": MetaTensor(torch.from_numpy(prob)[None], affine=affine)}
+    out = transform(data)
+    scored = sorted(out[SCORES_KEY], key=lambda item: item[1])
+    assert [round(value, 2) for _, value in scored] == [0.8, 0.88]
+    inverse = np.linalg.inv(affine.numpy())
+    for (point, _), box in zip(scored, [(slice(100, 103), slice(30, 33), slice(20, 23)),
+                                        (slice(40, 51), slice(55, 66), slice(36, 45))]):
+        index = (inverse @ np.append(point, 1.0))[:3]
+        assert all(s.start <= i < s.stop for i, s in zip(index, box)), (index, box)

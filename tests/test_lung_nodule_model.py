@@ -49,6 +49,8 @@ def test_two_nodules_found() -> None:
     assert min(res.dice) >= 0.6, res
     assert res.false_positives <= 1, res  # held-out mean is 1.55 FP/scan (README); this pins plumbing
     assert findings is not None
+    # every finding carries the model's score (network probability or classifier score)
+    assert all(f.score is not None and 0.5 <= f.score <= 1.0 for f in findings.findings), findings.findings
     # the plugin's map numbers its findings 1..n, largest first
     assert set(np.unique(pred).tolist()) == set(range(len(findings.findings) + 1))
     # the reported measurements against the analytic truth (README, measurement conventions)

@@ -57,6 +57,7 @@ def test_chest_phantom_through_the_shipped_configuration(tmp_path: Path) -> None
         assert findings and findings[0].name == "Nodule 1"
         truth = max(n.diameter_mm for n in phantom.nodules)
         assert abs(findings[0].long_axis_mm - truth) <= 3.0, (findings[0].long_axis_mm, truth)
+        assert all(50.0 <= f.certainty_percent <= 100.0 for f in findings), findings  # the model's score
         seg = dcmread(received["SEG"])
         assert seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue == "27925004"
         assert "NOT FOR DIAGNOSTIC USE" in seg.SeriesDescription

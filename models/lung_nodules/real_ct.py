@@ -5,7 +5,7 @@
 For each series folder under the given folder (``annotations/`` is read, not analysed)
 the series goes the node's way: series selection, the volume builder, the generic MONAI
 bundle plugin, the SR encoder, and the SR read back as a viewer reads it. Per series it
-prints the findings (name, long and short axis, volume, attenuation, position in LPS,
+prints the findings (name, the model's score, long and short axis, volume, attenuation, position in LPS,
 and whether the position lies in an annotated tumour box of ``annotations/boxes.csv``)
 and writes ``<out>/<series>.png``: the key slice of every finding with its outline and
 long axis, as the demo's preview.
@@ -116,7 +116,8 @@ def evaluate_real(root: Path, out: Path) -> int:
             hu = (f"{finding.mean_hu:6.0f} +/- {finding.sd_hu:3.0f} (max {finding.max_hu:4.0f})"
                   if finding.attenuation_from_core else "not measured (too thin for a core)")
             where = ", ".join(f"{c:.0f}" for c in finding.centroid_mm)
-            print(f"  {shown.name:9s} long {finding.long_axis.length_mm:5.1f} mm  short "
+            score = "-" if finding.score is None else f"{finding.score:.2f}"
+            print(f"  {shown.name:9s} score {score}  long {finding.long_axis.length_mm:5.1f} mm  short "
                   f"{finding.short_axis.length_mm:5.1f} mm  volume {finding.volume_mm3:8.0f} mm3  HU {hu}  "
                   f"LPS ({where}) image {finding.key_slice + 1}"
                   + ("" if tumour is None else f"  in annotated tumour: {'yes' if tumour else 'no'}"))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ from models.lung_nodules.candidates import (
     quantised,
     score,
 )
+from plugin.finding_scores import SCORES_KEY
 
 AIR_SCALED = (-500.0 + 1000.0) / 1400.0  # -500 HU after ScaleIntensityRanged [-1000, 400] -> [0, 1]
 
@@ -170,7 +172,9 @@ class ClassifyCandidatesd(MapTransform):
         self.min_inside, self.max_elongation = min_inside, max_elongation
         self.threshold, self.step = threshold, step
 
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """The merged prediction under each key, and under ``finding_scores`` the score
+        of each finding with a point inside it (see :meth:`finding_scores`)."""
         d = dict(data)
         tensor = torch.as_tensor(d[self.image_key]).detach()
         image = np.asarray(tensor.cpu()[0], dtype=np.float32)
@@ -180,8 +184,40 @@ class ClassifyCandidatesd(MapTransform):
         for key in self.key_iterator(d):
             pred = d[key]
             prob = torch.as_tensor(pred).detach().cpu()[0].numpy()
-            d[key] = _as_pred(self.merge(prob, cands, scores, spacing, region), pred)
+            merged = self.merge(prob, cands, scores, spacing, region)
+            d[key] = _as_pred(merged, pred)
+            if isinstance(pred, MetaTensor):
+                affine = np.asarray(pred.affine, dtype=np.float64)
+                d[SCORES_KEY] = [(tuple((affine @ np.append(point, 1.0))[:3].tolist()), value)
+                                 for point, value in self.finding_scores(prob, merged, cands, scores)]
         return d
+
+    def finding_scores(self, prob: np.ndarray, merged: np.ndarray, cands: Candidates,
+                       scores: np.ndarray) -> list[tuple[np.ndarray, float]]:
+        """A score per finding of ``merged`` (26-connected components above the
+        threshold), with a voxel inside it: the higher of the segmentation network's
+        highest probability there (``prob``, before the merge) and the best classifier
+        score of a candidate whose core lies in it. The voxel is the network's most
+        probable one, or for a finding only a candidate made, that candidate's centre."""
+        components, count = ndimage.label(merged > self.threshold, structure=np.ones((3, 3, 3), dtype=bool))
+        if count == 0:
+            return []
+        index = np.arange(1, count + 1)
+        network = np.asarray(ndimage.maximum(prob, components, index), dtype=np.float64)
+        where = ndimage.maximum_position(prob, components, index)
+        points = [np.asarray(p, dtype=np.float64) for p in where]
+        best = np.full(count + 1, -1.0)
+        if cands.count:
+            in_box = components[cands.box]
+            overlap = (in_box > 0) & (cands.cores > 0)
+            np.maximum.at(best, in_box[overlap], scores[cands.cores[overlap] - 1])
+            for candidate in np.argsort(scores):  # ascending: the best candidate's centre wins
+                centre = cands.centres[candidate]
+                label = int(components[tuple(int(c) for c in centre)])
+                if label and network[label - 1] <= self.threshold:
+                    points[label - 1] = np.asarray(centre, dtype=np.float64)
+        values = np.maximum(network, best[1:])
+        return [(points[i], float(np.clip(values[i], 0.0, 1.0))) for i in range(count)]
 
     def scored_candidates(self, image: np.ndarray, spacing: np.ndarray, region: np.ndarray,
                           device: torch.device | None = None) -> tuple[Candidates, np.ndarray]:
