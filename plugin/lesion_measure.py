@@ -135,23 +135,23 @@ def measure_lesion(
     """
     if hu.shape != mask.shape or hu.ndim != 3:
         raise ValueError(f"hu {hu.shape} and mask {mask.shape} must be the same 3D shape")
-    voxel_mm3 = float(np.prod(spacing))
     mask = np.asarray(mask, dtype=bool)
     if not mask.any():
         raise ValueError("the lesion's mask is empty")
+    as_is = LesionMeasure(mask, float(mask.sum()) * float(np.prod(spacing)), attenuation(hu, mask, spacing), False)
     if not half_maximum:
-        return LesionMeasure(mask, float(mask.sum()) * voxel_mm3, attenuation(hu, mask, spacing), False)
+        return as_is
     blocked = np.zeros_like(mask) if others is None else np.asarray(others, dtype=bool) & ~mask
     background = _background(hu, mask, blocked, spacing)
     if background is None:
-        return LesionMeasure(mask, float(mask.sum()) * voxel_mm3, attenuation(hu, mask, spacing), False)
+        return as_is
     # one voxel of growth, diagonals included: an attached vessel is not followed
     allowed = ndimage.binary_dilation(mask, structure=np.ones((3, 3, 3), dtype=bool)) & ~blocked
     refined = mask
     for _ in range(PASSES):
         level = _lesion_level(hu, refined, spacing)
         if level - background < MIN_CONTRAST_HU:
-            return LesionMeasure(mask, float(mask.sum()) * voxel_mm3, attenuation(hu, mask, spacing), False)
+            return as_is
         above = allowed & (hu > (background + level) / 2.0)
         if not above.any():
             break
