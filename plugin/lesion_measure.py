@@ -19,7 +19,10 @@ model's resampled grid:
   level ``C`` its core mean, and the mask becomes the voxels above ``(B + C) / 2`` among
   the model's mask and its 26 neighbours, in two passes (the core taken again from the
   new mask): the edge moves by at most one voxel, so an attached vessel or chest wall is
-  not followed (a vessel that the model's mask itself carries stays in it). Without enough lung around (fewer than 10 voxels) or contrast (``C - B`` under
+  not followed (a vessel that the model's mask itself carries stays in it). The mask
+  grows only where the model's edge lies inside the lesion (at least half the voxels
+  just outside it in-plane above the half maximum); otherwise those bright voxels are what
+  touches the lesion, and the mask only shrinks to the edge. Without enough lung around (fewer than 10 voxels) or contrast (``C - B`` under
   100 HU) the model's mask is kept as it is.
 * **Volume** with ``half_maximum``: partial-volume corrected. Each voxel contributes its
   fraction of lesion tissue ``f = (HU - B) / (C - B)``: 1 in the core, ``f`` clipped to
@@ -50,6 +53,7 @@ CORE_DEPTH_MM = 1.0
 SHELL_MM = 1.5
 BACKGROUND_RING_MM = (2.0, 4.0)
 PASSES = 2
+GROW_WHEN_ABOVE = 0.5
 
 
 @dataclass(frozen=True)
@@ -148,11 +152,14 @@ def measure_lesion(
     # one voxel of growth, diagonals included: an attached vessel is not followed
     allowed = ndimage.binary_dilation(mask, structure=np.ones((3, 3, 3), dtype=bool)) & ~blocked
     refined = mask
-    for _ in range(PASSES):
+    for index in range(PASSES):
         level = _lesion_level(hu, refined, spacing)
         if level - background < MIN_CONTRAST_HU:
             return as_is
-        above = allowed & (hu > (background + level) / 2.0)
+        half = (background + level) / 2.0
+        if index == 0 and not _edge_inside(hu, mask, blocked, half):
+            allowed = mask  # the model's edge is not inside the lesion: trim, never grow
+        above = allowed & (hu > half)
         if not above.any():
             break
         refined = _touching(above, mask)
@@ -177,6 +184,16 @@ def _lesion_level(hu: np.ndarray, mask: np.ndarray, spacing: tuple[float, float,
     """The lesion's own HU: its core mean, or at least the solid reference without a core."""
     att = attenuation(hu, mask, spacing)
     return att.mean if att.from_core else max(att.mean, SOLID_REFERENCE_HU)
+
+
+def _edge_inside(hu: np.ndarray, mask: np.ndarray, blocked: np.ndarray, half: float) -> bool:
+    """Whether the model's edge lies inside the lesion: most of the voxels just outside
+    its mask in-plane (:data:`GROW_WHEN_ABOVE` of them; in-plane, because across thick
+    slices the lesion fades by partial volume) are above the half maximum. Otherwise the
+    bright voxels there are what touches the lesion (a vessel, the chest wall), and the
+    mask may only shrink to the half-maximum edge."""
+    ring = ndimage.binary_dilation(mask, structure=np.ones((3, 3, 1), dtype=bool)) & ~mask & ~blocked
+    return bool(ring.any()) and float(np.mean(hu[ring] > half)) >= GROW_WHEN_ABOVE
 
 
 def _touching(candidate: np.ndarray, seed: np.ndarray) -> np.ndarray:

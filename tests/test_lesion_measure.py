@@ -65,6 +65,17 @@ def test_small_lesions_3_to_5_mm_on_thin_slices_within_15_percent() -> None:
     assert max(abs(e) for e in errors) <= 0.15, errors
 
 
+@pytest.mark.parametrize("slice_mm", [0.625, 1.25, 2.5])
+def test_a_vessel_touching_a_small_nodule_is_not_grown_into(slice_mm: float) -> None:
+    """A 3 mm vessel along a 6 mm nodule: the voxels just outside the model's (right)
+    edge are mostly lung, so the mask only shrinks; growing it by a voxel would take in
+    the vessel where it touches (+16 %)."""
+    lesion = render_ellipsoid((3.0, 3.0, 3.0), (0.7, 0.7, slice_mm), offset_voxels=(0.2, 0.3, 0.25),
+                              noise_hu=20.0, vessel=(1.5, 3.5))
+    result = measure_lesion(lesion.hu, lesion.truth, lesion.spacing, half_maximum=True)
+    assert abs(result.volume_mm3 / lesion.volume_mm3 - 1.0) <= 0.05
+
+
 def test_the_refined_mask_follows_the_half_maximum_edge_not_an_attached_vessel() -> None:
     lesion = render_ellipsoid((6.0, 6.0, 6.0), (0.7, 0.7, 1.25), noise_hu=20.0, vessel=(1.5, 6.5))
     result = measure_lesion(lesion.hu, lesion.truth, lesion.spacing, half_maximum=True)
