@@ -224,3 +224,24 @@ def test_each_finding_gets_a_score_and_a_point_inside_it() -> None:
                                         (slice(40, 51), slice(55, 66), slice(36, 45))]):
         index = (inverse @ np.append(point, 1.0))[:3]
         assert all(s.start <= i < s.stop for i, s in zip(index, box)), (index, box)
+
+
+def test_a_component_wider_than_the_patch_is_neither_vetoed_nor_gated_like_a_nodule() -> None:
+    """A mass (wider than the classifier's 32 mm patch) survives a rejecting classifier
+    and needs only 20 % of itself in the lungs; a nodule-sized component does not."""
+    image = _chest(2)
+    prob = np.zeros_like(image)
+    transform = ClassifyCandidatesd(keys="pred", weights=WEIGHTS, accept=0.95, veto=0.5, min_inside=0.6)
+    transform.net = _Sure(-10.0)  # every candidate rejected
+    region = np.ones(tuple((n + 1) // 2 for n in image.shape), dtype=bool)
+    wide = (slice(20, 60), slice(30, 70), slice(30, 40))  # 40 x 40 voxels in-plane
+    small = (slice(90, 100), slice(30, 40), slice(30, 36))
+    prob[wide] = 0.9
+    prob[small] = 0.9
+    region[10:25, 15:35, :] = False  # 30 of the wide component's 40 columns (x) outside the lungs
+    region[45:50, 15:20, :] = False  # the small one wholly outside
+    cands = _candidates(image)
+    out = transform.merge(prob, cands, np.zeros(cands.count), np.array(SPACING), region)
+    assert out[wide].min() == np.float32(0.9)
+    assert out[small].max() == 0.0
+    assert transform._wider_than_a_patch(*ndimage.label(prob > 0.5)).tolist() == [False, True, False]

@@ -76,6 +76,8 @@ class ScanResult:
     volume_errors: list[tuple[float, float, float]] = field(default_factory=list)
     # (diameter mm, slice mm, reported - true mean HU, or None: not measured)
     hu_errors: list[tuple[float, float, float | None]] = field(default_factory=list)
+    # (diameter mm, found, reported as a mass) per nodule of 30 mm or more
+    masses: list[tuple[float, bool, bool]] = field(default_factory=list)
 
 
 def min_volume_mm3(bundle_root: Path = BUNDLE_ROOT) -> float:
@@ -83,10 +85,15 @@ def min_volume_mm3(bundle_root: Path = BUNDLE_ROOT) -> float:
     return float(manifest["labels"][1].get("min_volume_mm3", 0))
 
 
-def eval_phantom(seed: int) -> ChestPhantom:
-    """Held-out phantom ``seed``: random geometry, 2-6 nodules of 4-30 mm."""
+def eval_phantom(seed: int, masses: bool = False) -> ChestPhantom:
+    """Held-out phantom ``seed``: random geometry, 2-6 nodules of 4-30 mm; with
+    ``masses``, one lobulated mass of 30-80 mm and 1-4 such nodules."""
     rng = np.random.default_rng(seed)
-    return make_chest_phantom(seed, n_nodules=int(rng.integers(2, 7)))
+    if not masses:
+        return make_chest_phantom(seed, n_nodules=int(rng.integers(2, 7)))
+    nodules = list(np.exp(rng.uniform(np.log(4.0), np.log(30.0), size=int(rng.integers(1, 5)))))
+    return make_chest_phantom(seed, nodule_diameters_mm=[float(rng.uniform(30.0, 80.0)), *nodules],
+                              nodule_kinds=["irregular"] + ["spherical"] * len(nodules))
 
 
 def predicted_components(
@@ -159,7 +166,23 @@ def score(phantom: ChestPhantom, pred_zyx: np.ndarray, min_mm3: float,
     res.false_positives = n_pred - len(matched)
     if findings is not None:
         _score_measurements(phantom, pred_zyx, gt, findings, res)
+        _score_masses(phantom, pred_zyx, gt, findings, res)
     return res
+
+
+def _score_masses(phantom: ChestPhantom, labels_zyx: np.ndarray, gt: np.ndarray,
+                  findings: Findings, res: ScanResult) -> None:
+    """Per nodule of 30 mm or more: found (a finding overlaps it) and named "Mass"."""
+    names = {f.label: f.name for f in findings.findings}
+    for nod in phantom.nodules:
+        if nod.diameter_mm < 30.0:
+            continue
+        idx = tuple(round(c) for c in nod.centre_voxel_zyx)
+        if not all(0 <= i < n for i, n in zip(idx, gt.shape)) or not gt[idx]:
+            continue
+        hits = set(np.unique(labels_zyx[gt == gt[idx]]).tolist()) - {0}
+        res.masses.append((round(nod.diameter_mm, 1), bool(hits),
+                           any(names.get(int(h), "").startswith("Mass") for h in hits)))
 
 
 def _score_measurements(phantom: ChestPhantom, labels_zyx: np.ndarray, gt: np.ndarray,
@@ -208,12 +231,13 @@ def _grow(box: tuple[slice, ...], shape: tuple[int, ...], m: int) -> tuple[slice
     )
 
 
-def make_runner(kind: str = "plugin", weights: Path | None = None) -> Any:
-    """The generic plugin (``kind="plugin"``) or this folder's minimal in-memory runner."""
+def make_runner(kind: str = "plugin", weights: Path | None = None, bundle: Path = BUNDLE_ROOT) -> Any:
+    """The generic plugin (``kind="plugin"``, on the bundle folder ``bundle``) or this
+    folder's minimal in-memory runner."""
     if kind == "plugin" and weights is None:
         from plugin.monai_bundle import MonaiBundlePlugin
 
-        return MonaiBundlePlugin(BUNDLE_ROOT, device="cpu")
+        return MonaiBundlePlugin(bundle, device="cpu")
     return BundleRunner(weights=weights)
 
 
@@ -276,9 +300,13 @@ def _measurement_summary(results: list[ScanResult]) -> dict[str, float]:
     volume = np.array([e for r in results for _, _, e in r.volume_errors])
     hu = [(d, e) for r in results for d, _, e in r.hu_errors]
     measured = np.array([e for d, e in hu if d >= 8.0 and e is not None])
+    masses = [m for r in results for m in r.masses]
+    mass_summary: dict[str, float] = {"masses": len(masses), "masses_found": sum(m[1] for m in masses),
+                    "masses_named_mass": sum(m[2] for m in masses)} if masses else {}
     if volume.size == 0:
-        return {}
+        return mass_summary
     return {
+        **mass_summary,
         "measured_nodules": int(volume.size),
         "median_abs_volume_error": round(float(np.median(np.abs(volume))), 3),
         "max_abs_volume_error": round(float(np.max(np.abs(volume))), 3),
@@ -297,6 +325,10 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runner", choices=("plugin", "local"), default="plugin")
+    ap.add_argument("--bundle", type=Path, default=BUNDLE_ROOT,
+                    help="a copy of this bundle to evaluate instead (e.g. with candidate weights)")
+    ap.add_argument("--masses", action="store_true",
+                    help="phantoms with one mass of 30-80 mm and 1-4 nodules (seeds 9500-9599 validate)")
     ap.add_argument("--real", type=Path, default=None,
                     help="a folder of real CT series: print every finding and write previews (real_ct.py)")
     ap.add_argument("--out", type=Path, default=Path("real-ct-eval"), help="where --real writes its PNGs")
@@ -307,7 +339,7 @@ def main() -> None:
         from real_ct import evaluate_real
 
         raise SystemExit(evaluate_real(args.real, args.out))
-    runner = make_runner(args.runner, args.weights)
+    runner = make_runner(args.runner, args.weights, args.bundle)
     min_mm3 = min_volume_mm3()
     results = []
     for seed in args.seeds:
@@ -315,7 +347,7 @@ def main() -> None:
             raise SystemExit(
                 "evaluation seeds start at 9000 (lower seeds are for training)"
             )
-        phantom = eval_phantom(seed)
+        phantom = eval_phantom(seed, args.masses)
         pred, seconds, findings = run_bundle(runner, phantom)
         res = score(phantom, pred, min_mm3, findings)
         res.inference_s = round(seconds, 2)
