@@ -4,7 +4,8 @@
 
 Seeded and reproducible (fixed seeds, fixed iteration count, 2 torch threads). The
 training phantoms come from :mod:`dicom_node.synthetic.chest_phantom` with seeds
-``TRAIN_SEED_BASE + i`` (i < ``--cases``), 100.. (stage 2) and 200.. (stage 3);
+``TRAIN_SEED_BASE + i`` (i < ``--cases``), 100.. (stage 2), 200.. (stage 3), 300..
+(stage 4) and 400.. (stage 5: a mass of 30-80 mm in every chest);
 ``evaluate.py`` uses seeds 9000-9999 (validation) and 10000.. (held-out test), which
 training never touches. Each phantom is drawn at a random acquisition geometry,
 then put through the bundle's own preprocessing (read from configs/inference.json),
@@ -49,17 +50,20 @@ STAGE1_MIX = (0.45, 0.25, 0.18, 0.12, 0.0, 0.0)
 STAGE2_MIX = (0.40, 0.20, 0.10, 0.0, 0.30, 0.0)
 STAGE3_MIX = (0.40, 0.10, 0.05, 0.0, 0.10, 0.35)
 STAGE4_MIX = (0.45, 0.10, 0.10, 0.0, 0.10, 0.25)
-NODULE_SHIFT = {4: 0.5}  # per stage: share of patches whose nodules change attenuation
+STAGE5_MIX = (0.45, 0.10, 0.10, 0.0, 0.10, 0.25)
+NODULE_SHIFT = {4: 0.5, 5: 0.5}  # per stage: share of patches whose nodules change attenuation
 STAGE2_SEED_BASE = 100  # stage-2 phantoms: seeds 100..; all full-coverage chests
 STAGE3_SEED_BASE = 200  # stage-3 phantoms: seeds 200..; whole chests, mostly thick slices
 STAGE4_SEED_BASE = 300  # stage-4 phantoms: seeds 300..; whole chests, nodules 4-30 mm
+STAGE5_SEED_BASE = 400  # stage-5 phantoms: seeds 400..; whole chests, a mass of 30-80 mm and nodules
 STAGE_SEEDS = {
     1: TRAIN_SEED_BASE,
     2: STAGE2_SEED_BASE,
     3: STAGE3_SEED_BASE,
     4: STAGE4_SEED_BASE,
+    5: STAGE5_SEED_BASE,
 }
-MINED_STAGES = {3, 4}  # stages that first mine hard negatives with the network so far
+MINED_STAGES = {3, 4, 5}  # stages that first mine hard negatives with the network so far
 MINE_LEVEL = 0.3  # a voxel the network scores above this, away from nodules, is a hard negative
 
 
@@ -174,6 +178,19 @@ def phantom_kwargs_mixed(seed: int) -> dict:
     return _whole_chest_kwargs(seed, 333, [1.25, 1.25, 2.0, 2.5, 3.0, 5.0], 30.0)
 
 
+def phantom_kwargs_masses(seed: int) -> dict:
+    """Stage-5 phantoms: whole chests at 1.25-5 mm slices with one lobulated mass of
+    30-80 mm (the earlier stages had none over 30 mm, and the stage-4 network missed
+    phantom masses of 45-70 mm altogether) beside 2-5 nodules of 4-30 mm."""
+    kw = _whole_chest_kwargs(seed, 444, [1.25, 1.25, 2.0, 2.5, 3.0, 5.0], 30.0)
+    rng = np.random.default_rng(seed + 4444)
+    mass = float(rng.uniform(30.0, 80.0))
+    nodules = kw["nodule_diameters_mm"][: int(rng.integers(2, 6))]
+    kw.update(nodule_diameters_mm=[mass, *nodules],
+              nodule_kinds=["irregular", *("irregular" if rng.random() < 0.4 else "spherical" for _ in nodules)])
+    return kw
+
+
 def _indices(
     mask: np.ndarray, rng: np.random.Generator, limit: int, step: int = 1
 ) -> np.ndarray:
@@ -184,7 +201,9 @@ def _indices(
 def make_case(seed: int, prep: Compose) -> Case:
     """Generate and preprocess training phantom ``seed``."""
     assert seed < EVAL_SEED_MIN, "training must never use evaluation seeds"
-    if seed >= STAGE4_SEED_BASE:
+    if seed >= STAGE5_SEED_BASE:
+        kwargs = phantom_kwargs_masses(seed)
+    elif seed >= STAGE4_SEED_BASE:
         kwargs = phantom_kwargs_mixed(seed)
     elif seed >= STAGE3_SEED_BASE:
         kwargs = phantom_kwargs_thick(seed)
@@ -342,6 +361,7 @@ def run_stage(
         2: (args.iters2, args.lr2, STAGE2_MIX),
         3: (args.iters3, args.lr3, STAGE3_MIX),
         4: (args.iters4, args.lr4, STAGE4_MIX),
+        5: (args.iters5, args.lr5, STAGE5_MIX),
     }[stage]
     net.train()
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
@@ -387,7 +407,8 @@ def run_stage(
 def train(args: argparse.Namespace) -> dict:
     """Run ``args.stages`` in order, each on its own phantoms (``STAGE_SEEDS``) with
     its own optimiser and schedule (see the README): 1, slabs and chests; 2, whole
-    chests with more soft-tissue patches; 3 and 4, hard-negative fine-tuning. A run
+    chests with more soft-tissue patches; 3 and 4, hard-negative fine-tuning; 5, the
+    same with a mass of 30-80 mm in every chest. A run
     that starts after stage 1 starts from ``args.init``."""
     torch.set_num_threads(args.threads)
     t0, c0 = time.time(), time.process_time()
@@ -449,7 +470,10 @@ def main() -> None:
     ap.add_argument("--cases4", type=int, default=36)
     ap.add_argument("--iters4", type=int, default=2500)
     ap.add_argument("--lr4", type=float, default=3e-4)
-    ap.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3, 4])
+    ap.add_argument("--cases5", type=int, default=30)
+    ap.add_argument("--iters5", type=int, default=2000)
+    ap.add_argument("--lr5", type=float, default=2e-4)
+    ap.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     ap.add_argument(
         "--init",
         type=Path,
