@@ -24,6 +24,9 @@ model's resampled grid:
   just outside it in-plane above the half maximum); otherwise those bright voxels are what
   touches the lesion, and the mask only shrinks to the edge. Without enough lung around (fewer than 10 voxels) or contrast (``C - B`` under
   100 HU) the model's mask is kept as it is.
+* **Pleural cut**: a lesion touching the chest wall or the mediastinum ends at the
+  pleural surface fitted around it (:mod:`plugin.pleural_cut`); the voxels beyond it
+  are neither kept, grown into nor counted in the volume's shell.
 * **Volume** with ``half_maximum``: partial-volume corrected. Each voxel contributes its
   fraction of lesion tissue ``f = (HU - B) / (C - B)``: 1 in the core, ``f`` clipped to
   [0, 1] elsewhere in the mask, and ``f`` clipped to [-0.5, 0.5] in a shell 1.5 mm deep
@@ -44,6 +47,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+
+from plugin.pleural_cut import RING_MM, beyond_pleura
 
 LUNG_BELOW_HU = -300.0
 MIN_BACKGROUND_VOXELS = 10
@@ -133,7 +138,9 @@ def measure_lesion(
     others: np.ndarray | None = None,
 ) -> LesionMeasure:
     """Measure one lesion: ``hu`` and ``mask`` are a box around it with a margin of at
-    least 4 mm + one voxel; ``others`` marks voxels of other findings in that box.
+    least :func:`margin_voxels` (10.5 mm + one voxel: the pleural cut's ring, the
+    background's 4 mm) where the image allows; ``others`` marks voxels of other
+    findings in that box.
 
     ``spacing`` is the (x, y, z) voxel size in mm of ``hu``'s axes.
     """
@@ -149,16 +156,20 @@ def measure_lesion(
     background = _background(hu, mask, blocked, spacing)
     if background is None:
         return as_is
+    level = _lesion_level(hu, mask, spacing)
+    beyond = None if level - background < MIN_CONTRAST_HU else beyond_pleura(hu, mask, spacing, (background + level) / 2.0)
+    if beyond is not None:
+        blocked = blocked | beyond
     # one voxel of growth, diagonals included: an attached vessel is not followed
     allowed = ndimage.binary_dilation(mask, structure=np.ones((3, 3, 3), dtype=bool)) & ~blocked
-    refined = mask
+    refined = mask & ~blocked
     for index in range(PASSES):
         level = _lesion_level(hu, refined, spacing)
         if level - background < MIN_CONTRAST_HU:
             return as_is
         half = (background + level) / 2.0
         if index == 0 and not _edge_inside(hu, mask, blocked, half):
-            allowed = mask  # the model's edge is not inside the lesion: trim, never grow
+            allowed = mask & ~blocked  # the model's edge is not inside the lesion: trim, never grow
         above = allowed & (hu > half)
         if not above.any():
             break
@@ -231,5 +242,5 @@ def _partial_volume(
 
 def margin_voxels(spacing: tuple[float, float, float]) -> tuple[int, int, int]:
     """The box margin :func:`measure_lesion` needs around a lesion, per axis."""
-    reach = max(BACKGROUND_RING_MM[1], SHELL_MM) + 0.5
+    reach = max(BACKGROUND_RING_MM[1], SHELL_MM, RING_MM[1]) + 0.5
     return tuple(int(math.ceil(reach / s)) + 1 for s in spacing)  # type: ignore[return-value]

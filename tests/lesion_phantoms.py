@@ -44,12 +44,18 @@ def render_ellipsoid(
     seed: int = 0,
     margin_mm: float = 8.0,
     vessel: tuple[float, float] | None = None,
+    wall: tuple[float, float, float] | None = None,
 ) -> RenderedLesion:
     """Render an ellipsoid (semi-axes along x, y, z before an in-plane rotation).
 
     ``vessel`` = (radius, y offset) mm adds a tube of the lesion's attenuation along x,
     through the whole box at that y and z = 0 (a vessel the lesion sits on); it is not
-    part of the truth."""
+    part of the truth.
+
+    ``wall`` = (distance mm, in-plane angle of its normal in degrees, HU) adds a chest
+    wall: the half-space beyond a plane at that distance from the lesion's centre. The
+    lesion is drawn on the lung's side only, and the truth and ``volume_mm3`` are that
+    part (a sphere's, for a wall: the ball minus the cap beyond the plane)."""
     radii = np.asarray(semi_axes_mm, dtype=np.float64)
     size = [int(math.ceil((radii.max() + margin_mm) / s)) for s in spacing]
     shape = tuple(2 * n + 1 for n in size)
@@ -57,10 +63,12 @@ def render_ellipsoid(
     subs = [max(2, int(math.ceil(s / 0.2))) for s in spacing]
     offsets = [(np.arange(n) + 0.5) / n - 0.5 for n in subs]
     occupancy = np.zeros(shape, dtype=np.float64)
+    wall_occupancy = np.zeros(shape, dtype=np.float64)
+    normal = None if wall is None else np.array([math.cos(math.radians(wall[1])), math.sin(math.radians(wall[1])), 0.0])
     centres = [(np.arange(m) - (m - 1) / 2 - o) * s for m, o, s in zip(shape, offset_voxels, spacing)]
     for k, zc in enumerate(centres[2]):
         z = (zc + offsets[2] * spacing[2])  # (nz,)
-        if np.min(np.abs(z)) > radii.max():
+        if normal is None and np.min(np.abs(z)) > radii.max():
             continue
         x = (centres[0][:, None] + offsets[0][None, :] * spacing[0]).reshape(-1)
         y = (centres[1][:, None] + offsets[1][None, :] * spacing[1]).reshape(-1)
@@ -69,15 +77,30 @@ def render_ellipsoid(
         inside = np.sum((points / radii) ** 2, axis=-1) <= 1.0
         if vessel is not None:
             inside |= (Y - vessel[1]) ** 2 + Z**2 <= vessel[0] ** 2
-        per = inside.reshape(shape[0], subs[0], shape[1], subs[1], z.size).mean(axis=(1, 3, 4))
-        occupancy[:, :, k] = per
+        if normal is not None:
+            beyond = X * normal[0] + Y * normal[1] > wall[0]  # type: ignore[index]
+            inside &= ~beyond
+            wall_occupancy[:, :, k] = _box_mean(beyond, shape, subs, z.size)
+        occupancy[:, :, k] = _box_mean(inside, shape, subs, z.size)
     sigma = [psf_sigma_mm / spacing[0], psf_sigma_mm / spacing[1], 0.0]
     occupancy = ndimage.gaussian_filter(occupancy, sigma=sigma, mode="nearest")
     hu = background_hu + occupancy * (lesion_hu - background_hu)
+    if wall is not None:
+        hu += ndimage.gaussian_filter(wall_occupancy, sigma=sigma, mode="nearest") * (wall[2] - background_hu)
     if noise_hu:
         hu = hu + np.random.default_rng(seed).normal(0.0, noise_hu, size=shape)
     X, Y, Z = np.meshgrid(*centres, indexing="ij")
     points = np.stack([X, Y, Z], axis=-1) @ inverse.T
     truth = np.sum((points / radii) ** 2, axis=-1) <= 1.0
     volume = 4.0 / 3.0 * math.pi * float(np.prod(radii))
+    if normal is not None:
+        assert wall is not None and np.ptp(radii) == 0, "a wall is drawn beside a sphere"
+        truth &= X * normal[0] + Y * normal[1] <= wall[0]
+        r, d = float(radii[0]), wall[0]
+        volume -= math.pi * (r - d) ** 2 * (2 * r + d) / 3.0
     return RenderedLesion(hu.astype(np.float32), truth, tuple(spacing), volume)  # type: ignore[arg-type]
+
+
+def _box_mean(inside: np.ndarray, shape: tuple[int, ...], subs: list[int], nz: int) -> np.ndarray:
+    """Each voxel's fraction of supersamples inside (in-plane voxel boxes, all z samples)."""
+    return inside.reshape(shape[0], subs[0], shape[1], subs[1], nz).mean(axis=(1, 3, 4))

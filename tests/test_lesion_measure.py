@@ -17,6 +17,7 @@ from scipy import ndimage
 from plugin.lesion_measure import attenuation, core, measure_lesion
 from plugin.manifest import parse_manifest
 from plugin.measure import axes, measure_findings, outlines
+from plugin.pleural_cut import beyond_pleura
 from tests.lesion_phantoms import render_ellipsoid
 
 ANISOTROPIC = (0.6, 0.85)  # pixel spacing (x, y) mm
@@ -84,6 +85,44 @@ def test_the_refined_mask_follows_the_half_maximum_edge_not_an_attached_vessel()
     assert abs(result.volume_mm3 / lesion.volume_mm3 - 1.0) <= 0.05
     grown = result.mask & ~ndimage.binary_dilation(lesion.truth, structure=np.ones((3, 3, 3), dtype=bool))
     assert not grown.any()  # at most one voxel of growth: the vessel is not followed
+
+
+def _juxtapleural(diameter: float, slice_mm: float, angle: float, seed: int):  # type: ignore[no-untyped-def]
+    """A sphere whose centre lies 0.6 radii from a chest wall of 40 HU (the lung side
+    drawn, as the phantom generator does), and a model's mask that runs 2 mm into the
+    wall behind it."""
+    r = diameter / 2
+    lesion = render_ellipsoid((r, r, r), (0.7, 0.7, slice_mm), offset_voxels=(0.2, -0.3, 0.25), lesion_hu=-20.0,
+                              noise_hu=20.0, seed=seed, margin_mm=12.0, wall=(0.6 * r, angle, 40.0))
+    outside = ndimage.distance_transform_edt(~lesion.truth, sampling=lesion.spacing)
+    model = lesion.truth | ((outside <= 2.0) & (lesion.hu > -400.0))
+    return lesion, model
+
+
+@pytest.mark.parametrize(("diameter", "slice_mm", "angle"),
+                         [(9.0, 1.25, 0.0), (9.0, 2.5, 30.0), (16.0, 1.25, 60.0), (16.0, 5.0, 0.0), (22.0, 0.625, 45.0)])
+def test_a_juxtapleural_nodule_ends_at_the_pleura(diameter: float, slice_mm: float, angle: float) -> None:
+    """The mask's part in the chest wall is cut at the fitted pleural surface: volume
+    within 8 % and attenuation within 10 HU of the lung-side part, where the model's
+    mask as it is reads 13-60 % too large and its attenuation pulled toward the wall."""
+    lesion, model = _juxtapleural(diameter, slice_mm, angle, seed=int(diameter))
+    as_is = float(model.sum()) * float(np.prod(lesion.spacing)) / lesion.volume_mm3 - 1.0
+    assert as_is > 0.1  # what the cut has to mend
+    result = measure_lesion(lesion.hu, model, lesion.spacing, half_maximum=True)
+    assert abs(result.volume_mm3 / lesion.volume_mm3 - 1.0) <= 0.08, (as_is, result.volume_mm3 / lesion.volume_mm3)
+    assert abs(result.attenuation.mean + 20.0) <= 10.0, result.attenuation
+    beyond = result.mask & ~ndimage.binary_dilation(lesion.truth, iterations=2)
+    assert not beyond.any()  # nothing left more than two voxels into the wall
+
+
+def test_no_pleural_cut_without_a_wall_or_when_the_lesion_is_mostly_wall() -> None:
+    spacing = (0.7, 0.7, 1.25)
+    free = render_ellipsoid((5.0, 5.0, 5.0), spacing, noise_hu=20.0, margin_mm=12.0)
+    assert beyond_pleura(free.hu, free.truth, spacing, -420.0) is None
+    lesion, model = _juxtapleural(12.0, 1.25, 0.0, seed=1)
+    assert beyond_pleura(lesion.hu, model, spacing, -430.0) is not None
+    deep = model | ((ndimage.distance_transform_edt(~model, sampling=spacing) <= 8.0) & (lesion.hu > 0.0))
+    assert beyond_pleura(lesion.hu, deep, spacing, -430.0) is None  # more than half of it beyond
 
 
 @pytest.mark.parametrize("slice_mm", [0.625, 1.25, 2.5])

@@ -22,7 +22,10 @@ a label map on the source grid. Per scan it reports:
 * the reported measurements against the truth, for detected spherical nodules >= 6 mm
   that do not touch the pleura (their truth is analytic: ``4/3 pi r^3`` and the
   nodule's HU): volume error (%) and mean-attenuation error (HU), or "not measured"
-  where the finding is too thin for a core (see ``plugin/lesion_measure.py``).
+  where the finding is too thin for a core (see ``plugin/lesion_measure.py``);
+* the same for detected juxtapleural nodules >= 6 mm on slices of 2.5 mm or less,
+  whose truth is the generator's label (the part on the lung's side of the pleura,
+  counted in voxels: too coarse on thicker slices).
 
 Predicted components smaller than the manifest's ``min_volume_mm3`` are dropped first,
 as the plugin does.
@@ -54,6 +57,7 @@ from plugin.types import Findings, Volume
 EVAL_SEEDS = tuple(range(10000, 10020))
 LOG = logging.getLogger("evaluate")
 MIN_DIAMETER_MM = 6.0
+MAX_PLEURAL_SLICE_MM = 2.5
 STRUCTURE = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity
 
 
@@ -76,6 +80,9 @@ class ScanResult:
     volume_errors: list[tuple[float, float, float]] = field(default_factory=list)
     # (diameter mm, slice mm, reported - true mean HU, or None: not measured)
     hu_errors: list[tuple[float, float, float | None]] = field(default_factory=list)
+    # the same two for juxtapleural nodules (truth: the label's voxels)
+    pleural_volume_errors: list[tuple[float, float, float]] = field(default_factory=list)
+    pleural_hu_errors: list[tuple[float, float, float | None]] = field(default_factory=list)
     # (diameter mm, found, reported as a mass) per nodule of 30 mm or more
     masses: list[tuple[float, bool, bool]] = field(default_factory=list)
 
@@ -191,7 +198,9 @@ def _score_measurements(phantom: ChestPhantom, labels_zyx: np.ndarray, gt: np.nd
     by_label = {f.label: f for f in findings.findings}
     slice_mm = float(phantom.spacing_zyx[0])
     for nod in phantom.nodules:
-        if nod.diameter_mm < MIN_DIAMETER_MM or nod.kind != "spherical" or nod.juxtapleural:
+        if nod.diameter_mm < MIN_DIAMETER_MM or nod.kind != "spherical":
+            continue
+        if nod.juxtapleural and slice_mm > MAX_PLEURAL_SLICE_MM:
             continue
         idx = tuple(round(c) for c in nod.centre_voxel_zyx)
         if not all(0 <= i < n for i, n in zip(idx, gt.shape)) or not gt[idx]:
@@ -204,10 +213,15 @@ def _score_measurements(phantom: ChestPhantom, labels_zyx: np.ndarray, gt: np.nd
         finding = by_label.get(int(np.argmax(hits)))
         if finding is None:
             continue
-        truth = np.pi / 6.0 * nod.diameter_mm**3
-        res.volume_errors.append((round(nod.diameter_mm, 1), slice_mm, round(finding.volume_mm3 / truth - 1, 4)))
-        res.hu_errors.append((round(nod.diameter_mm, 1), slice_mm,
-                              round(finding.mean_hu - nod.hu, 1) if finding.attenuation_from_core else None))
+        if nod.juxtapleural:
+            truth = float(region.sum()) * float(np.prod(phantom.spacing_zyx))
+            volumes, hus = res.pleural_volume_errors, res.pleural_hu_errors
+        else:
+            truth = np.pi / 6.0 * nod.diameter_mm**3
+            volumes, hus = res.volume_errors, res.hu_errors
+        volumes.append((round(nod.diameter_mm, 1), slice_mm, round(finding.volume_mm3 / truth - 1, 4)))
+        hus.append((round(nod.diameter_mm, 1), slice_mm,
+                    round(finding.mean_hu - nod.hu, 1) if finding.attenuation_from_core else None))
 
 
 def _gt_diameters(phantom: ChestPhantom, gt: np.ndarray, n_gt: int) -> dict[int, float]:
@@ -297,6 +311,14 @@ def summarise(results: list[ScanResult]) -> dict[str, float]:
 
 
 def _measurement_summary(results: list[ScanResult]) -> dict[str, float]:
+    pleural = np.array([e for r in results for _, _, e in r.pleural_volume_errors])
+    pleural_hu = np.array([e for r in results for d, _, e in r.pleural_hu_errors if d >= 8.0 and e is not None])
+    pleural_summary: dict[str, float] = {
+        "juxtapleural_measured": int(pleural.size),
+        "juxtapleural_median_abs_volume_error": round(float(np.median(np.abs(pleural))), 3),
+        "juxtapleural_volume_within_20_percent": round(float(np.mean(np.abs(pleural) <= 0.2)), 3),
+        "juxtapleural_max_abs_hu_error_ge8mm": round(float(np.max(np.abs(pleural_hu))), 1) if pleural_hu.size else float("nan"),
+    } if pleural.size else {}
     volume = np.array([e for r in results for _, _, e in r.volume_errors])
     hu = [(d, e) for r in results for d, _, e in r.hu_errors]
     measured = np.array([e for d, e in hu if d >= 8.0 and e is not None])
@@ -304,9 +326,10 @@ def _measurement_summary(results: list[ScanResult]) -> dict[str, float]:
     mass_summary: dict[str, float] = {"masses": len(masses), "masses_found": sum(m[1] for m in masses),
                     "masses_named_mass": sum(m[2] for m in masses)} if masses else {}
     if volume.size == 0:
-        return mass_summary
+        return {**mass_summary, **pleural_summary}
     return {
         **mass_summary,
+        **pleural_summary,
         "measured_nodules": int(volume.size),
         "median_abs_volume_error": round(float(np.median(np.abs(volume))), 3),
         "max_abs_volume_error": round(float(np.max(np.abs(volume))), 3),
