@@ -82,18 +82,18 @@ def evaluate_real(root: Path, out: Path) -> int:
     from bundle_runner import BUNDLE_ROOT
 
     if not root.is_dir():
-        print(f"skipped: no real CT at {root} (it is not part of the repository; see the "
-              "model README, 'Real CT')")
+        LOG.info(f"skipped: no real CT at {root} (it is not part of the repository; see the "
+                 "model README, 'Real CT')")
         return 0
     plugin = MonaiBundlePlugin(BUNDLE_ROOT)
     criteria = plugin.criteria
     opened = replace(criteria, min_slices=1, slice_spacing_mm=(0.0, 20.0), image_type_required=())
     boxes = tumour_boxes(root)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"{plugin.info.display_name} {plugin.info.version} on {root}")
-    print(f"series criteria OPENED for this evaluation (the manifest asks {criteria.min_slices}+ "
-          f"{'/'.join(criteria.image_type_required)} slices of {criteria.slice_spacing_mm[0]:g}-"
-          f"{criteria.slice_spacing_mm[1]:g} mm)")
+    LOG.info(f"{plugin.info.display_name} {plugin.info.version} on {root}")
+    LOG.info(f"series criteria OPENED for this evaluation (the manifest asks {criteria.min_slices}+ "
+             f"{'/'.join(criteria.image_type_required)} slices of {criteria.slice_spacing_mm[0]:g}-"
+             f"{criteria.slice_spacing_mm[1]:g} mm)")
     for folder in series_folders(root):
         files = sorted(folder.glob("*.dcm"))
         image_type = tuple(str(v) for v in dcmread(files[0], stop_before_pixels=True).get("ImageType", []))
@@ -102,10 +102,10 @@ def evaluate_real(root: Path, out: Path) -> int:
         findings = plugin.analyse(volume)
         first = dcmread(selection.paths[0], stop_before_pixels=True)
         slice_mm = float(volume.spacing_mm[2])
-        print()
-        print(f"== {folder.name}: {len(selection.paths)} slices, {volume.shape[0]} x {volume.shape[1]}, "
-              f"{volume.spacing_mm[0]:.3f} mm pixels, {slice_mm:g} mm slices, kernel "
-              f"{first.get('ConvolutionKernel', '?')}; {findings.count} finding(s)")
+        LOG.info("")
+        LOG.info(f"== {folder.name}: {len(selection.paths)} slices, {volume.shape[0]} x {volume.shape[1]}, "
+                 f"{volume.spacing_mm[0]:.3f} mm pixels, {slice_mm:g} mm slices, kernel "
+                 f"{first.get('ConvolutionKernel', '?')}; {findings.count} finding(s)")
         sources = {dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in selection.paths}
         with tempfile.TemporaryDirectory() as tmp:
             sr_path = Path(tmp) / "sr.dcm"
@@ -117,17 +117,17 @@ def evaluate_real(root: Path, out: Path) -> int:
                   if finding.attenuation_from_core else "not measured (too thin for a core)")
             where = ", ".join(f"{c:.0f}" for c in finding.centroid_mm)
             score = "-" if finding.score is None else f"{finding.score:.2f}"
-            print(f"  {shown.name:9s} score {score}  long {finding.long_axis.length_mm:5.1f} mm  short "
-                  f"{finding.short_axis.length_mm:5.1f} mm  volume {finding.volume_mm3:8.0f} mm3  HU {hu}  "
-                  f"LPS ({where}) image {finding.key_slice + 1}"
-                  + ("" if tumour is None else f"  in annotated tumour: {'yes' if tumour else 'no'}"))
+            LOG.info(f"  {shown.name:9s} score {score}  long {finding.long_axis.length_mm:5.1f} mm  short "
+                     f"{finding.short_axis.length_mm:5.1f} mm  volume {finding.volume_mm3:8.0f} mm3  HU {hu}  "
+                     f"LPS ({where}) image {finding.key_slice + 1}"
+                     + ("" if tumour is None else f"  in annotated tumour: {'yes' if tumour else 'no'}"))
         if reported:
             png = write_preview(sources, reported, out / f"{folder.name}.png")
-            print(f"  preview: {png}")
+            LOG.info(f"  preview: {png}")
         LOG.debug("series %s: %d findings", volume.series_instance_uid, findings.count)
     tumour_series = sorted({b.series for b in boxes})
     if tumour_series:
-        print()
-        print(f"annotated tumour boxes: {', '.join(tumour_series)} "
-              f"(largest {max(max(b.size) for b in boxes):.0f} mm in-plane)")
+        LOG.info("")
+        LOG.info(f"annotated tumour boxes: {', '.join(tumour_series)} "
+                 f"(largest {max(max(b.size) for b in boxes):.0f} mm in-plane)")
     return 0
