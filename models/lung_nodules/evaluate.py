@@ -51,7 +51,7 @@ from scipy.spatial.distance import pdist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bundle_runner import BUNDLE_ROOT, BundleRunner, make_metatensor
 
-from dicom_node.synthetic.chest_phantom import ChestPhantom, make_chest_phantom
+from dicom_node.synthetic.chest_phantom import ChestPhantom, Nodule, make_chest_phantom
 from plugin.types import Findings, Volume
 
 EVAL_SEEDS = tuple(range(10000, 10020))
@@ -184,10 +184,10 @@ def _score_masses(phantom: ChestPhantom, labels_zyx: np.ndarray, gt: np.ndarray,
     for nod in phantom.nodules:
         if nod.diameter_mm < 30.0:
             continue
-        idx = tuple(round(c) for c in nod.centre_voxel_zyx)
-        if not all(0 <= i < n for i, n in zip(idx, gt.shape)) or not gt[idx]:
+        component = _gt_component(nod, gt)
+        if not component:
             continue
-        hits = set(np.unique(labels_zyx[gt == gt[idx]]).tolist()) - {0}
+        hits = set(np.unique(labels_zyx[gt == component]).tolist()) - {0}
         res.masses.append((round(nod.diameter_mm, 1), bool(hits),
                            any(names.get(int(h), "").startswith("Mass") for h in hits)))
 
@@ -202,10 +202,10 @@ def _score_measurements(phantom: ChestPhantom, labels_zyx: np.ndarray, gt: np.nd
             continue
         if nod.juxtapleural and slice_mm > MAX_PLEURAL_SLICE_MM:
             continue
-        idx = tuple(round(c) for c in nod.centre_voxel_zyx)
-        if not all(0 <= i < n for i, n in zip(idx, gt.shape)) or not gt[idx]:
+        component = _gt_component(nod, gt)
+        if not component:
             continue
-        region = gt == gt[idx]
+        region = gt == component
         hits = np.bincount(labels_zyx[region].astype(np.int64).ravel())
         hits[0] = 0
         if hits.max() == 0:
@@ -224,12 +224,17 @@ def _score_measurements(phantom: ChestPhantom, labels_zyx: np.ndarray, gt: np.nd
                     round(finding.mean_hu - nod.hu, 1) if finding.attenuation_from_core else None))
 
 
+def _gt_component(nodule: Nodule, gt: np.ndarray) -> int:
+    """The ground-truth component at ``nodule``'s centre voxel (0: none, or outside)."""
+    idx = tuple(round(c) for c in nodule.centre_voxel_zyx)
+    return int(gt[idx]) if all(0 <= i < n for i, n in zip(idx, gt.shape)) else 0
+
+
 def _gt_diameters(phantom: ChestPhantom, gt: np.ndarray, n_gt: int) -> dict[int, float]:
     """Nominal diameter of each ground-truth component (from the nodule records)."""
     out = {g: 0.0 for g in range(1, n_gt + 1)}
     for nod in phantom.nodules:
-        idx = tuple(round(c) for c in nod.centre_voxel_zyx)
-        g = int(gt[idx]) if all(0 <= i < s for i, s in zip(idx, gt.shape)) else 0
+        g = _gt_component(nod, gt)
         if g:
             out[g] = max(out[g], nod.diameter_mm)
     for g, d in out.items():  # a component without a record: equivalent diameter
