@@ -115,7 +115,7 @@ def test_a_juxtapleural_nodule_ends_at_the_pleura(diameter: float, slice_mm: flo
     assert not beyond.any()  # nothing left more than two voxels into the wall
 
 
-def test_no_pleural_cut_without_a_wall_or_when_the_lesion_is_mostly_wall() -> None:
+def test_no_pleural_cut_without_a_wall_when_the_lesion_is_mostly_wall_or_a_mass() -> None:
     spacing = (0.7, 0.7, 1.25)
     free = render_ellipsoid((5.0, 5.0, 5.0), spacing, noise_hu=20.0, margin_mm=12.0)
     assert beyond_pleura(free.hu, free.truth, spacing, -420.0) is None
@@ -123,6 +123,8 @@ def test_no_pleural_cut_without_a_wall_or_when_the_lesion_is_mostly_wall() -> No
     assert beyond_pleura(lesion.hu, model, spacing, -430.0) is not None
     deep = model | ((ndimage.distance_transform_edt(~model, sampling=spacing) <= 8.0) & (lesion.hu > 0.0))
     assert beyond_pleura(lesion.hu, deep, spacing, -430.0) is None  # more than half of it beyond
+    mass, mass_model = _juxtapleural(34.0, 2.5, 0.0, seed=2)
+    assert beyond_pleura(mass.hu, mass_model, mass.spacing, -430.0) is None  # a mass: not cut
 
 
 @pytest.mark.parametrize("slice_mm", [0.625, 1.25, 2.5])
