@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dicom_node.config import Config, load_config, with_overrides
-from dicom_node.errors import ConfigError, DeliveryError, NodeError, PluginError
+from dicom_node.errors import ConfigError, DeliveryError, NodeError, PluginError, StorageError
 from dicom_node.logs import setup_logging
 
 log = logging.getLogger("dicom_node")
@@ -48,17 +48,42 @@ def _peer(dest: str, config: Config):  # -> Peer
     return Peer(m["ae"], m["host"], int(m["port"]))
 
 
+def _start_failure(exc: BaseException) -> str:
+    """One line for a start-up failure: the path and the reason, never a traceback."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"cannot start: {where}{exc.strerror}"
+    return f"cannot start: {exc}" if not isinstance(exc, PluginError) else str(exc)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Run the node until SIGTERM or SIGINT."""
+    """Run the node until SIGTERM or SIGINT.
+
+    Before any model is loaded, the plugin names, the storage folder and the ports are
+    checked (:func:`dicom_node.preflight.before_serve`); every start-up failure is one
+    line on stderr with exit code 2 (configuration) or 3 (environment), and the
+    traceback goes to the log at DEBUG only.
+    """
+    from dicom_node import preflight
     from dicom_node.node import Node
 
     config = _config_from(args)
     setup_logging(config.logging.level, config.logging.json_format)
-    node = Node(config)
+    failed = [check for check in preflight.before_serve(config) if not check.ok]
+    for check in failed:
+        print(f"error: {check.line()}", file=sys.stderr)
+    if failed:
+        return preflight.exit_code(failed)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    node.start()
+    try:
+        node = Node(config)
+        node.start()
+    except (PluginError, StorageError, OSError) as exc:
+        log.debug("start-up failed", exc_info=True)
+        print(f"error: {_start_failure(exc)}", file=sys.stderr)
+        return preflight.EXIT_ENVIRONMENT
     log.info("dicom-node ready: AE %s port %d, storage %s", config.node.ae_title, node.port,
              config.node.storage_dir)
     stop.wait()
@@ -132,29 +157,28 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-EXIT_ENVIRONMENT = 3  # check-config --deep: a plugin (bundle, packages, weights) cannot load
-
-
 def cmd_check_config(args: argparse.Namespace) -> int:
-    """Validate a configuration file; with ``--deep``, also load every plugin a route
-    names (its bundle, scripts, required packages and weights), as ``serve`` does."""
-    config = load_config(Path(args.path))
-    print(f"{args.path}: OK ({len(config.routes)} routes, {len(config.destinations)} destinations)")
-    if not args.deep:
-        return 0
-    from plugin.registry import load_plugin
+    """Pre-flight a configuration file: its schema, the plugin names its routes use, the
+    storage folder and the ports; with ``--echo`` the destinations answer C-ECHO, with
+    ``--deep`` every routed plugin loads with its weights, as ``serve`` does."""
+    from dicom_node import preflight
 
-    failed = 0
-    for name in config.routed_plugins():
-        factory, options = config.plugin_factory(name)
-        try:
-            plugin = load_plugin(name, factory=factory, options=options)
-        except PluginError as exc:
-            print(f"plugin {name}: FAILED: {exc}", file=sys.stderr)
-            failed += 1
-            continue
-        print(f"plugin {name}: OK ({plugin.info.display_name} {plugin.info.version})")
-    return EXIT_ENVIRONMENT if failed else 0
+    config = load_config(Path(args.path))
+    print(f"{args.path}: schema OK ({len(config.routes)} routes, {len(config.destinations)} destinations)")
+    names = preflight.plugin_names(config)
+    checks = [*names, preflight.storage(config.node.storage_dir)]
+    if not args.no_ports:
+        checks += preflight.ports(config)
+    if args.echo:
+        checks += preflight.destinations(config)
+    if args.deep and all(check.ok for check in names):
+        checks += preflight.plugin_loads(config)
+    for check in checks:
+        print(check.line(), file=sys.stdout if check.ok else sys.stderr)
+    code = preflight.exit_code(checks)
+    print({0: "ready to serve", 2: "configuration error", 3: "environment error"}[code],
+          file=sys.stdout if code == 0 else sys.stderr)
+    return code
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -200,7 +224,8 @@ embedded default configuration when omitted)."""
 
 EPILOG = """\
 exit codes: 0 ok, 1 an operation failed (e.g. a peer refused), 2 configuration error,
-3 (check-config --deep) a plugin or its model cannot load.
+3 environment error (serve, check-config: a folder, a port, a destination, or a plugin
+or its model that cannot load).
 Each command has its own --help, e.g. "dicom-node send --help"."""
 
 
@@ -276,11 +301,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
     conf = with_config(sub.add_parser("conformance", help="print the DICOM Conformance Statement"))
     conf.set_defaults(func=cmd_conformance)
-    check = sub.add_parser("check-config", help="validate a configuration file (exit 0 ok, 2 configuration "
-                           "error, 3 a plugin cannot load)")
+    check = sub.add_parser("check-config", help="pre-flight a configuration: schema, plugin names, storage "
+                           "folder, ports (exit 0 ok, 2 configuration error, 3 environment error)")
     check.add_argument("path", help="the YAML configuration file to check")
     check.add_argument("--deep", action="store_true",
                        help="also load every plugin a route names, with its model weights (as serve does)")
+    check.add_argument("--echo", action="store_true", help="also C-ECHO every destination")
+    check.add_argument("--no-ports", action="store_true",
+                       help="do not try the DICOM and HTTP ports (e.g. while the node runs)")
     check.set_defaults(func=cmd_check_config)
     return parser
 

@@ -6,8 +6,10 @@ The file is YAML. Unknown keys are errors. ``load_config`` fails fast with a
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
+import typing
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -281,14 +283,14 @@ class Config(_Strict):
     @model_validator(mode="after")
     def _check_references(self) -> "Config":
         names = set()
-        for index, route in enumerate(self.routes):
+        for route in self.routes:
             if route.name in names:
-                raise ValueError(f"routes.{index}.name: duplicate route name {route.name!r}")
+                raise ValueError(f"routes: two routes are named {route.name!r}")
             names.add(route.name)
             for dest in route.destinations:
                 if dest not in self.destinations:
                     raise ValueError(
-                        f"routes.{index}.destinations: unknown destination {dest!r}"
+                        f"route {route.name!r}: destinations: unknown destination {dest!r}"
                         f" (configured: {', '.join(self.destinations) or 'none'})"
                     )
         return self
@@ -314,16 +316,48 @@ class Config(_Strict):
         return self.node.storage_dir / "state.sqlite3"
 
 
-def _format_error(exc: ValidationError, source: str) -> str:
+def _section_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys the schema allows beside ``loc``'s last part (e.g. ``node.max_asociations``
+    -> the fields of ``node``); empty where the section is free-form (``match``, ``options``)."""
+    model: Any = Config
+    parts = list(loc[:-1])
+    while parts:
+        part = parts.pop(0)
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return []
+        model = field.annotation
+        while typing.get_origin(model) in (list, dict):  # skip the index or the mapping key
+            model = typing.get_args(model)[-1]
+            if parts:
+                parts.pop(0)
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return list(model.model_fields)
+    return []
+
+
+def _key_text(loc: tuple[Any, ...], data: Any) -> str:
+    """``loc`` as the user wrote it, with a route named by its name: ``routes[chest-ct].plugin``."""
+    parts = [str(p) for p in loc]
+    if len(loc) >= 2 and loc[0] == "routes" and isinstance(loc[1], int) and isinstance(data, dict):
+        routes = data.get("routes")
+        name = routes[loc[1]].get("name") if isinstance(routes, list) and loc[1] < len(routes) \
+            and isinstance(routes[loc[1]], dict) else None
+        parts[0:2] = [f"routes[{name}]" if isinstance(name, str) and name else f"routes[{loc[1]}]"]
+    return ".".join(parts)
+
+
+def _format_error(exc: ValidationError, source: str, data: Any = None) -> str:
     lines = []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"])
+        key = _key_text(err["loc"], data)
         msg = err["msg"].removeprefix("Value error, ")
         if not key:  # cross-field checks put the key in the message
             lines.append(f"{source}: {msg}")
             continue
         if err["type"] == "extra_forbidden":
-            msg = "unknown key"
+            near = difflib.get_close_matches(str(err["loc"][-1]), _section_keys(err["loc"]), n=1, cutoff=0.6)
+            msg = "unknown key" + (f" (did you mean {near[0]}?)" if near else "")
         lines.append(f"{source}: {key}: {msg}")
     return "\n".join(lines)
 
@@ -337,7 +371,7 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_error(exc, source)) from exc
+        raise ConfigError(_format_error(exc, source, data)) from exc
 
 
 def _read_yaml(text: str, source: str) -> Any:

@@ -9,7 +9,9 @@ plugin's own name is used.
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import importlib.util
 import logging
 from collections.abc import Callable
 from importlib.metadata import EntryPoint, entry_points
@@ -37,6 +39,32 @@ def _available_text() -> str:
     names = available_plugins()
     listed = ", ".join(f"{name} ({value})" for name, value in names.items())
     return f"available entry points in {ENTRY_POINT_GROUP!r}: {listed or 'none'}"
+
+
+def check_resolvable(name: str, factory: str | None = None) -> str:
+    """Check, without importing the plugin, that ``name`` (or its ``factory``) names an
+    installed entry point or an importable module; return where the factory comes from.
+
+    Raises :class:`PluginError` naming the nearest installed entry point when there is one.
+    """
+    reference = factory or name
+    if ":" not in reference:
+        names = list(available_plugins())
+        if reference in names:
+            return f"entry point {reference!r} ({available_plugins()[reference]})"
+        near = difflib.get_close_matches(reference, names, n=1, cutoff=0.6)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise PluginError(f"plugin {name!r}: no entry point named {reference!r}; {hint}{_available_text()}")
+    module_name, _, attribute = reference.partition(":")
+    if not module_name or not attribute:
+        raise PluginError(f"plugin {name!r}: factory {reference!r} is not 'package.module:callable'")
+    try:
+        found = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError) as e:  # a parent package is missing or broken
+        raise PluginError(f"plugin {name!r}: cannot find {module_name!r}: {e}") from e
+    if found is None:
+        raise PluginError(f"plugin {name!r}: no module named {module_name!r} (factory {reference!r})")
+    return f"module {module_name!r}"
 
 
 def load_plugin(

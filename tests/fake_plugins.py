@@ -33,9 +33,13 @@ MANIFEST = {
 
 
 class DensePlugin:
-    """Threshold segmentation; ``crash=True`` kills the worker process (tests)."""
+    """Threshold segmentation; ``crash=True`` kills the worker process (tests); ``marker``:
+    a file that gets one line each time the plugin is created (tests of when it loads)."""
 
-    def __init__(self, threshold: float = 300.0, crash: bool = False) -> None:
+    def __init__(self, threshold: float = 300.0, crash: bool = False, marker: str | None = None) -> None:
+        if marker:
+            with open(marker, "a", encoding="utf-8") as f:
+                f.write(f"created in {os.getpid()}\n")
         self.manifest = parse_manifest(MANIFEST, "test manifest")
         self.info = self.manifest.plugin_info()
         self.criteria = self.manifest.series_criteria()

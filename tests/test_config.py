@@ -59,9 +59,16 @@ def test_embedded_default_loads() -> None:
         ({"security": {"allowed_callers": [{"ae_title": "PACS", "hots": "x"}]}},
          "security.allowed_callers.0.hots", "unknown key"),
         ({"routes": [{"name": "r", "plugin": "p", "destinations": ["nowhere"]}]},
-         "routes.0.destinations", "unknown destination 'nowhere'"),
-        ({"routes": [{"name": "r", "plugin": "p", "match": {"Colour": "x"}}]}, "routes.0.match", "unknown match key"),
-        ({"routes": [{"name": "r", "plugin": "p", "match": {"Modality": "("}}]}, "routes.0.match", "regular expression"),
+         "route 'r': destinations", "unknown destination 'nowhere'"),
+        ({"routes": [{"name": "r", "plugin": "p", "match": {"Colour": "x"}}]}, "routes[r].match", "unknown match key"),
+        ({"routes": [{"name": "r", "plugin": "p", "match": {"Modality": "("}}]}, "routes[r].match", "regular expression"),
+        ({"routes": [{"name": "r", "plugn": "p"}]}, "routes[r].plugn", "unknown key (did you mean plugin?)"),
+        ({"routes": [{"name": "a", "plugin": "p"}, {"name": "a", "plugin": "q"}]}, "two routes are named 'a'", ""),
+        ({"node": {"max_asociations": 3}}, "node.max_asociations", "unknown key (did you mean max_associations?)"),
+        ({"node": {"tls": {"certfile": "x"}}}, "node.tls.certfile", "unknown key (did you mean certificate?)"),
+        ({"destinations": {"pacs": {"ae_title": "P", "host": "h", "port": 1, "hots": "x"}}},
+         "destinations.pacs.hots", "unknown key (did you mean host?)"),
+        ({"jobs": {"colour": 1}}, "jobs.colour", "unknown key"),
         ({"node": {"listener_processes": 0}}, "node.listener_processes", '"auto" or a whole number from 1 to 64'),
         ({"node": {"listener_processes": 65}}, "node.listener_processes", "from 1 to 64"),
         ({"node": {"listener_processes": "many"}}, "node.listener_processes", "from 1 to 64"),
@@ -99,8 +106,8 @@ def test_listener_processes_auto_follows_the_cpus(setting: object, cpus: int, ma
 
 def test_check_config_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     good = tmp_path / "good.yaml"
-    good.write_text(CORE)
-    assert main(["check-config", str(good)]) == 0
+    good.write_text(CORE.replace("./var", str(tmp_path / "var")))
+    assert main(["check-config", str(good), "--no-ports"]) == 0
     bad = tmp_path / "bad.yaml"
     bad.write_text(CORE.replace("port: 4242", "port: 99999"))
     assert main(["check-config", str(bad)]) != 0
