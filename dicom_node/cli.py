@@ -10,12 +10,16 @@ import re
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dicom_node.config import Config, load_config, with_overrides
 from dicom_node.errors import ConfigError, DeliveryError, NodeError, PluginError, StorageError
 from dicom_node.logs import setup_logging
+
+if TYPE_CHECKING:
+    from dicom_node.admin import Admin
 
 log = logging.getLogger("dicom_node")
 
@@ -139,22 +143,71 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 0 if failed == 0 else 1
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    """Show studies, jobs and deliveries."""
-    from dicom_node.status_report import collect, probe_health, render
+def _state_db(config: Config):  # -> StateDB
+    """The configuration's state database; a clear error when the node never ran there."""
     from dicom_node.storage.state import StateDB
 
-    config = _config_from(args)
     if not config.database_path.exists():
         raise NodeError(f"no state database at {config.database_path}: has the node run with this storage_dir?")
-    db = StateDB(config.database_path)
+    return StateDB(config.database_path)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Show studies, jobs, deliveries and result objects, optionally narrowed."""
+    from dicom_node.audit import parse_since
+    from dicom_node.status_report import StatusFilter, collect, probe_health, render
+
+    config = _config_from(args)
     try:
-        data = collect(db, args.limit)
+        since = parse_since(args.since).timestamp() if args.since else None
+    except ValueError as exc:
+        raise NodeError(str(exc)) from exc
+    db = _state_db(config)
+    try:
+        data = collect(db, args.limit, StatusFilter(args.accession, args.state, since))
     finally:
         db.close()
     data["node"] = probe_health(config)
     print(json.dumps(data, indent=2, default=str) if args.json else render(data))
     return 0
+
+
+def _admin_action(args: argparse.Namespace, act: Callable[[Admin], list[str]]) -> int:
+    from dicom_node.admin import Admin
+
+    config = _config_from(args)
+    db = _state_db(config)
+    try:
+        for line in act(Admin(config, db)):
+            print(line)
+    finally:
+        db.close()
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    """Send a delivery (or every failed one) again now."""
+    if (args.delivery is None) == (not args.failed):
+        raise NodeError("give one delivery id, or --failed for every failed delivery")
+
+    def act(admin: Admin) -> list[str]:
+        lines = admin.retry_failed() if args.failed else admin.retry([args.delivery])
+        return lines or ["no failed deliveries"]
+
+    return _admin_action(args, act)
+
+
+def cmd_reprocess(args: argparse.Namespace) -> int:
+    """Analyse a study again: a new revision whose results replace the older ones."""
+    return _admin_action(args, lambda admin: [admin.reprocess(args.study_uid, args.plugin)])
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    """Remove a study's images, results and state for good."""
+    if not args.yes:
+        raise NodeError(f"forget removes study {args.study_uid}'s images, results and state for good: "
+                        "add --yes to do it")
+    return _admin_action(args, lambda admin: [admin.forget(args.study_uid)])
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -288,11 +341,34 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--limit", type=int, default=50, help="newest studies, jobs and deliveries shown (default 50)")
     status.add_argument("--storage-dir", help="read this storage folder instead of the configuration's")
+    status.add_argument("--accession", help="only the studies with this accession number, and their jobs "
+                        "and deliveries")
+    status.add_argument("--state", help="only studies, jobs and deliveries in this state (e.g. failed, "
+                        "pending, done, receiving)")
+    status.add_argument("--since", help="only what changed since: ISO time (UTC if no zone) or a duration "
+                        "back from now: 30m, 2h, 7d")
     status.set_defaults(func=cmd_status)
+    retry = with_config(sub.add_parser("retry", help="send a failed delivery (or all of them) again now"))
+    retry.add_argument("delivery", nargs="?", type=int, help="the delivery id (see status)")
+    retry.add_argument("--failed", action="store_true",
+                       help="every failed or rejected delivery of the studies' current results")
+    retry.add_argument("--storage-dir", help="act on this storage folder instead of the configuration's")
+    retry.set_defaults(func=cmd_retry)
+    reprocess = with_config(sub.add_parser("reprocess", help="analyse a study again (a new revision whose "
+                                           "results replace the older ones)"))
+    reprocess.add_argument("study_uid", help="the Study Instance UID (see status)")
+    reprocess.add_argument("--plugin", help="only the matching routes of this plugin")
+    reprocess.add_argument("--storage-dir", help="act on this storage folder instead of the configuration's")
+    reprocess.set_defaults(func=cmd_reprocess)
+    forget = with_config(sub.add_parser("forget", help="remove a study's images, results and state for good"))
+    forget.add_argument("study_uid", help="the Study Instance UID (see status)")
+    forget.add_argument("--yes", action="store_true", help="confirm: nothing of the study is kept")
+    forget.add_argument("--storage-dir", help="act on this storage folder instead of the configuration's")
+    forget.set_defaults(func=cmd_forget)
     audit = with_config(sub.add_parser("audit", help="print the audit trail (JSON lines)"))
     audit.add_argument("--since", help="ISO time (UTC if no zone) or a duration back from now: 30m, 2h, 7d")
     audit.add_argument("--event", choices=["association", "study-received", "analysis", "delivery",
-                                           "config-loaded"], help="only this kind of event")
+                                           "config-loaded", "admin"], help="only this kind of event")
     audit.add_argument("--storage-dir", help="read this storage folder instead of the configuration's")
     audit.set_defaults(func=cmd_audit)
     demo = sub.add_parser("demo", help="see it work: a phantom in, findings and a PNG out")

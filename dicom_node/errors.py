@@ -37,3 +37,7 @@ class EncodeError(NodeError):
 
 class DeliveryError(NodeError):
     """A result could not be delivered to a destination."""
+
+
+class ActionRefused(NodeError):
+    """An admin action (retry, reprocess, forget) cannot be done; the message says why."""

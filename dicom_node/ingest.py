@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 ROUTING_TAGS = ("Modality", "BodyPartExamined", "SeriesDescription", "StudyDescription", "Manufacturer")
 HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "ImageType",
-               *ROUTING_TAGS]
+               "AccessionNumber", *ROUTING_TAGS]
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,7 @@ _QUICK_TAGS = {
     0x00080008: ("ImageType", b"CS"),
     0x00080016: ("SOPClassUID", b"UI"),
     0x00080018: ("SOPInstanceUID", b"UI"),
+    0x00080050: ("AccessionNumber", b"SH"),
     0x00080060: ("Modality", b"CS"),
     0x00080070: ("Manufacturer", b"LO"),
     0x00081030: ("StudyDescription", b"LO"),
@@ -279,6 +280,7 @@ class Ingestor:
                               "SOPClassUID": sop_class, "CalledAETitle": req.called_ae.strip(),
                               "CallingAETitle": req.calling_ae.strip()},
                 analysable=is_analysable(sop_class, header.get("ImageType", "")),
+                accession_number=header.get("AccessionNumber", ""),
             )
             disposition = self.db.register_instance(record)
         except StorageError as exc:

@@ -6,6 +6,7 @@ import json
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from typing import Any
 
 from dicom_node.config import Config
@@ -31,21 +32,52 @@ def _when(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
 
 
-def collect(db: StateDB, limit: int = 50) -> dict[str, Any]:
-    """Everything ``status`` shows, as plain data (``--json``)."""
+@dataclass(frozen=True)
+class StatusFilter:
+    """What ``status`` narrows to: an accession number, a state, a time (epoch seconds)."""
+
+    accession: str | None = None
+    state: str | None = None
+    since: float | None = None
+
+
+def _where(clauses: list[tuple[str, object]]) -> tuple[str, tuple[object, ...]]:
+    used = [(sql, value) for sql, value in clauses if value is not None]
+    return (" WHERE " + " AND ".join(sql for sql, _ in used) if used else "", tuple(v for _, v in used))
+
+
+def collect(db: StateDB, limit: int = 50, only: StatusFilter = StatusFilter()) -> dict[str, Any]:
+    """Everything ``status`` shows, as plain data (``--json``), narrowed by ``only``:
+    studies by accession number, state and last change; jobs and deliveries of those
+    accession numbers by their own state and time; the result objects of the jobs shown."""
+    of_accession = "study_uid IN (SELECT study_uid FROM studies WHERE accession_number=?)"
+    where, params = _where([("accession_number=?", only.accession), ("state=?", only.state),
+                            ("updated_at>=?", only.since)])
     studies = db.query(
-        """SELECT study_uid, state, revision, instance_count, first_received_at, last_received_at,
-                  reason, purged_at FROM studies ORDER BY updated_at DESC LIMIT ?""", (limit,))
+        f"""SELECT study_uid, accession_number, state, revision, instance_count, first_received_at,
+                  last_received_at, reason, purged_at FROM studies{where} ORDER BY updated_at DESC LIMIT ?""",
+        (*params, limit))
+    where, params = _where([(of_accession, only.accession), ("state=?", only.state),
+                            ("COALESCE(finished_at, started_at, created_at)>=?", only.since)])
     jobs = db.query(
-        """SELECT id, study_uid, route, plugin, revision, state, attempts, reason, timings,
-                  created_at, started_at, finished_at FROM jobs ORDER BY id DESC LIMIT ?""", (limit,))
+        f"""SELECT id, study_uid, route, plugin, revision, state, attempts, reason, timings,
+                  created_at, started_at, finished_at FROM jobs{where} ORDER BY id DESC LIMIT ?""",
+        (*params, limit))
     for job in jobs:
         job["timings"] = json.loads(job["timings"]) if job["timings"] else {}
+    where, params = _where([("j." + of_accession, only.accession), ("d.state=?", only.state),
+                            ("d.updated_at>=?", only.since)])
     deliveries = db.query(
-        """SELECT d.id, d.job_id, j.study_uid, d.destination, d.state, d.attempts, d.next_attempt_at,
+        f"""SELECT d.id, d.job_id, j.study_uid, d.destination, d.state, d.attempts, d.next_attempt_at,
                   d.last_error, d.created_at, d.updated_at FROM deliveries d
-           JOIN jobs j ON j.id = d.job_id ORDER BY d.id DESC LIMIT ?""", (limit,))
-    return {"counts": db.counts(), "studies": studies, "jobs": jobs, "deliveries": deliveries}
+           JOIN jobs j ON j.id = d.job_id{where} ORDER BY d.id DESC LIMIT ?""", (*params, limit))
+    shown = [job["id"] for job in jobs]
+    results = db.query(
+        f"""SELECT job_id, kind, series_uid, sop_instance_uid, sop_class_uid FROM results
+            WHERE job_id IN ({",".join("?" * len(shown))}) ORDER BY job_id DESC, kind""",
+        tuple(shown)) if shown else []
+    return {"counts": db.counts(), "studies": studies, "jobs": jobs, "deliveries": deliveries,
+            "results": results}
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
@@ -74,8 +106,9 @@ def render(data: dict[str, Any]) -> str:
         f"{kind}: " + (", ".join(f"{n} {s}" for s, n in sorted(c.items())) or "none")
         for kind, c in counts.items()
     )
-    studies = [[s["study_uid"], s["state"], str(s["revision"]), str(s["instance_count"]),
-                _when(s["last_received_at"]), s["reason"] or ""] for s in data["studies"]]
+    studies = [[s["study_uid"], s["accession_number"] or "-", s["state"], str(s["revision"]),
+                str(s["instance_count"]), _when(s["last_received_at"]), s["reason"] or ""]
+               for s in data["studies"]]
     jobs = [[str(j["id"]), j["study_uid"], j["route"], j["state"], str(j["attempts"]),
              _when(j["finished_at"] or j["started_at"] or j["created_at"]),
              " ".join(f"{k}={v:.1f}s" for k, v in j["timings"].items()), j["reason"] or ""]
@@ -85,8 +118,12 @@ def render(data: dict[str, Any]) -> str:
                    d["last_error"] or ""] for d in data["deliveries"]]
     return "\n\n".join([
         _node_line(data.get("node")) + "\n" + summary,
-        "STUDIES\n" + _table(["study", "state", "rev", "instances", "last received", "reason"], studies),
+        "STUDIES\n" + _table(["study", "accession", "state", "rev", "instances", "last received", "reason"],
+                             studies),
         "JOBS\n" + _table(["id", "study", "route", "state", "tries", "time", "stages", "reason"], jobs),
         "DELIVERIES\n" + _table(["id", "job", "destination", "state", "tries", "next/last", "last error"],
                                 deliveries),
+        "RESULTS\n" + _table(["job", "kind", "series", "SOP instance"],
+                             [[str(r["job_id"]), r["kind"], r["series_uid"], r["sop_instance_uid"]]
+                              for r in data.get("results", [])]),
     ])

@@ -70,6 +70,12 @@ def test_demo_prints_findings_and_writes_png(tmp_path: Path, capsys) -> None:  #
     assert run_demo(tmp_path / "demo", slices=96) == 0
     out = capsys.readouterr().out
     assert "Nodule 1" in out and "Long axis mm" in out and "PNG preview" in out
+    state = tmp_path.resolve() / "demo" / "work" / "var"
+    assert f"read it with: dicom-node status --storage-dir {state}" in out
+    from dicom_node.cli import main
+
+    assert main(["status", "--storage-dir", str(state), "--state", "done"]) == 0
+    assert "1 done" in capsys.readouterr().out  # the demo's study, as status reads it
     png = tmp_path / "demo" / "preview.png"
     image = Image.open(png)
     assert image.width >= 1000 and image.height >= 500

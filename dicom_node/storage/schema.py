@@ -10,7 +10,8 @@ CREATE TABLE IF NOT EXISTS studies (
     last_received_at REAL,
     reason TEXT,
     purged_at REAL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    accession_number TEXT
 );
 CREATE INDEX IF NOT EXISTS studies_state ON studies(state);
 CREATE TABLE IF NOT EXISTS series (
@@ -91,3 +92,7 @@ CREATE TABLE IF NOT EXISTS transitions (
 );
 CREATE INDEX IF NOT EXISTS transitions_key ON transitions(kind, key);
 """
+
+# Columns added after the first release: (table, column, type). A database made by an
+# older version gains them when opened (see ``StateDB``); new ones have them already.
+ADDED_COLUMNS = (("studies", "accession_number", "TEXT"),)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.errors import StorageError
-from dicom_node.storage.schema import SCHEMA
+from dicom_node.storage.schema import ADDED_COLUMNS, SCHEMA
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ class InstanceRecord:
     sha256: str
     series_attrs: dict[str, str]  # routing attributes (Modality, ...)
     analysable: bool
+    accession_number: str = ""  # the study's, for the admin's searches (never logged)
 
 
 @dataclass(frozen=True)
@@ -82,11 +83,24 @@ class StateDB:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.executescript(SCHEMA)
+            self._add_columns()
         except sqlite3.Error as exc:
             raise StorageError(f"cannot open the state database {path}: {exc}") from exc
         self._lock = threading.RLock()
         self.path = path
         self._writer_fd = self._open_writer_lock(path)
+
+    def _add_columns(self) -> None:
+        """Bring a database made by an older version up to the schema (new columns)."""
+        for table, column, kind in ADDED_COLUMNS:
+            have = {row[1] for row in self._conn.execute(f"PRAGMA table_info({table})")}
+            if column in have:
+                continue
+            try:
+                self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            except sqlite3.OperationalError as exc:  # another process added it meanwhile
+                if "duplicate column" not in str(exc):
+                    raise
 
     @staticmethod
     def _open_writer_lock(path: Path) -> int | None:
@@ -245,7 +259,7 @@ class StateDB:
                  rec.transfer_syntax, str(rec.path), rec.size, rec.sha256, now),
             )
             self._upsert_series(c, rec, analysable, now)
-            self._touch_study(c, rec.study_uid, analysable, now)
+            self._touch_study(c, rec, analysable, now)
         return "new"
 
     @staticmethod
@@ -264,18 +278,21 @@ class StateDB:
              int(analysable), now),
         )
 
-    def _touch_study(self, c: sqlite3.Connection, study_uid: str, analysable: bool, now: float) -> None:
+    def _touch_study(self, c: sqlite3.Connection, rec: InstanceRecord, analysable: bool, now: float) -> None:
+        study_uid, accession = rec.study_uid, rec.accession_number or None
         row = c.execute("SELECT state FROM studies WHERE study_uid=?", (study_uid,)).fetchone()
         if row is None:
             c.execute(
                 """INSERT INTO studies(study_uid, state, instance_count, first_received_at,
-                       last_received_at, updated_at) VALUES (?,?,1,?,?,?)""",
-                (study_uid, RECEIVING, now, now, now),
+                       last_received_at, updated_at, accession_number) VALUES (?,?,1,?,?,?,?)""",
+                (study_uid, RECEIVING, now, now, now, accession),
             )
             self.transition(c, "study", study_uid, None, RECEIVING)
             return
         c.execute(
-            "UPDATE studies SET instance_count = instance_count + 1 WHERE study_uid=?", (study_uid,)
+            """UPDATE studies SET instance_count = instance_count + 1,
+                   accession_number = COALESCE(accession_number, ?) WHERE study_uid=?""",
+            (accession, study_uid),
         )
         if not analysable:
             return

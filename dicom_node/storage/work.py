@@ -6,6 +6,7 @@ import sqlite3
 import time
 from collections.abc import Sequence
 
+from dicom_node.errors import ActionRefused
 from dicom_node.net import statuses
 from dicom_node.storage.state import (
     DONE,
@@ -221,6 +222,79 @@ class WorkStore:
             )
             StateDB.transition(c, "delivery", str(delivery_id), PENDING, state, error or "")
             self._refresh_study(c, row["study_uid"])
+
+    # ---- admin actions ----------------------------------------------------------
+
+    def reopen_delivery(self, delivery_id: int, deadline_seconds: float, note: str) -> str:
+        """Make a delivery due now (``dicom-node retry``); returns what changed.
+
+        A failed or rejected delivery of the study's current results becomes pending
+        again with a fresh deadline and backoff, and its study goes back to processing;
+        a pending one is only brought forward. Raises :class:`ActionRefused` for a
+        delivery that is done, superseded or of older results.
+        """
+        now = time.time()
+        with self.db.transaction() as c:
+            row = c.execute(
+                """SELECT d.state, d.destination, d.attempts, j.study_uid, j.revision, s.revision AS current,
+                          s.state AS study_state
+                   FROM deliveries d JOIN jobs j ON j.id = d.job_id JOIN studies s ON s.study_uid = j.study_uid
+                   WHERE d.id=?""", (delivery_id,)).fetchone()
+            if row is None:
+                raise ActionRefused(f"there is no delivery {delivery_id}")
+            if row["state"] == DONE:
+                raise ActionRefused(f"delivery {delivery_id} is done: {row['destination']} confirmed every instance")
+            if row["state"] == SUPERSEDED or row["revision"] != row["current"]:
+                raise ActionRefused(f"delivery {delivery_id} holds results the study's newer revision "
+                                    f"{row['current']} replaced; its own deliveries are the ones to retry")
+            if row["state"] == PENDING:
+                c.execute("UPDATE deliveries SET next_attempt_at=?, updated_at=? WHERE id=?", (now, now, delivery_id))
+                StateDB.transition(c, "delivery", str(delivery_id), PENDING, PENDING, f"brought forward: {note}")
+                return f"delivery {delivery_id} to {row['destination']}: next attempt now (it was pending)"
+            c.execute(
+                """UPDATE deliveries SET state=?, attempts=0, next_attempt_at=?, deadline_at=?, updated_at=?
+                   WHERE id=?""", (PENDING, now, now + deadline_seconds, now, delivery_id))
+            StateDB.transition(c, "delivery", str(delivery_id), row["state"], PENDING,
+                               f"{note} after {row['attempts']} attempts")
+            if row["study_state"] in (DONE, FAILED):
+                c.execute("UPDATE studies SET state=?, reason=NULL, updated_at=? WHERE study_uid=?",
+                          (PROCESSING, now, row["study_uid"]))
+                StateDB.transition(c, "study", row["study_uid"], row["study_state"], PROCESSING,
+                                   f"delivery {delivery_id} retried")
+        return f"delivery {delivery_id} to {row['destination']}: {row['state']} -> pending, next attempt now"
+
+    def failed_deliveries(self) -> list[int]:
+        """Failed or rejected deliveries of each study's current results (``retry --failed``)."""
+        rows = self.db.query(
+            """SELECT d.id FROM deliveries d JOIN jobs j ON j.id = d.job_id
+               JOIN studies s ON s.study_uid = j.study_uid
+               WHERE d.state IN (?,?) AND j.revision = s.revision ORDER BY d.id""", (FAILED, REJECTED))
+        return [int(r["id"]) for r in rows]
+
+    def forget_study(self, study_uid: str) -> dict[str, int]:
+        """Remove every row of a study (``dicom-node forget``): instances, series, jobs,
+        results, deliveries and their transitions; returns how many of each went."""
+        with self.db.transaction() as c:
+            jobs = [r["id"] for r in c.execute("SELECT id FROM jobs WHERE study_uid=?", (study_uid,))]
+            marks = ",".join("?" * len(jobs))
+            deliveries = [r["id"] for r in c.execute(
+                f"SELECT id FROM deliveries WHERE job_id IN ({marks})", jobs)] if jobs else []
+            dmarks = ",".join("?" * len(deliveries))
+            counts = {"jobs": len(jobs), "deliveries": len(deliveries)}
+            if deliveries:
+                c.execute(f"DELETE FROM delivery_items WHERE delivery_id IN ({dmarks})", deliveries)
+                c.execute(f"DELETE FROM deliveries WHERE id IN ({dmarks})", deliveries)
+                c.execute(f"DELETE FROM transitions WHERE kind='delivery' AND key IN ({dmarks})",
+                          [str(d) for d in deliveries])
+            if jobs:
+                counts["results"] = c.execute(f"DELETE FROM results WHERE job_id IN ({marks})", jobs).rowcount
+                c.execute(f"DELETE FROM jobs WHERE id IN ({marks})", jobs)
+                c.execute(f"DELETE FROM transitions WHERE kind='job' AND key IN ({marks})", [str(j) for j in jobs])
+            counts["instances"] = c.execute("DELETE FROM instances WHERE study_uid=?", (study_uid,)).rowcount
+            c.execute("DELETE FROM series WHERE study_uid=?", (study_uid,))
+            counts["studies"] = c.execute("DELETE FROM studies WHERE study_uid=?", (study_uid,)).rowcount
+            c.execute("DELETE FROM transitions WHERE kind='study' AND key=?", (study_uid,))
+        return counts
 
     # ---- study completion -----------------------------------------------------
 
