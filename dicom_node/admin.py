@@ -15,6 +15,7 @@ from dicom_node.audit import AuditLog
 from dicom_node.config import Config
 from dicom_node.errors import ActionRefused
 from dicom_node.routing import matching_routes
+from dicom_node.storage.spool import Spool
 from dicom_node.storage.state import RECEIVING, RUNNING, StateDB
 from dicom_node.storage.work import WorkStore
 
@@ -90,7 +91,7 @@ class Admin:
             raise ActionRefused(f"a job of study {study_uid} is running: wait for it to end")
         # Files first: a crash in between leaves rows without files (forget again), never
         # files without rows, which start-up recovery would register as a new study.
-        shutil.rmtree(self.config.spool_dir / study_uid, ignore_errors=True)
+        Spool(self.config.spool_dir).remove_study(study_uid)
         for job in jobs:
             shutil.rmtree(self.config.results_dir / str(job), ignore_errors=True)
         counts = self.work.forget_study(study_uid)

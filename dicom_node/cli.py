@@ -19,6 +19,8 @@ from dicom_node.errors import ConfigError, DeliveryError, NodeError, PluginError
 from dicom_node.logs import setup_logging
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from dicom_node.admin import Admin
 
 log = logging.getLogger("dicom_node")
@@ -152,19 +154,26 @@ def _state_db(config: Config):  # -> StateDB
     return StateDB(config.database_path)
 
 
+def _since(text: str | None) -> "datetime | None":
+    """``--since`` (ISO time or a duration back from now), or a clear error."""
+    from dicom_node.audit import parse_since
+
+    try:
+        return parse_since(text) if text else None
+    except ValueError as exc:
+        raise NodeError(str(exc)) from exc
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """Show studies, jobs, deliveries and result objects, optionally narrowed."""
-    from dicom_node.audit import parse_since
     from dicom_node.status_report import StatusFilter, collect, probe_health, render
 
     config = _config_from(args)
-    try:
-        since = parse_since(args.since).timestamp() if args.since else None
-    except ValueError as exc:
-        raise NodeError(str(exc)) from exc
+    since = _since(args.since)
     db = _state_db(config)
     try:
-        data = collect(db, args.limit, StatusFilter(args.accession, args.state, since))
+        data = collect(db, args.limit, StatusFilter(args.accession, args.state,
+                                                        since.timestamp() if since else None))
     finally:
         db.close()
     data["node"] = probe_health(config)
@@ -236,13 +245,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     """Print audit records (JSON lines), filtered by time and event type."""
-    from dicom_node.audit import parse_since, read_records
+    from dicom_node.audit import read_records
 
     config = _config_from(args)
-    try:
-        since = parse_since(args.since) if args.since else None
-    except ValueError as exc:
-        raise NodeError(str(exc)) from exc
+    since = _since(args.since)
     if not config.audit_path.exists():
         raise NodeError(f"no audit log at {config.audit_path}: has the node run with this storage_dir?")
     for entry in read_records(config.audit_path, since, args.event):
@@ -321,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="YAML configuration (default: the embedded default)")
         return p
 
+    def with_storage_dir(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--storage-dir", help="use this storage folder instead of the configuration's")
+
     serve = with_config(sub.add_parser("serve", help="run the node"))
     serve.add_argument("--port", type=int, help="DICOM port to listen on (overrides node.port)")
     serve.add_argument("--ae-title", help="the node's AE title (overrides node.ae_title)")
@@ -340,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = with_config(sub.add_parser("status", help="studies, jobs and deliveries"))
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--limit", type=int, default=50, help="newest studies, jobs and deliveries shown (default 50)")
-    status.add_argument("--storage-dir", help="read this storage folder instead of the configuration's")
+    with_storage_dir(status)
     status.add_argument("--accession", help="only the studies with this accession number, and their jobs "
                         "and deliveries")
     status.add_argument("--state", help="only studies, jobs and deliveries in this state (e.g. failed, "
@@ -352,24 +361,24 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("delivery", nargs="?", type=int, help="the delivery id (see status)")
     retry.add_argument("--failed", action="store_true",
                        help="every failed or rejected delivery of the studies' current results")
-    retry.add_argument("--storage-dir", help="act on this storage folder instead of the configuration's")
+    with_storage_dir(retry)
     retry.set_defaults(func=cmd_retry)
     reprocess = with_config(sub.add_parser("reprocess", help="analyse a study again (a new revision whose "
                                            "results replace the older ones)"))
     reprocess.add_argument("study_uid", help="the Study Instance UID (see status)")
     reprocess.add_argument("--plugin", help="only the matching routes of this plugin")
-    reprocess.add_argument("--storage-dir", help="act on this storage folder instead of the configuration's")
+    with_storage_dir(reprocess)
     reprocess.set_defaults(func=cmd_reprocess)
     forget = with_config(sub.add_parser("forget", help="remove a study's images, results and state for good"))
     forget.add_argument("study_uid", help="the Study Instance UID (see status)")
     forget.add_argument("--yes", action="store_true", help="confirm: nothing of the study is kept")
-    forget.add_argument("--storage-dir", help="act on this storage folder instead of the configuration's")
+    with_storage_dir(forget)
     forget.set_defaults(func=cmd_forget)
     audit = with_config(sub.add_parser("audit", help="print the audit trail (JSON lines)"))
     audit.add_argument("--since", help="ISO time (UTC if no zone) or a duration back from now: 30m, 2h, 7d")
     audit.add_argument("--event", choices=["association", "study-received", "analysis", "delivery",
                                            "config-loaded", "admin"], help="only this kind of event")
-    audit.add_argument("--storage-dir", help="read this storage folder instead of the configuration's")
+    with_storage_dir(audit)
     audit.set_defaults(func=cmd_audit)
     demo = sub.add_parser("demo", help="see it work: a phantom in, findings and a PNG out")
     demo.add_argument("--out", default="demo-output", help="output folder (default: demo-output)")

@@ -222,9 +222,9 @@ def run_demo(out_dir: Path, slices: int = 300, seed: int = 7, timeout: float = 6
             print(f"  {path.name[:3].rstrip('-')}: {path}")
         if preview:
             print(f"  PNG preview: {preview}")
-        state = config.node.storage_dir
-        print(f"  node state (studies, jobs, deliveries, audit trail): {state}")
-        print(f"  read it with: dicom-node status --storage-dir {state}")
+        state_dir = config.node.storage_dir
+        print(f"  node state (studies, jobs, deliveries, audit trail): {state_dir}")
+        print(f"  read it with: dicom-node status --storage-dir {state_dir}")
         _say(start, "demo finished (the source CT is in " + str(work / "ct") + ")")
         return 0
     finally:

@@ -38,6 +38,13 @@ def require_tool(name: str) -> str:
     return path
 
 
+def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    """``python -m dicom_node ARGS`` from the checkout, as an admin would run it."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "dicom_node", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, env=env, check=False)
+
+
 def node_config(storage: Path, port: int, **sections: Any) -> dict[str, Any]:
     """A minimal config for a test node on loopback with quick polling."""
     cfg: dict[str, Any] = {

@@ -3,13 +3,11 @@ bundle and the reason when it cannot load (missing weights, scripts or packages)
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
 
-from tests.support import REPO, free_port
+from tests.support import free_port, run_cli
 from tests.test_detection_bundle import make_bundle
 
 
@@ -27,16 +25,11 @@ def write_config(tmp_path: Path, bundle: Path) -> Path:
     return path
 
 
-def dicom_node(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dicom_node", *args], capture_output=True, text=True,
-                          timeout=240, cwd=REPO, check=False)
-
-
 def test_check_config_deep_names_the_bundle_and_the_missing_weights(tmp_path: Path) -> None:
     config = write_config(tmp_path, make_bundle(tmp_path, weights=False))
 
-    shallow = dicom_node("check-config", str(config))
-    deep = dicom_node("check-config", str(config), "--deep")
+    shallow = run_cli("check-config", str(config))
+    deep = run_cli("check-config", str(config), "--deep")
 
     assert shallow.returncode == 0, shallow.stderr
     assert deep.returncode == 3, deep.stdout + deep.stderr
@@ -47,7 +40,7 @@ def test_check_config_deep_names_the_bundle_and_the_missing_weights(tmp_path: Pa
 def test_check_config_deep_loads_a_working_bundle(tmp_path: Path) -> None:
     config = write_config(tmp_path, make_bundle(tmp_path))
 
-    deep = dicom_node("check-config", str(config), "--deep")
+    deep = run_cli("check-config", str(config), "--deep")
 
     assert deep.returncode == 0, deep.stderr
     assert "plugin nodules: OK (Lung nodule CT detection (MONAI Model Zoo) 0.6.8)" in deep.stdout
@@ -56,7 +49,7 @@ def test_check_config_deep_loads_a_working_bundle(tmp_path: Path) -> None:
 def test_serve_refuses_to_start_without_the_bundle_scripts(tmp_path: Path) -> None:
     config = write_config(tmp_path, make_bundle(tmp_path, scripts=False))
 
-    serve = dicom_node("serve", "--config", str(config))
+    serve = run_cli("serve", "--config", str(config))
 
     assert serve.returncode != 0
     last = serve.stderr.strip().splitlines()[-1]

@@ -3,10 +3,7 @@ fails fast, in one line, before it loads any model (issue 17, items 2 and 3)."""
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,13 +11,7 @@ from typing import Any
 
 import yaml
 
-from tests.support import FAKE_PLUGIN, REPO, StoreSCP, dense_route, free_port, node_config
-
-
-def dicom_node(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "dicom_node", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO, env=env, check=False)
+from tests.support import FAKE_PLUGIN, StoreSCP, dense_route, free_port, node_config, run_cli
 
 
 def write(tmp_path: Path, config: dict[str, Any]) -> Path:
@@ -46,7 +37,7 @@ def listening(port: int) -> Iterator[None]:
 
 
 def test_a_good_configuration_is_ready_to_serve(tmp_path: Path) -> None:
-    result = dicom_node("check-config", str(write(tmp_path, dense_config(tmp_path))))
+    result = run_cli("check-config", str(write(tmp_path, dense_config(tmp_path))))
 
     assert result.returncode == 0, result.stderr
     assert "plugin dense (route 'dense-ct'): OK (module 'tests.fake_plugins')" in result.stdout
@@ -59,7 +50,7 @@ def test_a_misspelt_plugin_is_a_configuration_error_named_by_its_route(tmp_path:
     config = dense_config(tmp_path)
     config["routes"][0]["plugin"] = "lung_nodule"
 
-    result = dicom_node("check-config", str(write(tmp_path, config)))
+    result = run_cli("check-config", str(write(tmp_path, config)))
 
     assert result.returncode == 2, result.stdout + result.stderr
     (line,) = [x for x in result.stderr.splitlines() if "FAILED" in x]
@@ -73,8 +64,8 @@ def test_storage_under_a_file_and_a_port_in_use_are_environment_errors(tmp_path:
     config["node"]["storage_dir"] = str(tmp_path / "file" / "var")
 
     with listening(config["node"]["port"]):
-        result = dicom_node("check-config", str(write(tmp_path, config)))
-        no_ports = dicom_node("check-config", str(write(tmp_path, config)), "--no-ports")
+        result = run_cli("check-config", str(write(tmp_path, config)))
+        no_ports = run_cli("check-config", str(write(tmp_path, config)), "--no-ports")
 
     assert result.returncode == 3, result.stdout + result.stderr
     assert f"{tmp_path / 'file'} is a file, not a folder" in result.stderr
@@ -90,7 +81,7 @@ def test_echo_tries_every_destination(tmp_path: Path) -> None:
     config["delivery"]["connect_timeout_seconds"] = 3
     scp = StoreSCP(up, tmp_path / "received").start()
     try:
-        result = dicom_node("check-config", str(write(tmp_path, config)), "--echo")
+        result = run_cli("check-config", str(write(tmp_path, config)), "--echo")
     finally:
         scp.stop()
 
@@ -101,7 +92,7 @@ def test_echo_tries_every_destination(tmp_path: Path) -> None:
 
 def test_deep_creates_the_plugin(tmp_path: Path) -> None:
     marker = tmp_path / "loaded"
-    result = dicom_node("check-config", str(write(tmp_path, dense_config(tmp_path, marker))), "--deep")
+    result = run_cli("check-config", str(write(tmp_path, dense_config(tmp_path, marker))), "--deep")
 
     assert result.returncode == 0, result.stderr
     assert "plugin dense: OK (Test Dense Lesions 0.0.1)" in result.stdout
@@ -115,7 +106,7 @@ def test_serve_fails_in_one_line_before_loading_any_model(tmp_path: Path) -> Non
     config["node"]["storage_dir"] = str(tmp_path / "file" / "var")
 
     with listening(config["node"]["port"]):
-        serve = dicom_node("serve", "--config", str(write(tmp_path, config)))
+        serve = run_cli("serve", "--config", str(write(tmp_path, config)))
 
     assert serve.returncode == 3, serve.stderr
     assert "Traceback" not in serve.stderr
@@ -130,7 +121,7 @@ def test_serve_names_a_misspelt_plugin_with_exit_code_2(tmp_path: Path) -> None:
     config["routes"][0]["plugin"] = "dence"
     config["plugins"] = {}
 
-    serve = dicom_node("serve", "--config", str(write(tmp_path, config)))
+    serve = run_cli("serve", "--config", str(write(tmp_path, config)))
 
     assert serve.returncode == 2, serve.stderr
     assert serve.stderr.startswith("error: plugin dence (route 'dense-ct'): FAILED") and "Traceback" not in serve.stderr
