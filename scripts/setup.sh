@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up a fresh machine: Debian packages (dcmtk, dicom3tools, orthanc, systemd) and a Python
+# Set up a fresh machine: Debian packages (dcmtk, dicom3tools, orthanc, orthanc-dicomweb, systemd) and a Python
 # virtual environment in .venv with the project installed. Safe to run again.
 #
 #   bash scripts/setup.sh               the node (torch 2.13.0, CPU build)
@@ -19,6 +19,7 @@ missing=()
 command -v storescu >/dev/null 2>&1 || missing+=(dcmtk)
 command -v dciodvfy >/dev/null 2>&1 || missing+=(dicom3tools)
 command -v Orthanc >/dev/null 2>&1 || missing+=(orthanc)
+[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing+=(orthanc-dicomweb)  # web viewers
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)  # the service unit's test
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing Debian packages: ${missing[*]}"

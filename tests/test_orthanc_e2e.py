@@ -5,7 +5,8 @@ Orthanc (Debian's ``orthanc`` package) runs as a subprocess with its own configu
 folder: the shipped snippet ``config/orthanc/orthanc-dicom-node.json`` (ports and script
 path substituted) plus test keys, and the shipped routing script
 ``config/orthanc/route-to-dicom-node.lua``. Everything stays on 127.0.0.1. The analysis is
-the test-only threshold plugin (tests/fake_plugins.py).
+the test-only threshold plugin (tests/fake_plugins.py). Orthanc loads the DICOMweb plugin
+(Debian's ``orthanc-dicomweb``), through which web viewers such as OHIF read the results.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ STABLE_AGE = 2  # Orthanc's StableAge (s)
 NODE_STABLE = 1.0  # the node route's stable_seconds
 PATIENT = StudyIdentity(patient_name="ROUTED^PAT", patient_id="ORTHANC-E2E-1", patient_birth_date="19500101")
 SLICES = 40
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")  # orthanc-dicomweb
+SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 
 
 def _substitute(text: str, old: str, new: str) -> str:
@@ -76,12 +79,14 @@ class Orthanc:
         snippet = _substitute(snippet, '"/etc/orthanc/route-to-dicom-node.lua"', json.dumps(str(LUA)))
         snippet = _substitute(snippet, '"StableAge" : 60', f'"StableAge" : {STABLE_AGE}')
         (self.config_dir / "dicom-node.json").write_text(snippet)
+        assert DICOMWEB_PLUGIN.exists(), (f"{DICOMWEB_PLUGIN} is missing: run the README's test command "
+                                          "(it installs orthanc-dicomweb)")
         local = {
             "Name": "orthanc-e2e", "DicomAet": ORTHANC_AET,
             "DicomPort": self.dicom_port, "HttpPort": self.http_port,
             "StorageDirectory": str(self.root / "db"), "IndexDirectory": str(self.root / "db"),
             "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-            "HttpsCACertificates": "", "Plugins": [], "ConcurrentJobs": 2,
+            "HttpsCACertificates": "", "Plugins": [str(DICOMWEB_PLUGIN)], "ConcurrentJobs": 2,
             "SyncStorageArea": False, "SaveJobs": False, "DicomScpTimeout": 30,
             # strict site: only declared modalities may store, from their declared host
             "DicomAlwaysAllowStore": False, "DicomCheckModalityHost": True,
@@ -272,6 +277,11 @@ def test_orthanc_routes_study_and_receives_results(tmp_path: Path, peers: tuple[
     assert refs and refs <= ct_uids, refs - ct_uids
     assert not _dciodvfy_errors(seg_path), _dciodvfy_errors(seg_path)
     assert not _dciodvfy_errors(sr_path), _dciodvfy_errors(sr_path)
+    # what a web viewer (OHIF) asks Orthanc's DICOMweb plugin: the study's series, then the SEG
+    qido = orthanc.get(f"/dicom-web/studies/{study_uid}/series")
+    assert sorted(s["00080060"]["Value"][0] for s in qido) == ["CT", "CT", "SEG", "SR"]
+    metadata = orthanc.get(f"/dicom-web/studies/{study_uid}/series/{seg.SeriesInstanceUID}/metadata")
+    assert [m["00080016"]["Value"][0] for m in metadata] == [SEG_STORAGE]
 
     # 6. re-sending the same study to Orthanc (nothing new) changes nothing; neither does an
     #    admin sending the CT and our results to the node by hand (the script itself would
