@@ -15,6 +15,7 @@ from pydicom.uid import UID
 from pynetdicom.presentation import AllStoragePresentationContexts
 
 from dicom_node.config import Config
+from dicom_node.dataset_scan import INFLATION_FLOOR_BYTES, MAX_DEPTH, MAX_INFLATION_RATIO
 from dicom_node.net.reactor import pdu_read_limit
 from dicom_node.net.scp import ACCEPTED_TRANSFER_SYNTAXES
 from dicom_node.net.scu import UNCOMPRESSED, VERIFICATION
@@ -70,10 +71,14 @@ def _store_statuses(config: Config) -> list[str]:
         "|---|---|---|",
         "| 0x0000 | Success | the instance is flushed to disk and recorded (or is a duplicate of a stored one) |",
         f"| 0xA700 | Out of Resources | write error, free disk below {node.min_free_disk_mb} MiB, "
-        f"or instance over {node.max_instance_mb} MiB |",
+        f"instance over {node.max_instance_mb} MiB, or a deflated dataset that inflates past "
+        f"{node.max_instance_mb} MiB or past {MAX_INFLATION_RATIO} times its size on the wire (when over "
+        f"{INFLATION_FLOOR_BYTES // 2**20} MiB); checked as a stream, never inflated whole in memory |",
         "| 0xA900 | Data Set does not match SOP Class | Study, Series or SOP Instance UID missing, "
-        "or SOP Instance UID differs from the request |",
-        "| 0xC000 | Cannot understand | dataset cannot be parsed, or a UID is malformed |",
+        "or the SOP Class or SOP Instance UID differs from the request's Affected SOP Class/Instance UID |",
+        "| 0xC000 | Cannot understand | dataset cannot be parsed to its end (an element, item or "
+        f"sequence longer than the data, not closed, or nested deeper than {MAX_DEPTH}; checked "
+        "without decoding pixel data), or a UID is malformed |",
     ]
 
 

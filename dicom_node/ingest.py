@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-import struct
 import threading
 from dataclasses import dataclass
 from io import BytesIO
@@ -22,6 +21,7 @@ from pydicom import dcmread
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
+from dicom_node.dataset_scan import Scan, scan_instance
 from dicom_node.errors import IngestError, StorageError
 from dicom_node.net import statuses
 from dicom_node.storage.spool import Spool
@@ -89,28 +89,11 @@ _QUICK_TAGS = {
     0x0020000D: ("StudyInstanceUID", b"UI"),
     0x0020000E: ("SeriesInstanceUID", b"UI"),
 }
-_LONG_VRS = frozenset((b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"))
-_ALL_VRS = _LONG_VRS | frozenset((b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO",
-                                  b"LT", b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"))
-_IMPLICIT_LE, _EXPLICIT_LE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1"
-_PIXEL_TAGS = frozenset((0x7FE00008, 0x7FE00009, 0x7FE00010))
-_UNSIGNED = struct.Struct("<HHI")
-_EXPLICIT = struct.Struct("<HH2sH")
+_WANTED = frozenset(_QUICK_TAGS)
 
 
 class _Unusual(Exception):
-    """The quick reader met something it leaves to pydicom."""
-
-
-def _explicit_element(data: bytes, pos: int) -> tuple[int, bytes, int, int]:
-    """(tag, VR, value offset, value length) of the Explicit VR LE element at ``pos``."""
-    group, elem, vr, short = _EXPLICIT.unpack_from(data, pos)
-    if vr in _LONG_VRS:
-        (length,) = struct.unpack_from("<I", data, pos + 8)
-        return (group << 16) | elem, vr, pos + 12, length
-    if vr not in _ALL_VRS:
-        raise _Unusual("unknown VR")
-    return (group << 16) | elem, vr, pos + 8, short
+    """The quick reader met a value it leaves to pydicom."""
 
 
 def _quick_value(raw: bytes) -> str:
@@ -128,69 +111,35 @@ def _quick_value(raw: bytes) -> str:
     return text.decode("ascii")
 
 
-def _quick_syntax(data: bytes) -> tuple[bool, int]:
-    """(implicit VR?, dataset offset) from the file meta; plain little endian syntaxes only."""
-    if data[128:132] != b"DICM":
-        raise _Unusual("no preamble")
-    pos, syntax = 132, None
-    while pos + 8 <= len(data) and data[pos:pos + 2] == b"\x02\x00":
-        tag, _vr, start, length = _explicit_element(data, pos)
-        if tag == 0x00020010:
-            syntax = data[start:start + length].rstrip(b" \0").decode("ascii", "replace")
-        pos = start + length
-    if syntax == _IMPLICIT_LE:
-        return True, pos
-    if syntax == _EXPLICIT_LE or (syntax or "").startswith(("1.2.840.10008.1.2.4.", "1.2.840.10008.1.2.5")):
-        if syntax in ("1.2.840.10008.1.2.4.95",):  # JPIP Referenced Deflate
-            raise _Unusual("deflated")
-        return False, pos
-    raise _Unusual("transfer syntax left to pydicom")
+def _quick_header(scan: Scan) -> dict[str, str] | None:
+    """The header elements the scan found, decoded straight from the bytes, or None to
+    leave them to pydicom.
 
-
-def _quick_header(data: bytes) -> dict[str, str] | None:
-    """The header elements read straight from the bytes, or None to leave it to pydicom.
-
-    About ten times quicker than ``dcmread`` for the common case. It walks every
-    element up to the pixel data (as ``dcmread(stop_before_pixels=True)`` does) and
-    gives up at anything it does not handle exactly as pydicom would: deflated or big
-    endian data, undefined lengths, tags out of order, unexpected VRs, non-ASCII,
-    space-led values or multiple values with empty or space-padded parts.
+    About ten times quicker than ``dcmread`` for the common case. It gives up at anything
+    it does not decode exactly as pydicom would: tags out of order, unexpected VRs,
+    non-ASCII, space-led values or multiple values with empty or space-padded parts.
     """
-    try:
-        return _walk_header(data)
-    except (_Unusual, struct.error, UnicodeDecodeError):
+    if not scan.in_order:
         return None
-
-
-def _walk_header(data: bytes) -> dict[str, str]:
-    implicit, pos = _quick_syntax(data)
-    if implicit and data[pos + 4:pos + 6] in _ALL_VRS:
-        raise _Unusual("explicit VR data under an implicit syntax")
     out: dict[str, str] = {}
-    last, end = -1, len(data)
-    while pos < end:
-        if implicit:
-            group, elem, length = _UNSIGNED.unpack_from(data, pos)
-            tag, vr, start = (group << 16) | elem, b"", pos + 8
-        else:
-            tag, vr, start, length = _explicit_element(data, pos)
-        if tag in _PIXEL_TAGS:
-            break
-        if tag <= last or length == 0xFFFFFFFF or start + length > end:
-            raise _Unusual("element order or length")
-        wanted = _QUICK_TAGS.get(tag)
-        if wanted is not None:
-            if vr and vr != wanted[1]:
-                raise _Unusual("unexpected VR")
-            value = _quick_value(data[start:start + length])
+    try:
+        for tag, (keyword, expected_vr) in _QUICK_TAGS.items():
+            found = scan.raw(tag)
+            if found is None:
+                continue
+            vr, raw = found
+            if vr and vr != expected_vr:
+                return None
+            value = _quick_value(raw)
             if value:
-                out[wanted[0]] = value
-        last, pos = tag, start + length
+                out[keyword] = value
+    except _Unusual:
+        return None
     return out
 
 
-def _header(req: StoreRequest) -> dict[str, str]:
-    quick = _quick_header(req.data)
+def _header(req: StoreRequest, scan: Scan) -> dict[str, str]:
+    quick = _quick_header(scan)
     if quick is not None:
         return quick
     # Untrusted bytes: whatever the parser raises (unknown VRs, absurd lengths, bad
@@ -229,6 +178,20 @@ def _checked_uids(req: StoreRequest, header: dict[str, str]) -> tuple[str, str, 
     return uids[0], uids[1], uids[2]
 
 
+def _checked_class(req: StoreRequest, header: dict[str, str]) -> str:
+    """The dataset's SOP Class UID, which must be the one the C-STORE announced."""
+    request_class = clean_uid(req.sop_class_uid)
+    dataset_class = header.get("SOPClassUID")
+    if dataset_class is None:
+        return request_class
+    if uid_problem(dataset_class):
+        raise IngestError(f"invalid SOPClassUID: {uid_problem(dataset_class)}", statuses.CANNOT_UNDERSTAND)
+    if request_class and clean_uid(dataset_class) != request_class:
+        raise IngestError("SOPClassUID differs from the request's Affected SOP Class UID",
+                          statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS)
+    return clean_uid(dataset_class)
+
+
 class Ingestor:
     """Turns C-STORE requests into durable, registered instances."""
 
@@ -257,9 +220,12 @@ class Ingestor:
                 f"instance of {len(req.data)} bytes exceeds the maximum of {self.max_instance_bytes}",
                 statuses.OUT_OF_RESOURCES,
             )
-        header = _header(req)
+        # the whole dataset must parse before Success; deflated data is inflated next to the spool
+        with scan_instance(req.data, _WANTED, max_instance_bytes=self.max_instance_bytes,
+                           scratch_dir=self.spool.root) as scan:
+            header = _header(req, scan)
         study_uid, series_uid, sop_uid = _checked_uids(req, header)
-        sop_class = clean_uid(header.get("SOPClassUID", req.sop_class_uid))
+        sop_class = _checked_class(req, header)
         if self._is_duplicate(sop_uid):
             # counted in the association's closing line; one line each only at DEBUG (a re-sent study: hundreds)
             log.debug("duplicate instance ignored, first copy kept: sop=%s study=%s", sop_uid, study_uid)

@@ -4,7 +4,7 @@ Mutated copies of a valid CT instance (bytes flipped, value lengths rewritten to
 absurd values, truncation, garbage inserted) go through ``Ingestor.store`` and then,
 when stored, through ``build_volume``. Neither may raise anything but its own
 documented error: the C-STORE path answers a DIMSE status, the volume builder raises
-SeriesError. Inputs that once broke this are kept in ``tests/fuzz_corpus/`` and
+SeriesError. What the C-STORE path acknowledges must parse to its end (dcmdump reads it). Inputs that once broke this are kept in ``tests/fuzz_corpus/`` and
 replayed first.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import struct
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from dicom_node.series import build_volume
 from dicom_node.storage.spool import Spool
 from dicom_node.storage.state import StateDB
 from dicom_node.synthetic.ct_writer import simple_ct_volume, write_ct_series
+from tests.support import require_tool
 
 CORPUS = Path(__file__).parent / "fuzz_corpus"
 STATUSES = {0x0000, 0xA700, 0xA900, 0xC000}
@@ -54,6 +56,9 @@ def _check(ingestor: Ingestor, data: bytes) -> None:
     assert ingestor.db.query("SELECT COUNT(*) AS n FROM instances")[0]["n"] == before + 1
     stored = ingestor.db.query("SELECT path FROM instances ORDER BY rowid DESC LIMIT 1")[0]["path"]
     assert Path(stored).is_relative_to(ingestor.spool.root)
+    # what was acknowledged parses to its end: dcmtk reads every element
+    dump = subprocess.run([require_tool("dcmdump"), "-q", stored], capture_output=True)
+    assert dump.returncode == 0, dump.stderr.decode(errors="replace")
     try:
         build_volume([Path(stored)])
     except SeriesError:

@@ -236,6 +236,7 @@ def test_quick_header_reads_what_pydicom_reads(image_type: str, monkeypatch: pyt
     from io import BytesIO
 
     from dicom_node import ingest
+    from dicom_node.dataset_scan import scan_instance
 
     ds = _small_ct()
     ds.ImageType = image_type.split("\\")
@@ -243,9 +244,10 @@ def test_quick_header_reads_what_pydicom_reads(image_type: str, monkeypatch: pyt
     ds.save_as(buf, enforce_file_format=True)
     data = buf.getvalue()
     req = ingest.StoreRequest(data, "", "", str(ds.file_meta.TransferSyntaxUID), "", "")
-    quick = ingest._quick_header(data)
-    monkeypatch.setattr(ingest, "_quick_header", lambda _data: None)
-    slow = ingest._header(req)
+    with scan_instance(data, ingest._WANTED, max_instance_bytes=len(data)) as scan:
+        quick = ingest._quick_header(scan)
+        monkeypatch.setattr(ingest, "_quick_header", lambda _scan: None)
+        slow = ingest._header(req, scan)
     if quick is not None:
         assert quick == slow
     plain = all(p and p.strip() == p for p in image_type.rstrip().split("\\"))
