@@ -124,6 +124,10 @@ class NodeSettings(_Strict):
     port: Port = 11112
     storage_dir: Path = Path("./var")
     max_associations: int = Field(default=16, ge=1, le=1000)
+    # connections that have not sent a complete A-ASSOCIATE-RQ, per acceptor process; over
+    # either limit the oldest of them is closed (see dicom_node/net/negotiation.py)
+    max_negotiating_per_host: int = Field(default=16, ge=1, le=10000)
+    max_negotiating: int = Field(default=64, ge=1, le=10000)
     max_pdu_size: int = Field(default=262144, ge=0)
     acse_timeout_seconds: float = Field(default=30.0, gt=0)
     dimse_timeout_seconds: float = Field(default=60.0, gt=0)

@@ -16,7 +16,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 
 from dicom_node.config import Config
 from dicom_node.dataset_scan import INFLATION_FLOOR_BYTES, MAX_DEPTH, MAX_INFLATION_RATIO
-from dicom_node.net.reactor import pdu_read_limit
+from dicom_node.net.reactor import MAX_PRESENTATION_CONTEXTS, MAX_TRANSFER_SYNTAXES, pdu_read_limit
 from dicom_node.net.scp import ACCEPTED_TRANSFER_SYNTAXES
 from dicom_node.net.scu import UNCOMPRESSED, VERIFICATION
 
@@ -53,6 +53,18 @@ def _policy(config: Config) -> list[str]:
            "connection before any of it is read. " if node.max_pdu_size else ". ")
         + f"Timeouts: ACSE {node.acse_timeout_seconds:g} s, DIMSE {node.dimse_timeout_seconds:g} s, "
         f"network {node.network_timeout_seconds:g} s.",
+        "- Every read of a PDU has a deadline: the ACSE timeout until the A-ASSOCIATE-RQ has been "
+        "read, the network timeout after; a peer that stops half-way through a PDU is disconnected "
+        "then. A connection takes an association slot only once its A-ASSOCIATE-RQ has been read; "
+        f"at most {node.max_negotiating_per_host} connections per peer address and {node.max_negotiating} "
+        "in all (per listener process) may still be negotiating, and over either limit the oldest "
+        "of them is closed.",
+        f"- An A-ASSOCIATE-RQ with more than {MAX_PRESENTATION_CONTEXTS} presentation contexts, or more "
+        f"than {MAX_TRANSFER_SYNTAXES} transfer syntaxes in one, gets A-ASSOCIATE-RJ rejected-permanent, "
+        "source service-user, reason 1 (no reason given). A PDU of unknown type gets A-ABORT "
+        "(source service-provider, reason unrecognised PDU) and the connection is closed.",
+        "- With TLS, the handshake must complete within the ACSE timeout; failed handshakes are "
+        "logged and audited with the peer's address and the reason.",
         "- Asynchronous operations: not supported (one operation at a time per association).",
         "- Security: " + (
             f"DICOM TLS (Basic TLS Secure Transport Connection profile), {node.tls.min_version} or newer"

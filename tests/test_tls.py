@@ -139,3 +139,36 @@ def test_tls_config_is_checked() -> None:
         parse_config({"node": {"tls": {"enabled": True, "certificate": "/nope.crt", "private_key": "/nope.key"}}})
     with pytest.raises(ConfigError, match="min_version"):
         parse_config({"node": {"tls": {"min_version": "TLSv1.0"}}})
+
+
+def test_silent_tcp_peers_do_not_stall_tls_callers_and_failed_handshakes_are_audited(
+        tmp_path: Path, pki: Path) -> None:
+    """The handshake runs in the connection's thread with the ACSE timeout as deadline: five
+    connections that never start TLS block nobody, and each failure is logged and audited."""
+    import json
+    import socket
+
+    tls = {"enabled": True, "certificate": str(pki / "localhost.crt"), "private_key": str(pki / "localhost.key")}
+    node = Node(parse_config(node_config(tmp_path / "var", free_port(),
+                                         node={"tls": tls, "acse_timeout_seconds": 2, "listener_processes": 1})))
+    node.start()
+    silent = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(5)]
+    try:
+        time.sleep(0.3)
+        started = time.monotonic()
+        assert _echo(node.port, *_client(pki, "client")).returncode == 0
+        assert time.monotonic() - started < 2  # served while the silent peers sit there
+        for sock in silent:  # dropped at the handshake deadline
+            sock.settimeout(4)
+            assert sock.recv(10) == b""
+        assert _echo(node.port).returncode != 0  # plain DICOM on the TLS port
+        time.sleep(0.3)
+        audit = [json.loads(line) for line in node.config.audit_path.read_text().splitlines()]
+        failed = [r for r in audit if str(r.get("reason", "")).startswith("TLS handshake failed")]
+        assert len(failed) == 6, failed
+        assert sum("no handshake within 2 s" in r["reason"] for r in failed) == 5
+        assert all(r["peer"].startswith("127.0.0.1:") for r in failed)
+    finally:
+        for sock in silent:
+            sock.close()
+        node.stop()

@@ -7,8 +7,8 @@ result, bytes stored) that the node turns into its Prometheus metrics. Each row 
 one writer (its acceptor; the node only when the acceptor is dead), so nothing a
 killed acceptor counted is lost: the row outlives it.
 
-The global association limit: an acceptor counts a connection in its row when it
-accepts it and takes it out when the association ends, both under a POSIX record
+The global association limit: an acceptor counts a connection in its row once its
+A-ASSOCIATE-RQ has been read and takes it out when the association ends, both under a POSIX record
 lock on the memfd (released by the kernel when a process dies), and at negotiation
 compares its own count plus every other row's with ``max_associations``.
 """
@@ -20,6 +20,7 @@ import mmap
 import os
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -33,8 +34,8 @@ ASSOCIATION_OUTCOMES = (
 INSTANCE_RESULTS = ("new", "duplicate", "restored", "refused", "success", "failure")
 COUNTERS = (*(f"association:{o}" for o in ASSOCIATION_OUTCOMES),
             *(f"instance:{r}" for r in INSTANCE_RESULTS), "bytes")
-_PID, _READY, _ACTIVE = 0, 1, 2
-_FIRST_COUNTER = 3
+_PID, _READY, _ACTIVE, _CONNECTED, _DISK_REFUSED_AT = 0, 1, 2, 3, 4
+_FIRST_COUNTER = 5
 _FIELDS = _FIRST_COUNTER + len(COUNTERS)
 _CELL = struct.Struct("=q")
 _ROW_BYTES = _FIELDS * _CELL.size
@@ -120,14 +121,19 @@ class Board:
         self._set(row, _READY, 1)
 
     def acquire(self, row: int) -> None:
-        """Count a connection accepted by acceptor ``row``."""
+        """Count an association of acceptor ``row`` (its A-ASSOCIATE-RQ has been read)."""
         with self.locked():
             self._set(row, _ACTIVE, self._get(row, _ACTIVE) + 1)
 
     def release(self, row: int) -> None:
-        """A connection of acceptor ``row`` ended."""
+        """An association of acceptor ``row`` ended."""
         with self.locked():
             self._set(row, _ACTIVE, max(0, self._get(row, _ACTIVE) - 1))
+
+    def connected(self, row: int, change: int) -> None:
+        """Acceptor ``row`` accepted (+1) or lost (-1) a connection (what balancing reads)."""
+        with self._lock:
+            self._set(row, _CONNECTED, max(0, self._get(row, _CONNECTED) + change))
 
     def active(self, row: int) -> int:
         """Connections acceptor ``row`` holds now."""
@@ -140,9 +146,18 @@ class Board:
 
     def least_loaded(self, row: int) -> bool:
         """True when no other ready acceptor holds fewer connections than ``row``."""
-        mine = self._get(row, _ACTIVE)
-        return all(self._get(r, _ACTIVE) >= mine for r in range(self.rows)
+        mine = self._get(row, _CONNECTED)
+        return all(self._get(r, _CONNECTED) >= mine for r in range(self.rows)
                    if r != row and self._get(r, _PID) and self._get(r, _READY) == 1)
+
+    def mark_disk_refusal(self, row: int) -> None:
+        """Acceptor ``row`` refused a C-STORE for the disk reserve, now (unix time)."""
+        with self._lock:
+            self._set(row, _DISK_REFUSED_AT, int(time.time()))
+
+    def last_disk_refusal(self) -> float:
+        """Unix time of the latest C-STORE refused for the disk reserve by any acceptor (0: never)."""
+        return float(max(self._get(r, _DISK_REFUSED_AT) for r in range(self.rows)))
 
     def add(self, row: int, counter: str, amount: int = 1) -> None:
         """Add to one of acceptor ``row``'s counters (its only writer)."""
@@ -171,3 +186,5 @@ class BoardMetrics:
             self.board.add(self.row, f"instance:{result}")
         if disposition == "new":
             self.board.add(self.row, "bytes", size)
+        if getattr(outcome, "below_disk_reserve", False):
+            self.board.mark_disk_refusal(self.row)

@@ -11,7 +11,7 @@ the list of acceptable calling AE titles depends on the peer's address; the
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pynetdicom.ae import ApplicationEntity
@@ -19,6 +19,7 @@ from pynetdicom.association import Association
 
 from dicom_node.config import AllowedCaller
 from dicom_node.net import reactor
+from dicom_node.net.negotiation import NegotiationGate
 
 # A title no peer can send (16 characters with a control character), meaning "nobody".
 _NOBODY = "\x01NOBODY"
@@ -50,11 +51,15 @@ class CallerPolicy:
 class NodeAE(ApplicationEntity):
     """An AE whose calling-AE allowlist depends on the peer's address."""
 
-    def __init__(self, ae_title: str, policy: CallerPolicy, shared_listen: Any = None) -> None:
+    def __init__(self, ae_title: str, policy: CallerPolicy, shared_listen: Any = None,
+                 gate: NegotiationGate | None = None,
+                 on_tls_failure: Callable[[str, str], None] | None = None) -> None:
         super().__init__(ae_title)
         self.caller_policy = policy
         self.require_called_aet = True
         self.shared_listen = shared_listen  # a shared_server.SharedListen in an acceptor process
+        self.negotiation_gate = gate  # connections without a complete A-ASSOCIATE-RQ yet
+        self.on_tls_failure = on_tls_failure  # (peer, reason) of a failed TLS handshake
 
     @property  # type: ignore[override]
     def maximum_associations(self) -> int:
@@ -62,11 +67,20 @@ class NodeAE(ApplicationEntity):
 
         In an acceptor process it is the global limit minus what the other acceptors
         hold, so the limit holds across all of them (see :mod:`dicom_node.net.board`).
+        pynetdicom compares it with every live acceptor thread of this process, but only
+        those whose A-ASSOCIATE-RQ was read hold a slot (:mod:`dicom_node.net.negotiation`):
+        the others (still negotiating, or closed and not yet ended) are added back.
         """
         shared = getattr(self, "shared_listen", None)
         if shared is None:
-            return int(self._maximum_associations)
-        return max(0, shared.max_associations - shared.board.others_active(shared.row))
+            limit = int(self._maximum_associations)
+        else:
+            limit = max(0, shared.max_associations - shared.board.others_active(shared.row))
+        gate: NegotiationGate | None = getattr(self, "negotiation_gate", None)
+        if gate is None:
+            return limit
+        threads = sum(1 for a in self.active_associations if a.is_acceptor)
+        return limit + max(0, threads - gate.holding())
 
     @maximum_associations.setter
     def maximum_associations(self, value: int) -> None:
@@ -94,10 +108,10 @@ class NodeAE(ApplicationEntity):
         """
         if not reactor.supported():
             return super().make_server(address, *args, **kwargs)
-        if getattr(self, "shared_listen", None) is not None:
-            from dicom_node.net.shared_server import SharedSocketServer
+        from dicom_node.net.shared_server import GatedAssociationServer, SharedSocketServer
 
-            kwargs["server_class"] = SharedSocketServer
+        shared = getattr(self, "shared_listen", None) is not None
+        kwargs["server_class"] = SharedSocketServer if shared else GatedAssociationServer
         kwargs.setdefault("request_handler", reactor.WakingRequestHandler)
         server = super().make_server(address, *args, **kwargs)
         server.contexts = reactor.QuickCopyContexts(server.contexts)

@@ -40,6 +40,7 @@ import ssl
 import struct
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, cast
 
 import pynetdicom
@@ -334,8 +335,34 @@ class QuickCopyContexts(list):  # type: ignore[type-arg]
         return out
 
 
+PDU_HEADER_BYTES = 6  # type, reserved, 32-bit length
+KNOWN_PDU_TYPES = frozenset(range(0x01, 0x08))  # A-ASSOCIATE-RQ ... A-ABORT
+MAX_PRESENTATION_CONTEXTS = 128  # what the one-byte, odd context IDs allow
+MAX_TRANSFER_SYNTAXES = 64  # per presentation context; a modality proposes a handful
 FIRST_READ_BYTES = 1 << 20  # the buffer starts at this and doubles as data arrives
 MIN_PDU_LIMIT = 4 << 20  # no PDU limit below this (an A-ASSOCIATE-RQ may be large)
+
+
+def associate_rq_problem(body: bytes | bytearray) -> str | None:
+    """Why an A-ASSOCIATE-RQ body (after the 6-byte header) is too large to negotiate, or
+    None. Counts its presentation context items and their transfer syntax sub-items
+    without decoding them (PS3.8 9.3.2); a malformed body is left to pynetdicom."""
+    contexts, pos, end = 0, 68, len(body)  # protocol version, AE titles, reserved
+    while pos + 4 <= end:
+        item_type, item_length = body[pos], int.from_bytes(body[pos + 2:pos + 4], "big")
+        if item_type == 0x20:
+            contexts += 1
+            if contexts > MAX_PRESENTATION_CONTEXTS:
+                return f"more than {MAX_PRESENTATION_CONTEXTS} presentation contexts"
+            syntaxes, sub, sub_end = 0, pos + 8, min(pos + 4 + item_length, end)
+            while sub + 4 <= sub_end:
+                syntaxes += body[sub] == 0x40
+                sub += 4 + int.from_bytes(body[sub + 2:sub + 4], "big")
+            if syntaxes > MAX_TRANSFER_SYNTAXES:
+                return (f"{syntaxes} transfer syntaxes in one presentation context "
+                        f"(at most {MAX_TRANSFER_SYNTAXES})")
+        pos += 4 + item_length
+    return None
 
 
 def pdu_read_limit(maximum_pdu_size: int) -> int:
@@ -360,26 +387,110 @@ class BulkRecvSocket(AssociationSocket):
     """
 
     max_read = 0  # 0: no limit
+    aborted = False  # an A-ABORT or A-ASSOCIATE-RJ was sent: nothing more is read
+    header_type = 0  # the type in the last PDU header read
+    on_request_read: Callable[[], None] | None = None  # called once the A-ASSOCIATE-RQ is read whole
+
+    def read_deadline_seconds(self) -> float | None:
+        """How long one read may wait for its bytes: the ACSE timeout (ARTIM) while the
+        A-ASSOCIATE-RQ is awaited (Sta2, or Sta1 before the connection event is handled),
+        the network timeout after; None for no limit."""
+        assoc = cast("Association | None", getattr(self, "_assoc", None))
+        if assoc is None:
+            return None
+        awaiting_request = assoc.dul.state_machine.current_state in ("Sta1", "Sta2")
+        return assoc.acse_timeout if awaiting_request else assoc.network_timeout
 
     def recv(self, nr_bytes: int) -> bytearray:
-        """Read ``nr_bytes`` from the socket (blocking), or fewer if it closes."""
+        """Read ``nr_bytes`` from the socket, or fewer if it closes.
+
+        A peer that stops sending half-way through a PDU (a header announcing more than
+        follows, a partial A-ASSOCIATE-RQ) would otherwise block this thread, its
+        connection and its association slot for good, past every pynetdicom timer: the
+        read has a deadline (:meth:`read_deadline_seconds`) and raises ``TimeoutError``
+        (an ``OSError``: pynetdicom closes the connection) when it passes.
+        """
         if self.max_read and nr_bytes > self.max_read:
+            self.aborted = True  # the stream cannot be framed any more: read nothing else
             raise OSError(f"peer announced a PDU of {nr_bytes} bytes, over the "
                           f"{self.max_read}-byte limit")
+        if self.aborted:
+            return bytearray()  # as a closed stream
         sock = cast(socket.socket, self.socket)
+        limit = self.read_deadline_seconds()
+        deadline = None if limit is None else time.monotonic() + limit
+        blocking = sock.gettimeout()
         buf = bytearray(min(nr_bytes, FIRST_READ_BYTES))
         nr_read = 0
-        while nr_read < nr_bytes:
-            if nr_read == len(buf):
-                buf.extend(bytes(min(len(buf), nr_bytes - len(buf))))
-            with memoryview(buf) as view:
-                got = sock.recv_into(view[nr_read:], len(buf) - nr_read)
-            if not got:
-                break
-            nr_read += got
+        try:
+            while nr_read < nr_bytes:
+                if nr_read == len(buf):
+                    buf.extend(bytes(min(len(buf), nr_bytes - len(buf))))
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise TimeoutError
+                    sock.settimeout(remaining)
+                with memoryview(buf) as view:
+                    got = sock.recv_into(view[nr_read:], len(buf) - nr_read)
+                if not got:
+                    break
+                nr_read += got
+        except TimeoutError:
+            raise TimeoutError(f"no complete PDU within {limit:g} s: {nr_read} of {nr_bytes} bytes "
+                               "arrived") from None
+        finally:
+            if deadline is not None:
+                sock.settimeout(blocking)
         if nr_read < len(buf):
             del buf[nr_read:]
+        if nr_bytes == PDU_HEADER_BYTES and nr_read:
+            if buf[0] not in KNOWN_PDU_TYPES:
+                self._abort_unknown_pdu(buf[0])
+            self.header_type = buf[0]
+        elif self.header_type == 0x01:  # the body of an A-ASSOCIATE-RQ
+            self.header_type = 0
+            self._bound_associate_rq(buf)
+            if self.on_request_read is not None and len(buf) == nr_bytes:
+                self.on_request_read()
         return buf
+
+    def _bound_associate_rq(self, body: bytearray) -> None:
+        """Refuse an A-ASSOCIATE-RQ over :data:`MAX_PRESENTATION_CONTEXTS` or
+        :data:`MAX_TRANSFER_SYNTAXES` per context before pynetdicom decodes it (a 2.7 MB
+        request once cost 4 s of CPU and a log line per transfer syntax): A-ASSOCIATE-RJ
+        (rejected-permanent, service-user, no reason given), then close."""
+        problem = associate_rq_problem(body)
+        if problem is None:
+            return
+        log.warning("association request refused from %s: %s", self._peer_text(), problem)
+        self.aborted = True
+        try:  # A-ASSOCIATE-RJ: type 3, length 4, reserved, result 1, source 1, reason 1
+            cast(socket.socket, self.socket).sendall(b"\x03\x00\x00\x00\x00\x04\x00\x01\x01\x01")
+        except OSError:
+            pass
+        raise OSError(f"A-ASSOCIATE-RQ refused: {problem}")
+
+    def _peer_text(self) -> str:
+        try:
+            host, port = cast(socket.socket, self.socket).getpeername()[:2]
+            return f"{host}:{port}"
+        except OSError:
+            return "a closed connection"
+
+    def _abort_unknown_pdu(self, pdu_type: int) -> None:
+        """A PDU type outside PS3.8 (pynetdicom reads each PDU's 6-byte header first):
+        the stream cannot be framed any more. Send an A-ABORT (service provider,
+        unrecognised PDU) and close, instead of reading the rest as further PDUs."""
+        abort = A_ABORT_RQ()
+        abort.source = 0x02
+        abort.reason_diagnostic = 0x01
+        self.aborted = True
+        try:
+            cast(socket.socket, self.socket).sendall(abort.encode())
+        except OSError:
+            pass
+        raise OSError(f"unknown PDU type 0x{pdu_type:02X}: sent A-ABORT and closed the connection")
 
 
 class WakingRequestHandler(RequestHandler):
@@ -394,9 +505,25 @@ class WakingRequestHandler(RequestHandler):
         waking.dul.socket, stock.socket = stock.socket, None
         waking.dul.event_queue = stock.event_queue
         waking.dul.socket.__class__ = BulkRecvSocket
-        cast(BulkRecvSocket, waking.dul.socket).max_read = pdu_read_limit(assoc.ae.maximum_pdu_size)
+        bulk = cast(BulkRecvSocket, waking.dul.socket)
+        bulk.max_read = pdu_read_limit(assoc.ae.maximum_pdu_size)
         take_ticket = getattr(self.server, "take_ticket", None)
         ticket = take_ticket() if take_ticket is not None else None
-        if ticket is not None:
-            waking._on_end = ticket.release
+        gate = getattr(assoc.ae, "negotiation_gate", None)
+        raw = bulk.socket
+
+        def request_read() -> None:  # the A-ASSOCIATE-RQ is in: a slot, not negotiating any more
+            if gate is not None:
+                gate.admit(raw)
+            if ticket is not None:
+                ticket.acquire()
+
+        def ended() -> None:
+            if gate is not None:
+                gate.leave(raw)
+            if ticket is not None:
+                ticket.release()
+
+        bulk.on_request_read = request_read
+        waking._on_end = ended
         return waking

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 import struct
 import threading
 import time
@@ -41,6 +42,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import Config
 from dicom_node.ingest import Ingestor, StoreRequest
+from dicom_node.net.negotiation import NegotiationGate
 from dicom_node.net.policy import CallerPolicy, NodeAE
 from dicom_node.net.scu import VERIFICATION
 from dicom_node.net.tls import server_context
@@ -116,6 +118,16 @@ def received_bytes(event: evt.Event) -> bytes:
         return b"".join((meta, payload))
 
 
+def _shut_down(assoc: Any) -> None:
+    """Shut the association's socket down, so that a read blocked on it returns."""
+    sock = getattr(getattr(getattr(assoc, "dul", None), "socket", None), "socket", None)
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
 @dataclass
 class AssociationStats:
     """Per-association counters for the closing log line."""
@@ -151,7 +163,8 @@ class StorageSCP:
 
     def _make_ae(self) -> NodeAE:
         node = self.config.node
-        ae = NodeAE(node.ae_title, self.policy, self.shared_listen)
+        self.gate = NegotiationGate(node.max_negotiating_per_host, node.max_negotiating)
+        ae = NodeAE(node.ae_title, self.policy, self.shared_listen, self.gate, self._on_tls_failure)
         ae.maximum_associations = node.max_associations
         ae.maximum_pdu_size = node.max_pdu_size
         ae.acse_timeout = node.acse_timeout_seconds
@@ -194,14 +207,26 @@ class StorageSCP:
         if self.server is None:
             return
         self.server.shutdown()
+        closed = self.gate.close_all()  # nothing in flight on them
+        if closed:
+            log.info("closed %d connection(s) that had sent no association request", closed)
         deadline = time.monotonic() + grace_seconds
-        while self._active() and time.monotonic() < deadline:
+        while any(a.is_established for a in self._active()) and time.monotonic() < deadline:
             time.sleep(0.05)
-        for assoc in self._active():
-            log.warning("aborting association %s at shutdown", self._id(assoc))
+        remaining = self._active()
+        for assoc in remaining:
+            _shut_down(assoc)  # wakes a read waiting for a stalled peer
+        for assoc in remaining:
+            if assoc.is_established:
+                log.warning("aborting association %s at shutdown", self._id(assoc))
             assoc.abort()
         self.server = None
         log.info("listener stopped")
+
+    def _on_tls_failure(self, peer: str, reason: str) -> None:
+        if self.audit is not None:
+            self.audit.record("association", outcome="rejected", reason=f"TLS handshake failed: {reason}",
+                              peer=peer)
 
     def _id(self, assoc: Any) -> str:
         return f"{self.label}/{assoc.native_id}" if self.label else str(assoc.native_id)

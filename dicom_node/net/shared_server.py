@@ -9,9 +9,10 @@ To spread associations evenly, an acceptor that holds more connections than anot
 ready acceptor lets it take the next one: it waits up to :data:`BALANCE_WAIT_S` for
 the connection to be taken, then takes it itself (the other may be stuck).
 
-Every accepted connection is counted in the acceptor's row of the
-:class:`~dicom_node.net.board.Board` until its association ends, which is what the
-global ``max_associations`` limit reads (:class:`~dicom_node.net.policy.NodeAE`).
+Every connection whose A-ASSOCIATE-RQ has been read is counted in the acceptor's row
+of the :class:`~dicom_node.net.board.Board` until its association ends, which is what
+the global ``max_associations`` limit reads (:class:`~dicom_node.net.policy.NodeAE`);
+connections still negotiating are held by the gate (:mod:`dicom_node.net.negotiation`).
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from __future__ import annotations
 import logging
 import select
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -46,13 +48,26 @@ class SharedListen:
 
 @dataclass
 class Ticket:
-    """One accepted connection counted on the board; released exactly once."""
+    """One accepted connection's slot on the board: taken once its A-ASSOCIATE-RQ has
+    been read (:meth:`acquire`), given back exactly once when it ends."""
 
     board: Board
     row: int
     handed_over: bool = False  # to an association, which releases it when it ends
+    _held: bool = False
     _done: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.board.connected(self.row, +1)
+
+    def acquire(self) -> None:
+        """The connection's request has been read: it counts against ``max_associations``."""
+        with self._lock:
+            if self._held or self._done:
+                return
+            self._held = True
+        self.board.acquire(self.row)
 
     def release(self) -> None:
         """The connection ended (or never became an association)."""
@@ -60,10 +75,74 @@ class Ticket:
             if self._done:
                 return
             self._done = True
-        self.board.release(self.row)
+            held = self._held
+        self.board.connected(self.row, -1)
+        if held:
+            self.board.release(self.row)
 
 
-class SharedSocketServer(ThreadedAssociationServer):
+class GatedAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, with two changes to what happens on accept:
+
+    - every connection is counted in the AE's :class:`~dicom_node.net.negotiation.NegotiationGate`
+      until its A-ASSOCIATE-RQ has been read (it takes no association slot meanwhile);
+    - the TLS handshake runs in the connection's own thread with the ACSE timeout as
+      its deadline, not in the accept loop, where one silent peer would stall every
+      TLS caller. A failed handshake is logged and audited with the peer and the reason.
+    """
+
+    def _accept(self) -> tuple[socket.socket, Any]:
+        return cast(socket.socket, self.socket).accept()
+
+    def _abandon(self, address: Any) -> None:
+        """A connection accepted by :meth:`_accept` is dropped before it is served."""
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """Accept, hold the connection at the gate, and prepare TLS without a handshake."""
+        client, address = self._accept()
+        if self.ssl_context:
+            try:
+                client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+            except BaseException:
+                client.close()
+                self._abandon(address)
+                raise
+        gate = getattr(self.ae, "negotiation_gate", None)
+        if gate is not None:
+            gate.enter(client, str(address[0]))
+        return client, address
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """In the connection's thread: the TLS handshake (with a deadline), then the association."""
+        if isinstance(request, ssl.SSLSocket) and not self._handshake(request, client_address):
+            return
+        super().finish_request(request, client_address)
+
+    def _handshake(self, sock: ssl.SSLSocket, address: Any) -> bool:
+        deadline = self.ae.acse_timeout
+        sock.settimeout(deadline)
+        try:
+            sock.do_handshake()
+        except (OSError, ValueError) as exc:
+            peer = f"{address[0]}:{address[1]}"
+            reason = f"no handshake within {deadline:g} s" if isinstance(exc, TimeoutError) else \
+                (getattr(exc, "reason", None) or type(exc).__name__)
+            log.warning("TLS handshake failed with %s: %s", peer, reason)
+            callback = getattr(self.ae, "on_tls_failure", None)
+            if callback is not None:
+                callback(peer, str(reason))
+            gate = getattr(self.ae, "negotiation_gate", None)
+            if gate is not None:
+                gate.leave(sock)
+            sock.close()
+            return False
+        finally:
+            if sock.fileno() != -1:
+                sock.settimeout(None)
+        return True
+
+
+class SharedSocketServer(GatedAssociationServer):
     """pynetdicom's threaded server on an inherited, already listening socket."""
 
     def server_bind(self) -> None:
@@ -96,22 +175,17 @@ class SharedSocketServer(ThreadedAssociationServer):
             if not ready:
                 raise BlockingIOError("taken by another acceptor")
 
-    def get_request(self) -> tuple[socket.socket, Any]:
-        """Accept (unless another acceptor does), count it, wrap it in TLS when configured."""
+    def _accept(self) -> tuple[socket.socket, Any]:
+        """Accept (unless another acceptor does) and give the connection its ticket."""
         self._leave_to_less_busy()
         client, address = self._shared.socket.accept()  # BlockingIOError: another process took it
-        board, row = self._shared.board, self._shared.row
-        board.acquire(row)
-        ticket = Ticket(board, row)
-        try:
-            if self.ssl_context:
-                client = self.ssl_context.wrap_socket(client, server_side=True)
-        except BaseException:
-            ticket.release()
-            client.close()
-            raise
-        self._tickets[address] = ticket
+        self._tickets[address] = Ticket(self._shared.board, self._shared.row)
         return client, address
+
+    def _abandon(self, address: Any) -> None:
+        ticket = self._tickets.pop(address, None)
+        if ticket is not None:
+            ticket.release()
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Start the connection's thread; if that fails (no thread can be started),
