@@ -55,6 +55,7 @@ class StoreOutcome:
     comment: str = ""
     disposition: str = ""  # new, duplicate, restored, refused
     study_uid: str = ""
+    below_disk_reserve: bool = False  # refused because free disk is below the reserve
 
 
 def is_analysable_class(sop_class_uid: str) -> bool:
@@ -192,6 +193,10 @@ def _checked_class(req: StoreRequest, header: dict[str, str]) -> str:
     return clean_uid(dataset_class)
 
 
+class DiskReserveError(IngestError):
+    """Free disk space would fall below the reserve (``node.min_free_disk_mb``)."""
+
+
 class Ingestor:
     """Turns C-STORE requests into durable, registered instances."""
 
@@ -209,7 +214,7 @@ class Ingestor:
             return self._store(req)
         except IngestError as exc:
             log.warning("C-STORE refused (0x%04X): %s; sop=%s", exc.status, exc, clean_uid(req.sop_instance_uid)[:64])
-            return StoreOutcome(exc.status, str(exc), "refused")
+            return StoreOutcome(exc.status, str(exc), "refused", below_disk_reserve=isinstance(exc, DiskReserveError))
         except Exception:  # a bug of ours: the peer gets a failure status, the node keeps serving
             log.exception("C-STORE failed unexpectedly; sop=%s", clean_uid(req.sop_instance_uid)[:64])
             return StoreOutcome(statuses.PROCESSING_FAILURE, "internal error, see the node's log", "refused")
@@ -278,7 +283,7 @@ class Ingestor:
         except OSError as exc:
             raise IngestError(f"cannot check free space: {exc.strerror}", statuses.OUT_OF_RESOURCES) from exc
         if free - incoming < self.min_free_bytes:
-            raise IngestError(
+            raise DiskReserveError(
                 f"free disk space {free // 2**20} MiB is below the reserve of {self.min_free_bytes // 2**20} MiB",
                 statuses.OUT_OF_RESOURCES,
             )

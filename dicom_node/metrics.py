@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -15,6 +16,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         self._listener_seen: dict[str, int] = {}
         self._scrape_lock = threading.Lock()  # scrapes may come from several HTTP threads at once
+        self.disk_refused_at = 0.0  # unix time of the latest C-STORE refused for the disk reserve
         self.associations = Counter(
             "dicomnode_associations_total", "Associations by outcome", ["outcome"], registry=self.registry
         )
@@ -79,6 +81,8 @@ class Metrics:
         """Count one C-STORE by its disposition."""
         result = outcome.disposition or ("success" if outcome.status == 0 else "failure")
         self.instances.labels(result).inc()
+        if getattr(outcome, "below_disk_reserve", False):
+            self.disk_refused_at = time.time()
         if outcome.disposition == "new":
             self.bytes.inc(size)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,9 @@ from dicom_node.storage.state import StateDB
 from dicom_node.storage.work import WorkStore
 
 log = logging.getLogger(__name__)
+
+# /health/ready stays not-ready this long after a C-STORE refused for the disk reserve
+DISK_REFUSAL_NOT_READY_S = 60.0
 
 
 class Node:
@@ -138,14 +142,20 @@ class Node:
             free_mb = self.spool.free_bytes() // 2**20
         except OSError:
             free_mb = -1
+        refused_ago = time.time() - self._last_disk_refusal()
+        refusing = refused_ago < DISK_REFUSAL_NOT_READY_S
         checks = {
             "database": self.db.ping(),
-            "disk_above_reserve": free_mb >= self.config.node.min_free_disk_mb,
+            "disk_above_reserve": free_mb >= self.config.node.min_free_disk_mb and not refusing,
             "plugins_loaded": self.plugins_loaded,
             "dicom_listener": self._listener_up(),
         }
         report = {"live": True, "ready": all(checks.values()), "checks": checks, "free_disk_mb": free_mb,
                   "jobs_running": self.runner.running, "analysis_workers": self.runner.warm_state}
+        if refusing:
+            report["not_ready_because"] = (f"a C-STORE was refused {refused_ago:.0f} s ago: free disk "
+                                           f"{free_mb} MiB is too close to the reserve of "
+                                           f"{self.config.node.min_free_disk_mb} MiB")
         if self.acceptors is not None:
             report["listener_processes"] = {"configured": self.acceptors.processes,
                                             "serving": self.acceptors.running}
@@ -157,6 +167,11 @@ class Node:
         listener = self.acceptors if self.acceptors is not None else self.scp
         assert listener is not None
         return listener
+
+    def _last_disk_refusal(self) -> float:
+        """Unix time of the latest C-STORE refused for the disk reserve, in any process."""
+        board = self.acceptors.board if self.acceptors is not None else None
+        return max(self.metrics.disk_refused_at, board.last_disk_refusal() if board is not None else 0.0)
 
     def _listener_up(self) -> bool:
         """In-process: the server runs; with acceptor processes: every one of them serves."""

@@ -291,3 +291,18 @@ def test_store_response_encoded_as_pynetdicom_does(status: int, comment: str | N
     msg.primitive_to_message(rsp)
     (pdata,) = list(msg.encode_msg(1, 16384))
     assert [(1, b"\x03" + store_response_command(rsp))] == pdata.presentation_data_value_list  # type: ignore[operator]
+
+
+@in_process
+def test_health_is_not_ready_while_the_disk_reserve_refuses_stores(node: Node, ct150: list[Path],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Free space just above the reserve, but not by an instance: C-STOREs are refused,
+    and /health says not ready, and why (it once said ready, disk_above_reserve true)."""
+    reserve = node.config.node.min_free_disk_mb * 2**20
+    monkeypatch.setattr(node.spool, "free_bytes", lambda: reserve + 2**16)
+    assert node.health()["ready"]
+    refused = storescu(node.port, ct150[:1])
+    assert "Out of Resources" in refused.stderr or "OutOfResources" in refused.stderr
+    health = node.health()
+    assert not health["ready"] and not health["checks"]["disk_above_reserve"]
+    assert "too close to the reserve" in health["not_ready_because"]
