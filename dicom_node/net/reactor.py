@@ -419,29 +419,18 @@ class BulkRecvSocket(AssociationSocket):
         sock = cast(socket.socket, self.socket)
         limit = self.read_deadline_seconds()
         deadline = None if limit is None else time.monotonic() + limit
-        blocking = sock.gettimeout()
         buf = bytearray(min(nr_bytes, FIRST_READ_BYTES))
         nr_read = 0
-        try:
-            while nr_read < nr_bytes:
-                if nr_read == len(buf):
-                    buf.extend(bytes(min(len(buf), nr_bytes - len(buf))))
-                if deadline is not None:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise TimeoutError
-                    sock.settimeout(remaining)
-                with memoryview(buf) as view:
-                    got = sock.recv_into(view[nr_read:], len(buf) - nr_read)
-                if not got:
-                    break
-                nr_read += got
-        except TimeoutError:
-            raise TimeoutError(f"no complete PDU within {limit:g} s: {nr_read} of {nr_bytes} bytes "
-                               "arrived") from None
-        finally:
-            if deadline is not None:
-                sock.settimeout(blocking)
+        while nr_read < nr_bytes:
+            if nr_read == len(buf):
+                buf.extend(bytes(min(len(buf), nr_bytes - len(buf))))
+            with memoryview(buf) as view:
+                got = self._recv_by(sock, view[nr_read:], deadline)
+            if got is None:
+                raise TimeoutError(f"no complete PDU within {limit:g} s: {nr_read} of {nr_bytes} bytes arrived")
+            if not got:
+                break
+            nr_read += got
         if nr_read < len(buf):
             del buf[nr_read:]
         if nr_bytes == PDU_HEADER_BYTES and nr_read:
@@ -477,6 +466,37 @@ class BulkRecvSocket(AssociationSocket):
             return f"{host}:{port}"
         except OSError:
             return "a closed connection"
+
+    @staticmethod
+    def _recv_by(sock: socket.socket, view: memoryview, deadline: float | None) -> int | None:
+        """``recv_into`` that waits no later than ``deadline`` (None when it passes).
+
+        Plain sockets stay blocking: a non-blocking read first (the bytes have usually
+        arrived: the reactor selected the socket), and ``select`` only when they have
+        not, so the common case costs one system call. TLS sockets, whose buffered
+        bytes ``select`` cannot see, use a socket timeout instead.
+        """
+        if deadline is None:
+            return sock.recv_into(view, len(view))
+        if isinstance(sock, ssl.SSLSocket):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            blocking = sock.gettimeout()
+            sock.settimeout(remaining)
+            try:
+                return sock.recv_into(view, len(view))
+            except TimeoutError:
+                return None
+            finally:
+                sock.settimeout(blocking)
+        while True:
+            try:
+                return sock.recv_into(view, len(view), socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not select.select([sock], [], [], remaining)[0]:
+                    return None
 
     def _abort_unknown_pdu(self, pdu_type: int) -> None:
         """A PDU type outside PS3.8 (pynetdicom reads each PDU's 6-byte header first):
