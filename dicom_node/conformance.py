@@ -83,7 +83,7 @@ def _store_statuses(config: Config) -> list[str]:
         "|---|---|---|",
         "| 0x0000 | Success | the instance is flushed to disk and recorded (or is a duplicate of a stored one) |",
         f"| 0xA700 | Out of Resources | write error, free disk below {node.min_free_disk_mb} MiB, "
-        f"instance over {node.max_instance_mb} MiB, or a deflated dataset that inflates past "
+        f"instance over {node.max_instance_mb} MiB (not buffered past that), or a deflated dataset that inflates past "
         f"{node.max_instance_mb} MiB or past {MAX_INFLATION_RATIO} times its size on the wire (when over "
         f"{INFLATION_FLOOR_BYTES // 2**20} MiB); checked as a stream, never inflated whole in memory |",
         "| 0xA900 | Data Set does not match SOP Class | Study, Series or SOP Instance UID missing, "

@@ -178,3 +178,26 @@ def test_deflate_bomb_refused_in_bounded_memory(node: NodeProcess, tmp_path: Pat
     path = _file(tmp_path, "deflated", good, DeflatedExplicitVRLittleEndian)
     assert _send(node.port, path, DeflatedExplicitVRLittleEndian) == 0x0000
     assert good.SOPInstanceUID in _stored(node)
+
+
+def test_oversize_instance_is_not_buffered_whole(tmp_path: Path) -> None:
+    """A 32 MiB instance against max_instance_mb 1: refused with 0xA700, and the acceptor
+    stops buffering at the limit (its peak memory grows by far less than the instance)."""
+    config = node_config(tmp_path / "var", free_port(), routes=[])
+    config["node"].update(listener_processes=2, max_instance_mb=1)
+    proc = NodeProcess(config, tmp_path / "work").start()
+    try:
+        ds = _base()
+        ds.add_new(0x00291010, "OB", bytes(32 * 2**20))
+        path = _file(tmp_path, "big", ds, ExplicitVRLittleEndian)
+        acceptors = [int(pid) for pid in re.findall(r"acceptor \d+ \(pid (\d+)\) serving", proc.log())]
+        before = {pid: _peak_rss_mib(pid) for pid in acceptors}
+        assert _send(proc.port, path, ExplicitVRLittleEndian) == 0xA700
+        growth = {pid: _peak_rss_mib(pid) - before[pid] for pid in acceptors}
+        assert max(growth.values()) < 12, growth
+        assert "exceeds the maximum of 1 MiB" in proc.log()
+        assert ds.SOPInstanceUID not in _stored(proc)
+        small = _base()
+        assert _send(proc.port, _file(tmp_path, "small", small, ExplicitVRLittleEndian), ExplicitVRLittleEndian) == 0
+    finally:
+        proc.stop()

@@ -60,6 +60,7 @@ class NodeAE(ApplicationEntity):
         self.shared_listen = shared_listen  # a shared_server.SharedListen in an acceptor process
         self.negotiation_gate = gate  # connections without a complete A-ASSOCIATE-RQ yet
         self.on_tls_failure = on_tls_failure  # (peer, reason) of a failed TLS handshake
+        self.max_instance_bytes = 0  # a C-STORE dataset past this is not buffered (0: no limit)
 
     @property  # type: ignore[override]
     def maximum_associations(self) -> int:

@@ -225,6 +225,35 @@ class FastStoreDIMSE(DIMSEServiceProvider):
     the node binds nothing to it) is not triggered for these responses.
     """
 
+    def __init__(self, assoc: Association) -> None:
+        super().__init__(assoc)
+        self.max_dataset_bytes = 0  # 0: no limit (see receive_primitive)
+        self.oversize: dict[int, int] = {}  # Message ID -> dataset bytes received, when cut
+        self._dataset_bytes = 0
+
+    def receive_primitive(self, primitive: P_DATA) -> None:
+        """As pynetdicom, but a dataset growing past :attr:`max_dataset_bytes` is no longer
+        buffered: its further fragments are dropped (the C-STORE is then refused, see
+        :attr:`oversize`), so an oversize instance costs the limit in memory, not its size."""
+        if self.max_dataset_bytes:
+            self._cut_oversize(primitive)
+        super().receive_primitive(primitive)
+
+    def _cut_oversize(self, primitive: P_DATA) -> None:
+        kept: list[list[Any]] = []
+        for context_id, data in primitive.presentation_data_value_list:
+            if data and not data[0] & 1:  # a dataset fragment (the control header's bit 0 is 0)
+                self._dataset_bytes += len(data) - 1
+                if self._dataset_bytes > self.max_dataset_bytes:
+                    command = getattr(self.message, "command_set", None)
+                    if command is not None:
+                        self.oversize[int(command.MessageID)] = self._dataset_bytes
+                    data = data[:1]
+                if data[0] & 2:  # the last fragment
+                    self._dataset_bytes = 0
+            kept.append([context_id, data])
+        primitive.presentation_data_value_list = kept  # type: ignore[assignment]  # the setter wants lists
+
     def send_msg(self, primitive: Any, context_id: int) -> None:
         """Send a DIMSE message (C-STORE responses by the direct encoder)."""
         if isinstance(primitive, C_STORE) and primitive.MessageIDBeingRespondedTo is not None:
@@ -257,6 +286,7 @@ class WakingAssociation(Association):
         self._wake = threading.Event()
         self.dul = WakingDUL(self, self._wake)
         self.dimse = FastStoreDIMSE(self)
+        self.dimse.max_dataset_bytes = int(getattr(self.ae, "max_instance_bytes", 0))
         self.dimse.msg_queue = _WakingQueue(self._wake)
         # The timeouts live partly in the DUL's timers: apply them to the new one.
         self.acse_timeout = self.ae.acse_timeout

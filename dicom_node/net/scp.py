@@ -41,7 +41,8 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import Config
-from dicom_node.ingest import Ingestor, StoreRequest
+from dicom_node.ingest import Ingestor, StoreOutcome, StoreRequest
+from dicom_node.net.statuses import OUT_OF_RESOURCES
 from dicom_node.net.negotiation import NegotiationGate
 from dicom_node.net.policy import CallerPolicy, NodeAE
 from dicom_node.net.scu import VERIFICATION
@@ -166,6 +167,7 @@ class StorageSCP:
         self.gate = NegotiationGate(node.max_negotiating_per_host, node.max_negotiating)
         ae = NodeAE(node.ae_title, self.policy, self.shared_listen, self.gate, self._on_tls_failure)
         ae.maximum_associations = node.max_associations
+        ae.max_instance_bytes = node.max_instance_mb * 2**20  # datasets past it are not buffered
         ae.maximum_pdu_size = node.max_pdu_size
         ae.acse_timeout = node.acse_timeout_seconds
         ae.dimse_timeout = node.dimse_timeout_seconds
@@ -242,17 +244,26 @@ class StorageSCP:
     def _on_store(self, event: evt.Event) -> Dataset:
         req = cast(C_STORE, event.request)
         assoc = event.assoc
-        data = received_bytes(event)
-        outcome = self.ingestor.store(
-            StoreRequest(
-                data=data,
-                sop_class_uid=str(req.AffectedSOPClassUID or ""),
-                sop_instance_uid=str(req.AffectedSOPInstanceUID or ""),
-                transfer_syntax=str(event.context.transfer_syntax),
-                called_ae=assoc.acceptor.ae_title,
-                calling_ae=assoc.requestor.ae_title,
+        cut = getattr(assoc.dimse, "oversize", {}).pop(int(req.MessageID or 0), None)
+        if cut is not None:  # the dataset was not buffered past the limit (reactor.FastStoreDIMSE)
+            data = b""
+            limit = self.config.node.max_instance_mb
+            outcome = StoreOutcome(OUT_OF_RESOURCES, f"instance over {cut} bytes exceeds the maximum of "
+                                   f"{limit} MiB", "refused")
+            log.warning("C-STORE refused (0x%04X): %s; sop=%s", outcome.status, outcome.comment,
+                        str(req.AffectedSOPInstanceUID or "")[:64])
+        else:
+            data = received_bytes(event)
+            outcome = self.ingestor.store(
+                StoreRequest(
+                    data=data,
+                    sop_class_uid=str(req.AffectedSOPClassUID or ""),
+                    sop_instance_uid=str(req.AffectedSOPInstanceUID or ""),
+                    transfer_syntax=str(event.context.transfer_syntax),
+                    called_ae=assoc.acceptor.ae_title,
+                    calling_ae=assoc.requestor.ae_title,
+                )
             )
-        )
         stats = self._stats.get(id(assoc))
         if stats is not None:
             stats.instances += 1
