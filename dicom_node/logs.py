@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
 from typing import Any
 
@@ -71,12 +72,54 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+class RepeatLimiter(logging.Filter):
+    """At most :attr:`per_window` warnings and errors of one kind (logger and message
+    template) per :attr:`window_s`: a peer refused 500 times, or a disk that stays full,
+    writes a few lines, then one that says how many more were left out."""
+
+    def __init__(self, per_window: int = 20, window_s: float = 60.0) -> None:
+        super().__init__()
+        self.per_window = per_window
+        self.window_s = window_s
+        self._kinds: dict[tuple[str, str], list[float]] = {}  # kind -> [window start, count, left out]
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        kind = (record.name, str(record.msg))
+        now = time.monotonic()
+        with self._lock:
+            entry = self._kinds.get(kind)
+            left_out = 0
+            if entry is None or now - entry[0] >= self.window_s:
+                left_out = int(entry[2]) if entry is not None else 0
+                entry = self._kinds[kind] = [now, 0, 0]
+                if len(self._kinds) > 10000:  # one-off messages: forget the oldest windows
+                    for old in sorted(self._kinds, key=lambda k: self._kinds[k][0])[:5000]:
+                        del self._kinds[old]
+                    self._kinds[kind] = entry
+            entry[1] += 1
+            if entry[1] > self.per_window + 1:
+                entry[2] += 1
+                return False
+        note = ""
+        if left_out:
+            note = f" [{left_out} more like this in the previous {self.window_s:g} s were not logged]"
+        elif entry[1] == self.per_window + 1:
+            note = f" [repeated: more like this are counted, not logged, for up to {self.window_s:g} s]"
+        if note:
+            record.msg, record.args = record.getMessage() + note, None
+        return True
+
+
 def setup_logging(level: str = "INFO", json_format: bool = False) -> None:
     """Configure the root logger once, at the entry point."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if json_format else TextFormatter(TEXT_FORMAT))
     if logging.getLevelName(level) != logging.DEBUG:
         handler.addFilter(PeerErrorsOnOneLine())
+    handler.addFilter(RepeatLimiter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -96,11 +96,13 @@ def test_unknown_pdu_type_gets_an_abort(node: NodeProcess) -> None:
 
 def test_huge_association_request_refused_in_a_few_log_lines(node: NodeProcess) -> None:
     """2.7 MB, 100 000 bogus transfer syntaxes: once 4 s of CPU and a log line each."""
-    syntaxes = [f"X.BOGUS.{i}".encode() for i in range(100_000)]
+    syntaxes = [f"X.BOGUS.TRANSFER.{i:06d}.X".encode() for i in range(100_000)]
     contexts = [(b"1.2.840.10008.5.1.4.1.1.2", syntaxes[i:i + 2000]) for i in range(0, len(syntaxes), 2000)]
+    request = associate_rq(b"DICOMNODE", b"FLOODER", contexts)
+    assert len(request) > 2.6e6
     before = len(node.log().splitlines())
     started = time.monotonic()
-    reply = exchange(node.port, associate_rq(b"DICOMNODE", b"FLOODER", contexts))
+    reply = exchange(node.port, request)
     assert time.monotonic() - started < 2
     assert reply == b"\x03\x00\x00\x00\x00\x04\x00\x01\x01\x01"  # A-ASSOCIATE-RJ, permanent, no reason
     time.sleep(0.5)
@@ -139,3 +141,21 @@ def test_sigterm_with_stalled_peers_ends_within_the_grace_time(tmp_path: Path) -
         for sock in [*stalled, mid_pdu]:
             sock.close()
         proc.stop()
+
+
+def test_slots_of_peers_that_vanish_are_free_at_once(node: NodeProcess) -> None:
+    """max_associations (4) peers associate and drop the connection without a release:
+    their slots are free again within a second, not after a timeout."""
+    gone = []
+    for _ in range(4):
+        sock = socket.create_connection(("127.0.0.1", node.port))
+        sock.sendall(associate_rq(b"DICOMNODE", b"VANISHING", [(VERIFICATION, [IMPLICIT])]))
+        sock.settimeout(5)
+        assert sock.recv(1) == b"\x02"
+        gone.append(sock)
+    for sock in gone:
+        sock.close()
+    time.sleep(1.0)
+    echo = subprocess.run([require_tool("echoscu"), "-aec", "DICOMNODE", "127.0.0.1", str(node.port)],
+                          capture_output=True, text=True, env=DCMTK_ENV, timeout=30)
+    assert echo.returncode == 0, echo.stderr
