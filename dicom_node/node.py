@@ -16,7 +16,6 @@ from dicom_node.assembly import Assembler
 from dicom_node.audit import AuditLog, config_hash
 from dicom_node.config import Config
 from dicom_node.delivery import Deliverer
-from dicom_node.errors import PluginError
 from dicom_node.ingest import Ingestor, StoreRequest
 from dicom_node.jobs import JobRunner
 from dicom_node.metrics import Metrics
@@ -229,5 +228,3 @@ class Node:
         self.db.close()
         log.info("stopped")
 
-
-__all__ = ["Node", "PluginError"]

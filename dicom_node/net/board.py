@@ -101,10 +101,6 @@ class Board:
         """True once the acceptor serves."""
         return self._get(row, _READY) == 1
 
-    def active_total(self) -> int:
-        """Associations held by all acceptors now."""
-        return sum(self._get(r, _ACTIVE) for r in range(self.rows))
-
     def counter(self, row: int, name: str) -> int:
         """One counter of one acceptor."""
         return self._get(row, _FIRST_COUNTER + COUNTERS.index(name))

@@ -36,11 +36,11 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from dicom_node.errors import EncodeError
+from dicom_node.identity import NODE_MANUFACTURER
 from plugin.types import Detection, Finding, PluginInfo, Volume
 
 logger = logging.getLogger(__name__)
 
-NODE_MANUFACTURER = "dicom-node"
 NODE_VERSION_FALLBACK = "0.1.0"
 SERIES_NUMBER_BASE = 9000
 SERIES_NUMBER_STRIDE = 10

@@ -19,6 +19,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from dicom_node.errors import EncodeError
+from dicom_node.identity import NODE_MANUFACTURER
 from dicom_node.results import common
 from plugin.types import Finding, Findings, PluginInfo, Volume
 
@@ -139,7 +140,7 @@ def _build(
                 pixel_array=frames,
                 segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
                 segment_descriptions=descriptions,
-                manufacturer=common.NODE_MANUFACTURER,
+                manufacturer=NODE_MANUFACTURER,
                 manufacturer_model_name=common.model_name(info),
                 software_versions=list(common.software_versions(info)),  # type: ignore[arg-type]
                 device_serial_number=info.device_uid,

@@ -23,6 +23,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from dicom_node.errors import EncodeError
+from dicom_node.identity import NODE_MANUFACTURER
 from dicom_node.results import common, sr_content
 from plugin.types import Findings, PluginInfo, Volume
 
@@ -90,7 +91,7 @@ def _document(
     sr = hd.sr.Comprehensive3DSR(
         evidence=sources,
         content=_childless(root),
-        manufacturer=common.NODE_MANUFACTURER,
+        manufacturer=NODE_MANUFACTURER,
         is_complete=True,
         is_final=False,
         is_verified=False,

@@ -22,11 +22,10 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from dicom_node.errors import SeriesError
+from dicom_node.identity import NODE_MANUFACTURER
 
 logger = logging.getLogger(__name__)
 
-#: Manufacturer written into every object this node produces.
-OWN_MANUFACTURER = "dicom-node"
 
 #: SOP classes whose instances are multi-frame ("enhanced") CT.
 ENHANCED_CT_SOP_CLASSES = frozenset(
@@ -112,7 +111,7 @@ class SliceHeader:
     @property
     def is_own(self) -> bool:
         """True for objects this node produced itself."""
-        return self.manufacturer.strip() == OWN_MANUFACTURER
+        return self.manufacturer.strip() == NODE_MANUFACTURER
 
     @property
     def is_multiframe(self) -> bool:

@@ -374,12 +374,6 @@ class StateDB:
             out[table] = {r["state"]: r["n"] for r in rows}
         return out
 
-    def transitions_for(self, kind: str, key: str) -> list[Row]:
-        """The recorded state changes of one entity, oldest first."""
-        return self.query(
-            "SELECT * FROM transitions WHERE kind=? AND key=? ORDER BY id", (kind, key)
-        )
-
 
 def dumps_timings(timings: dict[str, float]) -> str:
     """Serialise stage timings for the jobs table."""

@@ -106,11 +106,6 @@ class WorkStore:
             StateDB.transition(c, "job", str(row["id"]), QUEUED, RUNNING)
             return dict(row)
 
-    def job(self, job_id: int) -> Row | None:
-        """One job row."""
-        rows = self.db.query("SELECT * FROM jobs WHERE id=?", (job_id,))
-        return rows[0] if rows else None
-
     def finish_job(
         self,
         job_id: int,
