@@ -406,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"configuration error:\n{exc}", file=sys.stderr)
         return 2
-    except NodeError as exc:
+    except (NodeError, PluginError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+# The plugin contract's own error (plugin/errors.py), re-exported for the node's modules.
+from plugin.errors import PluginError
+
+__all__ = ["ActionRefused", "ConfigError", "DeliveryError", "EncodeError", "IngestError", "NodeError",
+           "PluginError", "SeriesError", "StorageError"]
+
 
 class NodeError(Exception):
     """Base class of every error the node raises on purpose."""
@@ -25,10 +31,6 @@ class StorageError(NodeError):
 
 class SeriesError(NodeError):
     """No usable series, or a series cannot be built into a volume."""
-
-
-class PluginError(NodeError):
-    """A plugin cannot be loaded, is invalid, or failed while analysing."""
 
 
 class EncodeError(NodeError):

@@ -69,7 +69,7 @@ from pydantic import (
 )
 from pydicom.sr.coding import Code
 
-from dicom_node.errors import PluginError
+from plugin.errors import PluginError
 from plugin.types import PluginInfo, SegmentCodes, SeriesCriteria
 
 logger = logging.getLogger(__name__)

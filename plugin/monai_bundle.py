@@ -51,7 +51,7 @@ from monai.transforms.utility.array import EnsureChannelFirst
 from monai.transforms.utility.dictionary import EnsureChannelFirstd
 from pydicom.sr.coding import Code
 
-from dicom_node.errors import PluginError
+from plugin.errors import PluginError
 from plugin.argmax_fusion import argmax_channels, fuse_argmax
 from plugin.boxes import detections_from_boxes, to_lps_cccwhd
 from plugin.bundle_config import (

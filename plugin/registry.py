@@ -17,7 +17,7 @@ from collections.abc import Callable
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, cast
 
-from dicom_node.errors import PluginError
+from plugin.errors import PluginError
 from plugin.contract import AnalysisPlugin
 from plugin.types import PluginInfo, SeriesCriteria
 
