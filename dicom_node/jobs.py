@@ -13,17 +13,21 @@ import os
 import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from dicom_node.audit import AuditLog
 from dicom_node.config import Config
-from dicom_node.pipeline import JobOutcome, JobSpec, run_job_safely, warm_up, worker_init
+from dicom_node.errors import PluginError
+from dicom_node.pipeline import JobOutcome, JobSpec, load_plugin_infos, run_job_safely, warm_up, worker_init
 from dicom_node.storage.state import ResultRecord, StateDB
 from dicom_node.storage.work import WorkStore
 from plugin.types import PluginInfo
 
 log = logging.getLogger(__name__)
+
+PLUGIN_LOAD_TIMEOUT_S = 600.0  # model loading, CUDA's start-up included
 
 
 class JobRunner:
@@ -52,6 +56,27 @@ class JobRunner:
                           self.config.logging.json_format, os.getpid()),
             )
         return self._pool
+
+    def load_plugins(self, timeout_s: float = PLUGIN_LOAD_TIMEOUT_S) -> dict[str, PluginInfo]:
+        """Load every routed plugin in an analysis worker (never in the node's process) and
+        keep their identities; a plugin that cannot load raises PluginError with the
+        worker's one-line reason."""
+        specs = [(name, *self.config.plugin_factory(name)) for name in self.config.routed_plugins()]
+        if not specs:
+            return {}
+        future = self._get_pool().submit(load_plugin_infos, specs)
+        try:
+            infos: dict[str, PluginInfo] = future.result(timeout=timeout_s)
+        except PluginError:
+            raise
+        except BrokenProcessPool as exc:
+            raise PluginError("the analysis worker died while loading the plugins (crash or out of memory)") from exc
+        except FutureTimeout as exc:
+            raise PluginError(f"the plugins did not load within {timeout_s:g} s") from exc
+        except Exception as exc:  # whatever a plugin's import or constructor raised, in one line
+            raise PluginError(f"cannot load the plugins: {type(exc).__name__}: {exc}") from exc
+        self.plugin_infos.update(infos)
+        return infos
 
     def warm_up(self) -> None:
         """Start the workers now and load every routed plugin in them, so the first

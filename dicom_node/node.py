@@ -68,18 +68,11 @@ class Node:
         self.ops: OpsServer | None = None
 
     def validate_plugins(self) -> None:
-        """Load every plugin a route names, so a broken one fails the start."""
-        names = self.config.routed_plugins()
-        if not names:
-            self.plugins_loaded = True
-            return
-        from plugin.registry import load_plugin
-
-        for name in names:
-            factory, options = self.config.plugin_factory(name)
-            plugin = load_plugin(name, factory=factory, options=options)
-            log.info("plugin %s %s validated", plugin.info.name, plugin.info.version)
-            self.runner.plugin_infos[name] = plugin.info
+        """Load every plugin a route names, in an analysis worker, so that a broken one
+        fails the start. The node's own process never imports torch or a model: it would
+        hold their memory for nothing, and a plugin's import-time crash would take it down."""
+        for name, info in self.runner.load_plugins().items():
+            log.info("plugin %s: %s %s validated (in an analysis worker)", name, info.name, info.version)
         self.plugins_loaded = True
 
     def recover(self) -> None:

@@ -85,6 +85,13 @@ def get_plugin(name: str, factory: str | None, options: dict[str, Any]) -> Any:
     return _PLUGINS[name]
 
 
+def load_plugin_infos(plugins: list[tuple[str, str | None, dict[str, Any]]]) -> dict[str, Any]:
+    """In a worker: load each plugin (kept there for the jobs) and return its identity
+    (:class:`plugin.types.PluginInfo`), so that the node validates plugins without
+    importing torch or a model itself."""
+    return {name: get_plugin(name, factory, options).info for name, factory, options in plugins}
+
+
 def freeze_heap() -> None:
     """Move every object alive now (modules, the model, the encoders' tables) out of
     the garbage collector's reach.
