@@ -20,7 +20,16 @@ from typing import Any
 from dicom_node.audit import AuditLog
 from dicom_node.config import Config
 from dicom_node.errors import PluginError
-from dicom_node.pipeline import JobOutcome, JobSpec, load_plugin_infos, run_job_safely, warm_up, worker_init
+from dicom_node.pipeline import (
+    WORKER_DIED,
+    JobFailed,
+    JobOutcome,
+    JobSpec,
+    load_plugin_infos,
+    run_job_safely,
+    warm_up,
+    worker_init,
+)
 from dicom_node.storage.state import ResultRecord, StateDB
 from dicom_node.storage.work import WorkStore
 from plugin.types import PluginInfo
@@ -42,7 +51,7 @@ class JobRunner:
         self.audit = audit
         self.plugin_infos: dict[str, PluginInfo] = {}
         self._pool: ProcessPoolExecutor | None = None
-        self._running: dict[int, Future[JobOutcome | str]] = {}
+        self._running: dict[int, Future[JobOutcome | JobFailed]] = {}
         self._warming: list[Future[int]] = []
         self._lock = threading.Lock()
 
@@ -137,24 +146,25 @@ class JobRunner:
             self._running[spec.job_id] = future
         future.add_done_callback(lambda f: self._done(job, f, started))
 
-    def _done(self, job: dict[str, Any], future: Future[JobOutcome | str], started: float) -> None:
+    def _done(self, job: dict[str, Any], future: Future[JobOutcome | JobFailed], started: float) -> None:
         job_id = job["id"]
         with self._lock:
             self._running.pop(job_id, None)
         elapsed = time.monotonic() - started
+        result: JobOutcome | JobFailed
         try:
             result = future.result()
         except BrokenProcessPool:
             self._pool = None
-            result = "the analysis worker process died (crash or out of memory)"
+            result = WORKER_DIED
         except Exception as exc:  # pool-level failure: record it, never lose the job
-            result = f"worker error: {type(exc).__name__}: {exc}"
-        if self._pool is None and isinstance(result, str) and "died" not in result:
+            result = JobFailed(f"worker error: {type(exc).__name__}: {exc}")
+        if self._pool is None and isinstance(result, JobFailed) and not result.worker_died:
             return  # stopping: the job stays running and is requeued at the next start
-        if isinstance(result, str):
-            self.work.fail_job(job_id, result)
-            self._audit(job, "failed", reason=result)
-            log.error("job %d failed after %.1f s: %s", job_id, elapsed, result)
+        if isinstance(result, JobFailed):
+            self.work.fail_job(job_id, result.reason)
+            self._audit(job, "failed", reason=result.reason)
+            log.error("job %d failed after %.1f s: %s", job_id, elapsed, result.reason)
             return
         self._record(job, result, elapsed)
 

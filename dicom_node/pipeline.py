@@ -21,7 +21,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 
-from dicom_node.errors import NodeError, SeriesError
+from dicom_node.errors import NodeError, PluginError, SeriesError
 from dicom_node.storage.spool import write_durably
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,17 @@ class JobOutcome:
     timings: dict[str, float] = field(default_factory=dict)
     note: str = ""  # why nothing was produced, when nothing was
     findings: int = 0
+
+
+@dataclass(frozen=True)
+class JobFailed:
+    """A job that did not produce an outcome, and why."""
+
+    reason: str
+    worker_died: bool = False  # the worker process ended (crash, out of memory, killed)
+
+
+WORKER_DIED = JobFailed("the analysis worker process died (crash or out of memory)", worker_died=True)
 
 
 @contextmanager
@@ -222,14 +233,14 @@ def run_job(spec: JobSpec) -> JobOutcome:
     return outcome
 
 
-def run_job_safely(spec: JobSpec) -> JobOutcome | str:
-    """Worker entry point: an outcome, or the failure reason as a string."""
+def run_job_safely(spec: JobSpec) -> JobOutcome | JobFailed:
+    """Worker entry point: an outcome, or the failure with its reason."""
     try:
         return run_job(spec)
-    except NodeError as exc:
-        return f"{type(exc).__name__}: {exc}"
+    except (NodeError, PluginError) as exc:
+        return JobFailed(f"{type(exc).__name__}: {exc}")
     except MemoryError:
-        return "out of memory during analysis"
+        return JobFailed("out of memory during analysis")
     except Exception as exc:  # a plugin bug must not kill the worker silently
         log.exception("job %d failed unexpectedly", spec.job_id)
-        return f"unexpected {type(exc).__name__}: {exc}"
+        return JobFailed(f"unexpected {type(exc).__name__}: {exc}")
