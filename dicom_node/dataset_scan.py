@@ -65,6 +65,7 @@ class _Syntax:
 _LE = (struct.Struct("<HHI"), struct.Struct("<HH2sH"), struct.Struct("<I"))
 _BE = (struct.Struct(">HHI"), struct.Struct(">HH2sH"), struct.Struct(">I"))
 _EXPLICIT_LE_SYNTAX = _Syntax(False, *_LE)
+_IMPLICIT_LE_SYNTAX = _Syntax(True, *_LE)
 
 
 @dataclass
@@ -161,7 +162,7 @@ class _Walker:
             raise _malformed(f"sequences nested deeper than {MAX_DEPTH} at {_tag_text(tag)}")
         walker = self
         if implicit and not self.syntax.implicit:  # UN of undefined length: Implicit VR LE inside
-            walker = _Walker(self.data, _Syntax(True, *_LE), frozenset(), self.scan)
+            walker = _Walker(self.data, _IMPLICIT_LE_SYNTAX, frozenset(), self.scan)
         item_tags = self.syntax.tag_length
         while True:
             if defined and pos == end:
@@ -215,7 +216,7 @@ def _meta(data: Buffer) -> tuple[str, int]:
 
 def _syntax_for(uid: str) -> _Syntax:
     if uid == IMPLICIT_LE:
-        return _Syntax(True, *_LE)
+        return _IMPLICIT_LE_SYNTAX
     if uid == EXPLICIT_BE:
         return _Syntax(False, *_BE)
     return _EXPLICIT_LE_SYNTAX  # Explicit VR Little Endian and every encapsulated syntax

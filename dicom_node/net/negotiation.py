@@ -39,7 +39,6 @@ class NegotiationGate:
         self._waiting: dict[int, _Waiting] = {}  # id(socket) -> entry
         self._holding: set[int] = set()  # id(socket) of connections past their request
         self._lock = threading.Lock()
-        self.evicted = 0
 
     def enter(self, sock: socket.socket, host: str) -> None:
         """Count a new connection; close the oldest others over a limit."""
@@ -50,7 +49,6 @@ class NegotiationGate:
             for victim in victims:
                 self._waiting.pop(id(victim.sock), None)
         for victim in victims:
-            self.evicted += 1
             log.warning("closed a connection from %s that sent no association request in %.1f s: "
                         "too many connections still negotiating", victim.host, time.monotonic() - victim.since)
             _shut(victim.sock)
@@ -71,12 +69,6 @@ class NegotiationGate:
         """Connections of this process whose request was read and that have not ended."""
         with self._lock:
             return len(self._holding)
-
-    def count(self) -> int:
-        """Connections of this process still negotiating."""
-        with self._lock:
-            self._prune()
-            return len(self._waiting)
 
     def close_all(self) -> int:
         """Close every connection still negotiating (shutdown: none has anything in flight)."""

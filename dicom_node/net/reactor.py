@@ -483,12 +483,18 @@ class BulkRecvSocket(AssociationSocket):
         if problem is None:
             return
         log.warning("association request refused from %s: %s", self._peer_text(), problem)
+        # A-ASSOCIATE-RJ: type 3, length 4, reserved, result 1, source 1, reason 1
+        self._refuse(b"\x03\x00\x00\x00\x00\x04\x00\x01\x01\x01", f"A-ASSOCIATE-RQ refused: {problem}")
+
+    def _refuse(self, reply: bytes, reason: str) -> None:
+        """Send ``reply`` (an A-ASSOCIATE-RJ or A-ABORT), read nothing more, and close
+        (the ``OSError`` makes pynetdicom close the connection)."""
         self.aborted = True
-        try:  # A-ASSOCIATE-RJ: type 3, length 4, reserved, result 1, source 1, reason 1
-            cast(socket.socket, self.socket).sendall(b"\x03\x00\x00\x00\x00\x04\x00\x01\x01\x01")
+        try:
+            cast(socket.socket, self.socket).sendall(reply)
         except OSError:
             pass
-        raise OSError(f"A-ASSOCIATE-RQ refused: {problem}")
+        raise OSError(reason)
 
     def _peer_text(self) -> str:
         try:
@@ -535,12 +541,7 @@ class BulkRecvSocket(AssociationSocket):
         abort = A_ABORT_RQ()
         abort.source = 0x02
         abort.reason_diagnostic = 0x01
-        self.aborted = True
-        try:
-            cast(socket.socket, self.socket).sendall(abort.encode())
-        except OSError:
-            pass
-        raise OSError(f"unknown PDU type 0x{pdu_type:02X}: sent A-ABORT and closed the connection")
+        self._refuse(abort.encode(), f"unknown PDU type 0x{pdu_type:02X}: sent A-ABORT and closed the connection")
 
 
 class WakingRequestHandler(RequestHandler):
