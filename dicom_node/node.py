@@ -51,6 +51,11 @@ class Node:
         self.scp: StorageSCP | None = None
         self.acceptors: AcceptorPool | None = None
         processes = config.node.listener_process_count
+        if not reactor.supported():
+            log.warning("pynetdicom %s is not the 3.0 series this node was built on: it listens with "
+                        "pynetdicom's own server in one process, WITHOUT the PDU-size guard, the read "
+                        "deadlines and the negotiation limits of the conformance statement",
+                        reactor.pynetdicom_version())
         if processes > 1 and not (reactor.supported() and hasattr(os, "memfd_create")):
             log.warning("listener_processes %d needs pynetdicom 3.0 on Linux: listening in one process",
                         processes)

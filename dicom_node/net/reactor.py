@@ -58,9 +58,15 @@ log = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.005  # the longest a reactor waits before re-checking its timers
 
 
+def pynetdicom_version() -> str:
+    """The installed pynetdicom's version."""
+    return str(pynetdicom.__version__)
+
+
 def supported() -> bool:
-    """True for the pynetdicom versions whose reactor loops these classes mirror."""
-    return pynetdicom.__version__.startswith("3.0.")
+    """True for the pynetdicom versions whose reactor loops these classes mirror (3.0.x;
+    ``pyproject.toml`` pins the same series, and a test checks that they agree)."""
+    return pynetdicom_version().startswith("3.0.")
 
 
 class _WakingQueue(queue.Queue):  # type: ignore[type-arg]

@@ -85,6 +85,7 @@ class ScanResult:
     pleural_hu_errors: list[tuple[float, float, float | None]] = field(default_factory=list)
     # (diameter mm, found, reported as a mass) per nodule of 30 mm or more
     masses: list[tuple[float, bool, bool]] = field(default_factory=list)
+    noise_hu: float = 0.0  # the phantom's noise (standard deviation, HU)
 
 
 def min_volume_mm3(bundle_root: Path = BUNDLE_ROOT) -> float:
@@ -92,15 +93,17 @@ def min_volume_mm3(bundle_root: Path = BUNDLE_ROOT) -> float:
     return float(manifest["labels"][1].get("min_volume_mm3", 0))
 
 
-def eval_phantom(seed: int, masses: bool = False) -> ChestPhantom:
+def eval_phantom(seed: int, masses: bool = False, noise_hu: float | None = None) -> ChestPhantom:
     """Held-out phantom ``seed``: random geometry, 2-6 nodules of 4-30 mm; with
-    ``masses``, one lobulated mass of 30-80 mm and 1-4 such nodules."""
+    ``masses``, one lobulated mass of 30-80 mm and 1-4 such nodules. ``noise_hu`` fixes
+    the noise (drawn from 5-40 HU otherwise); the generator then draws the rest of the
+    phantom differently, so a fixed-noise run is another set of held-out scans."""
     rng = np.random.default_rng(seed)
     if not masses:
-        return make_chest_phantom(seed, n_nodules=int(rng.integers(2, 7)))
+        return make_chest_phantom(seed, n_nodules=int(rng.integers(2, 7)), noise_hu=noise_hu)
     nodules = list(np.exp(rng.uniform(np.log(4.0), np.log(30.0), size=int(rng.integers(1, 5)))))
     return make_chest_phantom(seed, nodule_diameters_mm=[float(rng.uniform(30.0, 80.0)), *nodules],
-                              nodule_kinds=["irregular"] + ["spherical"] * len(nodules))
+                              nodule_kinds=["irregular"] + ["spherical"] * len(nodules), noise_hu=noise_hu)
 
 
 def predicted_components(
@@ -171,6 +174,7 @@ def score(phantom: ChestPhantom, pred_zyx: np.ndarray, min_mm3: float,
             abs(long_axis_mm(pmask, spacing) - long_axis_mm(gmask, spacing))
         )
     res.false_positives = n_pred - len(matched)
+    res.noise_hu = round(float(phantom.params.get("noise_hu", 0.0)), 1)
     if findings is not None:
         _score_measurements(phantom, pred_zyx, gt, findings, res)
         _score_masses(phantom, pred_zyx, gt, findings, res)
@@ -357,6 +361,8 @@ def main() -> None:
                     help="a copy of this bundle to evaluate instead (e.g. with candidate weights)")
     ap.add_argument("--masses", action="store_true",
                     help="phantoms with one mass of 30-80 mm and 1-4 nodules (seeds 9500-9599 validate)")
+    ap.add_argument("--noise", type=float, default=None,
+                    help="fix the phantoms' noise (HU standard deviation; drawn from 5-40 otherwise)")
     ap.add_argument("--real", type=Path, default=None,
                     help="a folder of real CT series: print every finding and write previews (real_ct.py)")
     ap.add_argument("--out", type=Path, default=Path("real-ct-eval"), help="where --real writes its PNGs")
@@ -366,7 +372,7 @@ def main() -> None:
     if args.real is not None:
         from real_ct import evaluate_real
 
-        raise SystemExit(evaluate_real(args.real, args.out))
+        raise SystemExit(evaluate_real(args.real, args.out, args.bundle))
     runner = make_runner(args.runner, args.weights, args.bundle)
     min_mm3 = min_volume_mm3()
     results = []
@@ -375,7 +381,7 @@ def main() -> None:
             raise SystemExit(
                 "evaluation seeds start at 9000 (lower seeds are for training)"
             )
-        phantom = eval_phantom(seed, args.masses)
+        phantom = eval_phantom(seed, args.masses, args.noise)
         pred, seconds, findings = run_bundle(runner, phantom)
         res = score(phantom, pred, min_mm3, findings)
         res.inference_s = round(seconds, 2)

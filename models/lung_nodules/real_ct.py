@@ -71,8 +71,9 @@ def in_tumour(series: str, point: tuple[float, float, float], boxes: list[Tumour
     return False
 
 
-def evaluate_real(root: Path, out: Path) -> int:
-    """Analyse every series under ``root``; print findings, write PNGs to ``out``."""
+def evaluate_real(root: Path, out: Path, bundle: Path | None = None) -> int:
+    """Analyse every series under ``root`` with the bundle folder ``bundle`` (this one by
+    default); print findings, write PNGs to ``out``."""
     from dicom_node.preview import write_preview
     from dicom_node.results import encode_sr
     from dicom_node.results.readback import read_findings
@@ -85,7 +86,7 @@ def evaluate_real(root: Path, out: Path) -> int:
         LOG.info(f"skipped: no real CT at {root} (it is not part of the repository; see the "
                  "model README, 'Real CT')")
         return 0
-    plugin = MonaiBundlePlugin(BUNDLE_ROOT)
+    plugin = MonaiBundlePlugin(bundle or BUNDLE_ROOT)
     criteria = plugin.criteria
     opened = replace(criteria, min_slices=1, slice_spacing_mm=(0.0, 20.0), image_type_required=())
     boxes = tumour_boxes(root)

@@ -53,19 +53,22 @@ STAGE2_MIX = (0.40, 0.20, 0.10, 0.0, 0.30, 0.0)
 STAGE3_MIX = (0.40, 0.10, 0.05, 0.0, 0.10, 0.35)
 STAGE4_MIX = (0.45, 0.10, 0.10, 0.0, 0.10, 0.25)
 STAGE5_MIX = STAGE4_MIX
-NODULE_SHIFT = {4: 0.5, 5: 0.5}  # per stage: share of patches whose nodules change attenuation
+STAGE6_MIX = (0.40, 0.10, 0.05, 0.0, 0.10, 0.35)  # stage 3's weight on mined negatives
+NODULE_SHIFT = {4: 0.5, 5: 0.5, 6: 0.5}  # per stage: share of patches whose nodules change attenuation
 STAGE2_SEED_BASE = 100  # stage-2 phantoms: seeds 100..; all full-coverage chests
 STAGE3_SEED_BASE = 200  # stage-3 phantoms: seeds 200..; whole chests, mostly thick slices
 STAGE4_SEED_BASE = 300  # stage-4 phantoms: seeds 300..; whole chests, nodules 4-30 mm
 STAGE5_SEED_BASE = 400  # stage-5 phantoms: seeds 400..; whole chests, a mass of 30-80 mm and nodules
+STAGE6_SEED_BASE = 600  # stage-6 phantoms: seeds 600..; whole chests, every other one with a mass
 STAGE_SEEDS = {
     1: TRAIN_SEED_BASE,
     2: STAGE2_SEED_BASE,
     3: STAGE3_SEED_BASE,
     4: STAGE4_SEED_BASE,
     5: STAGE5_SEED_BASE,
+    6: STAGE6_SEED_BASE,
 }
-MINED_STAGES = {3, 4, 5}  # stages that first mine hard negatives with the network so far
+MINED_STAGES = {3, 4, 5, 6}  # stages that first mine hard negatives with the network so far
 MINE_LEVEL = 0.3  # a voxel the network scores above this, away from nodules, is a hard negative
 
 
@@ -193,6 +196,14 @@ def phantom_kwargs_masses(seed: int) -> dict:
     return kw
 
 
+def phantom_kwargs_review(seed: int) -> dict:
+    """Stage-6 phantoms: whole chests at 1.25-5 mm slices, every other one with a mass
+    (``phantom_kwargs_masses``), the rest with nodules only (``phantom_kwargs_mixed``):
+    negatives are mined with the stage-5 network, which took the diaphragm domes and
+    apices of ordinary chests for masses."""
+    return phantom_kwargs_masses(seed) if seed % 2 == 0 else phantom_kwargs_mixed(seed)
+
+
 def _indices(
     mask: np.ndarray, rng: np.random.Generator, limit: int, step: int = 1
 ) -> np.ndarray:
@@ -203,7 +214,9 @@ def _indices(
 def make_case(seed: int, prep: Compose) -> Case:
     """Generate and preprocess training phantom ``seed``."""
     assert seed < EVAL_SEED_MIN, "training must never use evaluation seeds"
-    if seed >= STAGE5_SEED_BASE:
+    if seed >= STAGE6_SEED_BASE:
+        kwargs = phantom_kwargs_review(seed)
+    elif seed >= STAGE5_SEED_BASE:
         kwargs = phantom_kwargs_masses(seed)
     elif seed >= STAGE4_SEED_BASE:
         kwargs = phantom_kwargs_mixed(seed)
@@ -364,6 +377,7 @@ def run_stage(
         3: (args.iters3, args.lr3, STAGE3_MIX),
         4: (args.iters4, args.lr4, STAGE4_MIX),
         5: (args.iters5, args.lr5, STAGE5_MIX),
+        6: (args.iters6, args.lr6, STAGE6_MIX),
     }[stage]
     net.train()
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
@@ -441,6 +455,8 @@ def train(args: argparse.Namespace) -> dict:
                 entry["hard_negative_voxels"],
             )
         loss = run_stage(net, cases, args, stage)
+        if args.keep_stages:
+            save(net, args.out.with_suffix(f".stage{stage}.pt"))
         del cases
         stats[f"stage{stage}"] = {
             **entry,
@@ -475,6 +491,9 @@ def main() -> None:
     ap.add_argument("--cases5", type=int, default=30)
     ap.add_argument("--iters5", type=int, default=2000)
     ap.add_argument("--lr5", type=float, default=2e-4)
+    ap.add_argument("--cases6", type=int, default=30)
+    ap.add_argument("--iters6", type=int, default=1500)
+    ap.add_argument("--lr6", type=float, default=1.5e-4)
     ap.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3, 4])
     ap.add_argument(
         "--init",
@@ -482,6 +501,8 @@ def main() -> None:
         default=None,
         help="weights to start from when stage 1 is skipped",
     )
+    ap.add_argument("--keep-stages", action="store_true",
+                    help="also write each stage's weights beside --out (OUT.stageN.pt)")
     ap.add_argument("--iters", type=int, default=4500)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--patch", type=int, nargs=3, default=[96, 96, 64])
