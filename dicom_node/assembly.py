@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from dicom_node.audit import AuditLog
 from dicom_node.config import Config
@@ -44,7 +45,7 @@ class Assembler:
             self._last_retention = now
             self.apply_retention(now)
 
-    def _check_study(self, study: dict, now: float) -> None:
+    def _check_study(self, study: dict[str, Any], now: float) -> None:
         uid = study["study_uid"]
         quiet = now - (study["last_received_at"] or now)
         routes = matching_routes(self.config.routes, self.db.study_series(uid))
@@ -61,7 +62,7 @@ class Assembler:
         log.info("study %s stable after %.1f s: %d instances, routes %s, revision %d",
                  uid, quiet, study["instance_count"], ",".join(r.name for r in routes), revision)
 
-    def _audit(self, study: dict, **fields: object) -> None:
+    def _audit(self, study: dict[str, Any], **fields: object) -> None:
         if self.audit is not None:
             self.audit.record("study-received", study_uid=study["study_uid"],
                               instances=study["instance_count"], **fields)

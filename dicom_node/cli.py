@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from datetime import datetime
 
     from dicom_node.admin import Admin
+    from dicom_node.net.scu import Peer
+    from dicom_node.storage.state import StateDB
 
 log = logging.getLogger("dicom_node")
 
@@ -40,7 +42,7 @@ def _config_from(args: argparse.Namespace) -> Config:
     )
 
 
-def _peer(dest: str, config: Config):  # -> Peer
+def _peer(dest: str, config: Config) -> Peer:
     from dicom_node.net.scu import Peer
 
     if dest in config.destinations:
@@ -145,7 +147,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 0 if failed == 0 else 1
 
 
-def _state_db(config: Config):  # -> StateDB
+def _state_db(config: Config) -> StateDB:
     """The configuration's state database; a clear error when the node never ran there."""
     from dicom_node.storage.state import StateDB
 

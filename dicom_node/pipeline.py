@@ -175,7 +175,7 @@ def _no_numpy_huge_pages() -> None:
     import importlib
 
     try:
-        setter = getattr(importlib.import_module("numpy._core.multiarray"), "_set_madvise_hugepage")
+        setter = getattr(importlib.import_module("numpy._core.multiarray"), "_set_madvise_hugepage")  # noqa: B009
     except (ImportError, AttributeError):
         log.debug("numpy offers no huge page switch; left as it is")
         return

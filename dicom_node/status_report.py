@@ -89,7 +89,7 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 
 def _node_line(node: dict[str, Any] | None) -> str:
     if not node or node.get("running") is None:
-        return "node: " + (node or {}).get("detail", "unknown")
+        return "node: " + str((node or {}).get("detail", "unknown"))
     if not node["running"]:
         return f"node: NOT RUNNING ({node['detail']})"
     failing = [k for k, ok in node.get("checks", {}).items() if not ok]

@@ -22,8 +22,8 @@ model's resampled grid:
   not followed (a vessel that the model's mask itself carries stays in it). The mask
   grows only where the model's edge lies inside the lesion (at least half the voxels
   just outside it in-plane above the half maximum); otherwise those bright voxels are what
-  touches the lesion, and the mask only shrinks to the edge. Without enough lung around (fewer than 10 voxels) or contrast (``C - B`` under
-  100 HU) the model's mask is kept as it is.
+  touches the lesion, and the mask only shrinks to the edge. Without enough lung around
+  (fewer than 10 voxels) or contrast (``C - B`` under 100 HU) the model's mask is kept as it is.
 * **Pleural cut**: a lesion touching the chest wall or the mediastinum ends at the
   pleural surface fitted around it (:mod:`plugin.pleural_cut`); the voxels beyond it
   are neither kept, grown into nor counted in the volume's shell.

@@ -46,7 +46,7 @@ from pydicom.sr.coding import Code
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
-from plugin.lesion_measure import Attenuation, attenuation, margin_voxels, measure_lesion
+from plugin.lesion_measure import Attenuation, margin_voxels, measure_lesion
 from plugin.manifest import LabelSpec
 from plugin.types import Axis, Finding, Findings, SegmentCodes
 

@@ -276,8 +276,9 @@ class MonaiBundlePlugin:
             except (RuntimeError, ValueError, OSError) as e:
                 raise self._fail(f"models/model.ts is not a loadable TorchScript model: {e}") from e
         else:
+            shown = weights.relative_to(self.bundle_dir) if weights.is_relative_to(self.bundle_dir) else weights
             raise self._fail(
-                f"no weights: expected {weights.relative_to(self.bundle_dir) if weights.is_relative_to(self.bundle_dir) else weights}"
+                f"no weights: expected {shown}"
                 " or models/model.ts (download the bundle's weights into models/)"
             )
         return cast(torch.nn.Module, network.to(self.device).eval())

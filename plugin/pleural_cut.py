@@ -79,7 +79,7 @@ def beyond_pleura(
 def _width_mm(mask: np.ndarray, spacing: tuple[float, float, float]) -> float:
     """The larger in-plane side (mm) of ``mask``'s bounding box."""
     xs, ys = (np.flatnonzero(mask.any(axis=other)) for other in ((1, 2), (0, 2)))
-    return max((xs[-1] - xs[0] + 1) * spacing[0], (ys[-1] - ys[0] + 1) * spacing[1])
+    return float(max((xs[-1] - xs[0] + 1) * spacing[0], (ys[-1] - ys[0] + 1) * spacing[1]))
 
 
 def _opening(region: np.ndarray, spacing: tuple[float, float, float], radius_mm: float) -> np.ndarray:
@@ -114,7 +114,8 @@ class _Surface:
     def residual(self, points: np.ndarray) -> np.ndarray:
         """Signed distance along the plane's normal from the surface to ``points``."""
         local = (points - self.centre) @ self.axes
-        return local[:, 0] - _quadratic_terms(local[:, 1], local[:, 2]) @ self.coefficients
+        residual: np.ndarray = local[:, 0] - _quadratic_terms(local[:, 1], local[:, 2]) @ self.coefficients
+        return residual
 
 
 def _quadratic_terms(u: np.ndarray, v: np.ndarray) -> np.ndarray:

@@ -232,10 +232,10 @@ class OrientCopy(Orientation):
 
     def __call__(self, data_array: torch.Tensor, lazy: bool | None = None) -> torch.Tensor:
         if lazy or not isinstance(data_array, MetaTensor) or data_array.pending_operations:
-            return _fresh_copy(super().__call__(data_array, lazy=lazy))
+            return cast(torch.Tensor, _fresh_copy(super().__call__(data_array, lazy=lazy)))
         meta, xform = self.plan(data_array)
         out = MetaTensor(_reoriented_copy(data_array.as_tensor().detach(), xform))
-        return out.copy_meta_from(meta)
+        return cast(torch.Tensor, out.copy_meta_from(meta))  # type: ignore[no-untyped-call]
 
     def plan(self, data_array: MetaTensor) -> tuple[Any, np.ndarray]:
         """The metadata ``Orientation`` gives (affine, recorded operation) and the
@@ -344,11 +344,11 @@ class OrientCropForegroundd(MapTransform, InvertibleTransform):
         if np.any(box_start < 0) or np.any(box_end > np.asarray(shape)):
             return self.crop(self.orient(d))
         stand_in = MetaTensor(torch.empty(1, dtype=image.dtype).expand(image.shape[0], *shape))
-        stand_in.copy_meta_from(meta)
+        stand_in.copy_meta_from(meta)  # type: ignore[no-untyped-call]
         cropped = cropper.crop_pad(stand_in, box_start, box_end)
         box = tuple(slice(int(a), int(b)) for a, b in zip(box_start, box_end))
         out = MetaTensor(_reoriented_copy(image.as_tensor().detach(), xform, box))
-        d[self.key] = out.copy_meta_from(cropped)
+        d[self.key] = out.copy_meta_from(cropped)  # type: ignore[no-untyped-call]
         coords: dict[Hashable, Any] = d
         if self.crop.start_coord_key is not None:
             coords[self.crop.start_coord_key] = box_start

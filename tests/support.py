@@ -137,7 +137,7 @@ class NodeProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-            raise AssertionError("node did not stop on SIGTERM")
+            raise AssertionError("node did not stop on SIGTERM") from None
 
     def kill9(self) -> None:
         assert self.proc is not None

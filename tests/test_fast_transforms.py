@@ -108,7 +108,7 @@ def test_orient_crop_equals_orientation_then_crop(perm: tuple[int, ...], signs: 
     assert np.array_equal(theirs["foreground_start_coord"], ours["foreground_start_coord"])
     assert [op["orig_size"] for op in a.applied_operations] == [op["orig_size"] for op in b.applied_operations]
     assert a.applied_operations[-1]["extra_info"]["cropped"] == b.applied_operations[-1]["extra_info"]["cropped"]
-    for pre, data in ((theirs_pre, theirs), (ours_pre, ours)):
+    for data in (theirs, ours):
         data["pred"] = MetaTensor(data["img"].as_tensor().clone(), meta=dict(data["img"].meta))
     back_theirs = Invertd("pred", transform=theirs_pre, orig_keys="img")(theirs)["pred"]
     back_ours = Invertd("pred", transform=ours_pre, orig_keys="img")(ours)["pred"]

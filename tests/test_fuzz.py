@@ -4,8 +4,8 @@ Mutated copies of a valid CT instance (bytes flipped, value lengths rewritten to
 absurd values, truncation, garbage inserted) go through ``Ingestor.store`` and then,
 when stored, through ``build_volume``. Neither may raise anything but its own
 documented error: the C-STORE path answers a DIMSE status, the volume builder raises
-SeriesError. What the C-STORE path acknowledges must parse to its end (dcmdump reads it). Inputs that once broke this are kept in ``tests/fuzz_corpus/`` and
-replayed first.
+SeriesError. What the C-STORE path acknowledges must parse to its end (dcmdump reads
+it). Inputs that once broke this are kept in ``tests/fuzz_corpus/`` and replayed first.
 """
 
 from __future__ import annotations

@@ -62,7 +62,7 @@ class NodeAE(ApplicationEntity):
         self.on_tls_failure = on_tls_failure  # (peer, reason) of a failed TLS handshake
         self.max_instance_bytes = 0  # a C-STORE dataset past this is not buffered (0: no limit)
 
-    @property  # type: ignore[override]
+    @property
     def maximum_associations(self) -> int:
         """The limit pynetdicom compares this process's associations with.
 
@@ -87,7 +87,7 @@ class NodeAE(ApplicationEntity):
     def maximum_associations(self, value: int) -> None:
         self._maximum_associations = max(1, int(value))
 
-    @property  # type: ignore[override]
+    @property
     def require_calling_aet(self) -> list[str]:
         """pynetdicom reads this during negotiation, in the association's thread."""
         policy: CallerPolicy | None = getattr(self, "caller_policy", None)

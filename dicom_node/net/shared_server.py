@@ -147,7 +147,7 @@ class SharedSocketServer(GatedAssociationServer):
 
     def server_bind(self) -> None:
         """Use the inherited socket instead of binding a new one."""
-        shared: SharedListen = getattr(self.ae, "shared_listen")
+        shared: SharedListen = getattr(self.ae, "shared_listen")  # noqa: B009 (set on NodeAE at run time)
         if self.socket is not None:
             self.socket.close()
         self.socket = shared.socket

@@ -106,7 +106,7 @@ def stamp_matches(data: bytes) -> bool:
     if len(data) < PREAMBLE + 4:
         return False
     magic, length, crc = _STAMP.unpack_from(data, 0)
-    return magic == STAMP_MAGIC and length == len(data) and crc == zlib.crc32(memoryview(data)[PREAMBLE:])
+    return bool(magic == STAMP_MAGIC and length == len(data) and crc == zlib.crc32(memoryview(data)[PREAMBLE:]))
 
 
 def _write_all(fd: int, view: memoryview, offset: int) -> None:

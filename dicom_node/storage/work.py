@@ -48,7 +48,7 @@ class WorkStore:
             done_before = c.execute(
                 "SELECT COUNT(*) AS n FROM jobs WHERE study_uid=?", (study_uid,)
             ).fetchone()["n"]
-            revision = row["revision"] + 1 if done_before else row["revision"]
+            revision = int(row["revision"]) + 1 if done_before else int(row["revision"])
             self._supersede_older(c, study_uid, revision)
             for route, plugin in routes:
                 cur = c.execute(

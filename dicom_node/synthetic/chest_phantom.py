@@ -63,7 +63,8 @@ class ChestPhantom:
 
     def ras_affine(self) -> np.ndarray:
         """Index (column, row, slice) -> RAS world, as MONAI's ITKReader gives it."""
-        return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps_affine(self.layout)
+        affine: np.ndarray = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps_affine(self.layout)
+        return affine
 
     def image_xyz(self) -> np.ndarray:
         """The HU volume as (X, Y, Z) = (column, row, slice), the node's layout."""
@@ -323,7 +324,8 @@ def _disc(
     cya = np.broadcast_to(np.asarray(cy, dtype=np.float32), grid.z.shape)
     dx = (grid.x[None, None, :] - cxa[:, None, None]) / rx
     dy = (grid.y[None, :, None] - cya[:, None, None]) / ry
-    return dx * dx + dy * dy <= 1.0
+    inside: np.ndarray = dx * dx + dy * dy <= 1.0
+    return inside
 
 
 def _draw_mediastinum(
@@ -384,7 +386,8 @@ def _ellipse_zvar(
 ) -> np.ndarray:
     dx = (grid.x[None, None, :] - cx) / rx[:, None, None]
     dy = (grid.y[None, :, None] - cy[:, None, None]) / ry[:, None, None]
-    return dx * dx + dy * dy <= 1.0
+    inside: np.ndarray = dx * dx + dy * dy <= 1.0
+    return inside
 
 
 # ----------------------------------------------------------------------------- tubes, blobs
@@ -432,7 +435,8 @@ def _segment_distance(
     rz, ry, rx = zz - seg.p0[0], yy - seg.p0[1], xx - seg.p0[2]
     t = np.clip((rz * d[0] + ry * d[1] + rx * d[2]) / length2, 0.0, 1.0)
     ez, ey, ex = rz - t * d[0], ry - t * d[1], rx - t * d[2]
-    return np.sqrt(ez * ez + ey * ey + ex * ex)
+    distance: np.ndarray = np.sqrt(ez * ez + ey * ey + ex * ex)
+    return distance
 
 
 def _grow_tree(
@@ -555,7 +559,7 @@ def _signed_distance(
     grid: _Grid, box: tuple[slice, slice, slice], spec: _NoduleSpec
 ) -> np.ndarray:
     zz, yy, xx = _local_coords(grid, box)
-    out = None
+    out: np.ndarray | None = None
     for offset, radius in spec.lobes:
         c = spec.centre + offset
         d = np.sqrt((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2) - radius
@@ -600,7 +604,8 @@ def _pleural_point(
         if ijk is None or not lung[ijk]:
             break
         pos = nxt
-    return (pos - direction * radius * rng.uniform(0.45, 0.8)).astype(np.float32)
+    point: np.ndarray = (pos - direction * radius * rng.uniform(0.45, 0.8)).astype(np.float32)
+    return point
 
 
 def _to_index(grid: _Grid, p: np.ndarray) -> tuple[int, int, int] | None:
@@ -630,9 +635,7 @@ def _vascular_point(
         axis = seg.p1 - seg.p0
         perp = np.cross(axis, rng.normal(size=3))
         perp /= np.linalg.norm(perp) + 1e-9
-        c = (p + perp * (radius + seg.radius) * rng.uniform(0.6, 0.9)).astype(
-            np.float32
-        )
+        c: np.ndarray = (p + perp * (radius + seg.radius) * rng.uniform(0.6, 0.9)).astype(np.float32)
         if _inside_lung(lung, grid, c, radius * 0.8):
             return c
     return None
