@@ -42,6 +42,12 @@ MATCH_KEYS = (
 )
 
 
+# The result objects a route can ask for (see dicom_node/results): DICOM Segmentation,
+# TID 1500 SR, key images as Secondary Capture, Key Object Selection.
+Output = Literal["seg", "sr", "sc", "kos"]
+ALL_OUTPUTS: tuple[Output, ...] = typing.get_args(Output)
+
+
 def usable_cpus() -> int:
     """CPUs this process may run on (the affinity mask, else ``os.cpu_count()``)."""
     try:
@@ -190,6 +196,16 @@ class Route(_Strict):
     plugin: str = Field(min_length=1)
     stable_seconds: float = Field(default=10.0, ge=0)
     destinations: list[str] = Field(default_factory=list)
+    # which result objects to produce and send (default: all of them)
+    outputs: list[Output] = Field(default_factory=lambda: list(ALL_OUTPUTS), min_length=1)
+
+    @field_validator("outputs")
+    @classmethod
+    def _check_outputs(cls, outputs: list[Output]) -> list[Output]:
+        repeated = sorted({o for o in outputs if outputs.count(o) > 1})
+        if repeated:
+            raise ValueError(f"{', '.join(repeated)} listed twice")
+        return outputs
 
     @field_validator("match")
     @classmethod

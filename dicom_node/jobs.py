@@ -18,7 +18,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from dicom_node.audit import AuditLog
-from dicom_node.config import Config
+from dicom_node.config import ALL_OUTPUTS, Config, Route
 from dicom_node.errors import PluginError
 from dicom_node.pipeline import (
     WORKER_DIED,
@@ -119,6 +119,7 @@ class JobRunner:
 
     def _spec(self, job: dict[str, Any]) -> JobSpec:
         factory, options = self.config.plugin_factory(job["plugin"])
+        route = self._route(job)
         return JobSpec(
             job_id=job["id"],
             study_uid=job["study_uid"],
@@ -130,7 +131,12 @@ class JobRunner:
             revision=job["revision"],
             max_series_slices=self.config.jobs.max_series_slices,
             max_volume_mb=self.config.jobs.max_volume_mb,
+            outputs=tuple(route.outputs) if route else ALL_OUTPUTS,
         )
+
+    def _route(self, job: dict[str, Any]) -> Route | None:
+        """The job's route in the configuration (None when it was removed since)."""
+        return next((r for r in self.config.routes if r.name == job["route"]), None)
 
     def _submit(self, job: dict[str, Any]) -> None:
         spec = self._spec(job)
@@ -169,7 +175,7 @@ class JobRunner:
         self._record(job, result, elapsed)
 
     def _record(self, job: dict[str, Any], outcome: JobOutcome, elapsed: float) -> None:
-        route = next((r for r in self.config.routes if r.name == job["route"]), None)
+        route = self._route(job)
         destinations = route.destinations if route else []
         records = [ResultRecord(r.sop_instance_uid, r.series_uid, r.sop_class_uid, r.kind, r.path)
                    for r in outcome.results]

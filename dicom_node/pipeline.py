@@ -1,8 +1,9 @@
 """The analysis pipeline, run inside a worker process (never in the listener).
 
 Stages: select (series selection) -> volume (series to volume) -> analyse (the
-plugin) -> seg, sr (result encoding) -> write (durable result files). Each stage is
-timed; the timings go to the state database and the log.
+plugin) -> seg, sr, sc, kos (result encoding, the outputs the route asks for) -> write
+(durable result files). Each stage is timed; the timings go to the state database and
+the log.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 
+from dicom_node.config import ALL_OUTPUTS
 from dicom_node.errors import NodeError, PluginError, SeriesError
 from dicom_node.storage.spool import write_durably
 
@@ -43,6 +45,7 @@ class JobSpec:
     revision: int
     max_series_slices: int = 2000
     max_volume_mb: int = 4096
+    outputs: tuple[str, ...] = ALL_OUTPUTS  # the route's outputs (see config.Route.outputs)
 
 
 @dataclass(frozen=True)
@@ -192,8 +195,6 @@ def _write(ds: Dataset, folder: Path, kind: str) -> ResultFile:
 
 def run_job(spec: JobSpec) -> JobOutcome:
     """Run one analysis job end to end; raises NodeError subclasses on failure."""
-    from dicom_node.results import encode_seg, encode_sr, result_series_numbers
-    from dicom_node.results.common import load_sources
     from dicom_node.series import build_volume, select_series
 
     outcome = JobOutcome()
@@ -217,20 +218,45 @@ def run_job(spec: JobSpec) -> JobOutcome:
     for name, seconds in getattr(findings, "timings", {}).items():
         t[f"analyse.{name}"] = float(seconds)
     outcome.findings = findings.count
-    seg_number, sr_number = result_series_numbers(spec.revision)
-    folder = spec.results_dir / str(spec.job_id)
-    datasets: list[tuple[str, Dataset]] = []
-    with _stage(t, "seg"):
-        sources = load_sources(volume)  # source headers, read once for both objects
-        if findings.findings:
-            datasets.append(("SEG", encode_seg(volume, findings, plugin.info, series_number=seg_number,
-                                               sources=sources)))
-    with _stage(t, "sr"):
-        datasets.append(("SR", encode_sr(volume, findings, plugin.info, series_number=sr_number,
-                                         sources=sources)))
+    datasets = encode_results(volume, findings, plugin.info, spec, t)
     with _stage(t, "write"):
+        folder = spec.results_dir / str(spec.job_id)
         outcome.results = [_write(ds, folder, kind) for kind, ds in datasets]
     return outcome
+
+
+def encode_results(volume: Any, findings: Any, info: Any, spec: JobSpec,
+                   t: dict[str, float]) -> list[tuple[str, Dataset]]:
+    """The result objects of ``spec.outputs``, as ``(kind, dataset)``, each stage timed.
+
+    A SEG needs a segmented finding; a KOS needs something to select (it selects the
+    other results, so it is built last).
+    """
+    from dicom_node.results import encode_key_images, encode_kos, encode_seg, encode_sr, result_series_numbers
+    from dicom_node.results.common import load_sources
+    from dicom_node.results.kos import key_source_images
+
+    numbers = result_series_numbers(spec.revision)
+    outputs = set(spec.outputs)
+    datasets: list[tuple[str, Dataset]] = []
+    with _stage(t, "seg"):
+        sources = load_sources(volume)  # source headers, read once for every object
+        if "seg" in outputs and findings.findings:
+            datasets.append(("SEG", encode_seg(volume, findings, info, series_number=numbers.seg,
+                                               sources=sources)))
+    if "sr" in outputs:
+        with _stage(t, "sr"):
+            datasets.append(("SR", encode_sr(volume, findings, info, series_number=numbers.sr,
+                                             sources=sources)))
+    if "sc" in outputs:
+        with _stage(t, "sc"):
+            datasets += [("SC", ds) for ds in encode_key_images(volume, findings, info, series_number=numbers.sc,
+                                                                sources=sources)]
+    if "kos" in outputs and (datasets or key_source_images(findings, sources)):
+        with _stage(t, "kos"):
+            datasets.append(("KOS", encode_kos(volume, findings, info, series_number=numbers.kos,
+                                               results=[ds for _, ds in datasets], sources=sources)))
+    return datasets
 
 
 def run_job_safely(spec: JobSpec) -> JobOutcome | JobFailed:

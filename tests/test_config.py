@@ -44,6 +44,15 @@ def test_embedded_default_loads() -> None:
     assert load_config(None).node.port == 11112
 
 
+def test_route_outputs_default_to_all_four() -> None:
+    """A route without ``outputs`` makes every result object; the shipped one says so."""
+    assert parse_config(yaml.safe_load(CORE)).routes[0].outputs == ["seg", "sr", "sc", "kos"]
+    assert load_config(None).routes[0].outputs == ["seg", "sr", "sc", "kos"]
+    data = yaml.safe_load(CORE)
+    data["routes"][0]["outputs"] = ["sr", "sc"]
+    assert parse_config(data).routes[0].outputs == ["sr", "sc"]
+
+
 @pytest.mark.parametrize(
     "patch, key, reason",
     [
@@ -74,6 +83,13 @@ def test_embedded_default_loads() -> None:
         ({"node": {"listener_processes": "many"}}, "node.listener_processes", "from 1 to 64"),
         ({"node": {"listener_processes": 2.5}}, "node.listener_processes", "from 1 to 64"),
         ({"node": {"listener_processes": True}}, "node.listener_processes", "from 1 to 64"),
+        ({"routes": [{"name": "r", "plugin": "p", "outputs": ["seg", "pdf"]}]}, "routes[r].outputs.1",
+         "'seg', 'sr', 'sc' or 'kos'"),
+        ({"routes": [{"name": "r", "plugin": "p", "outputs": ["sr", "sc", "sr"]}]}, "routes[r].outputs",
+         "sr listed twice"),
+        ({"routes": [{"name": "r", "plugin": "p", "outputs": []}]}, "routes[r].outputs", "at least 1 item"),
+        ({"routes": [{"name": "r", "plugin": "p", "output": ["sr"]}]}, "routes[r].output",
+         "unknown key (did you mean outputs?)"),
     ],
 )
 def test_invalid_values_name_key_and_reason(patch: dict, key: str, reason: str) -> None:

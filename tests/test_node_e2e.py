@@ -62,7 +62,8 @@ def _dciodvfy_errors(path: Path) -> list[str]:
 
 
 def _results(dest: StoreSCP) -> dict[str, list[Any]]:
-    out: dict[str, list[Any]] = {"SEG": [], "SR": []}
+    """What the destination received, by modality (the key images are OT, the KOS is KO)."""
+    out: dict[str, list[Any]] = {"SEG": [], "SR": [], "OT": [], "KO": []}
     for path in dest.files():
         ds = dcmread(path)
         out.setdefault(ds.Modality, []).append((path, ds))
@@ -79,18 +80,21 @@ def test_study_analysed_and_delivered(tmp_path: Path, dest: StoreSCP, study: lis
         assert storescu(node.port, study).returncode == 0
         status = node.wait_for(lambda s: _study_state(s, "done"), what="study done")
         job = status["jobs"][0]
-        assert job["state"] == "done" and {"select", "volume", "analyse", "seg", "sr"} <= set(job["timings"])
+        assert job["state"] == "done" and {"select", "volume", "analyse", "seg", "sr", "sc", "kos"} <= set(job["timings"])
         assert status["deliveries"][0]["state"] == "done"
         results = _results(dest)
-        assert len(results["SEG"]) == 1 and len(results["SR"]) == 1
+        # SEG, SR, the key images (a summary and one per lesion) and the KOS, in their own series
+        assert [len(results[m]) for m in ("SEG", "SR", "OT", "KO")] == [1, 1, 3, 1]
         source = dcmread(study[0], stop_before_pixels=True)
-        for path, ds in results["SEG"] + results["SR"]:
+        for path, ds in sum(results.values(), []):
             assert ds.StudyInstanceUID == source.StudyInstanceUID
             assert ds.PatientID == source.PatientID
             assert not _dciodvfy_errors(path), _dciodvfy_errors(path)
         seg = results["SEG"][0][1]
         assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Lesion 1", "Lesion 2"]
-        assert (seg.SeriesNumber, results["SR"][0][1].SeriesNumber) == (9001, 9002)
+        assert {m: {int(ds.SeriesNumber) for _, ds in results[m]} for m in results} == {
+            "SEG": {9001}, "SR": {9002}, "OT": {9003}, "KO": {9004}}
+        assert seg.SeriesDescription == "AI Test Dense Lesions - SEG - NOT FOR DIAGNOSTIC USE"
         text = node.cli("status", "--config", str(node.config_path)).stdout
         assert "done" in text and source.StudyInstanceUID in text and "ready" in text
         assert "analysis workers warm" in text
@@ -167,15 +171,16 @@ def test_late_instances_reopen_and_supersede(tmp_path: Path, dest: StoreSCP, stu
         assert storescu(node.port, study[-5:]).returncode == 0
         node.wait_for(lambda s: _study_state(s, "done") and len(s["jobs"]) == 2, what="second revision")
         both = _results(dest)
-        assert len(both["SEG"]) == 2 and len(both["SR"]) == 2
-        new = [ds for _, ds in both["SEG"] + both["SR"] if ds.SOPInstanceUID not in
-               {d.SOPInstanceUID for _, d in first["SEG"] + first["SR"]}]
-        assert sorted(int(ds.SeriesNumber) for ds in new) == [9011, 9012]
-        old_series = {ds.SeriesInstanceUID for _, ds in first["SEG"] + first["SR"]}
+        assert [len(both[m]) for m in ("SEG", "SR", "OT", "KO")] == [2, 2, 6, 2]
+        first_uids = {d.SOPInstanceUID for _, d in sum(first.values(), [])}
+        new = [ds for _, ds in sum(both.values(), []) if ds.SOPInstanceUID not in first_uids]
+        assert sorted({int(ds.SeriesNumber) for ds in new}) == [9011, 9012, 9013, 9014]
+        old_series = {ds.SeriesInstanceUID for _, ds in sum(first.values(), [])}
         assert not {ds.SeriesInstanceUID for ds in new} & old_series
-        # loop safety: our own results coming back, and a re-sent study, trigger nothing
+        # loop safety: our own results coming back (SEG, SR, key images, KOS), and a re-sent
+        # study, trigger nothing
         sent = node.cli("send", str(dest.out_dir), "--to", f"DICOMNODE@127.0.0.1:{node.port}")
-        assert "sent 4 of 4 instances" in sent.stdout
+        assert "sent 12 of 12 instances" in sent.stdout
         assert storescu(node.port, study).returncode == 0
         time.sleep(3)
         status = node.status()
@@ -201,7 +206,7 @@ def test_destination_down_then_up(tmp_path: Path, study: list[Path]) -> None:
         node.start()
         status = node.wait_for(lambda s: _study_state(s, "done"), what="delivered after retry")
         assert status["deliveries"][0]["state"] == "done"
-        assert len(scp.files()) == 2
+        assert len(scp.files()) == 6  # SEG, SR, three key images, KOS
     finally:
         scp.stop()
         node.stop()
@@ -242,7 +247,8 @@ def test_kill9_mid_transfer_loses_nothing(tmp_path: Path, dest: StoreSCP, ct150:
         status = node.wait_for(lambda s: _study_state(s, "done"), timeout=180, what="processed after restart")
         assert status["studies"][0]["instance_count"] == 150
         assert status["deliveries"][0]["state"] == "done"
-        assert [ds.Modality for _, ds in sum(_results(dest).values(), [])] == ["SR"]  # no dense lesions
+        # no dense lesions: the SR, the summary image saying so, and the KOS selecting both
+        assert sorted(ds.Modality for _, ds in sum(_results(dest).values(), [])) == ["KO", "OT", "SR"]
     finally:
         node.stop()
 

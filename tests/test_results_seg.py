@@ -165,8 +165,9 @@ def test_finding_without_voxels_raises(case: tuple) -> None:
 
 
 def test_series_numbers_are_deterministic() -> None:
-    assert result_series_numbers(0) == (9001, 9002)
-    assert result_series_numbers(1) == (9011, 9012)
+    assert result_series_numbers(0) == (9001, 9002, 9003, 9004)
+    assert result_series_numbers(1) == (9011, 9012, 9013, 9014)
+    assert (result_series_numbers(2).sc, result_series_numbers(2).kos) == (9023, 9024)
     assert result_series_numbers(7) == result_series_numbers(7)
     with pytest.raises(ValueError):
         result_series_numbers(-1)
@@ -179,6 +180,15 @@ def test_series_description_fits_lo_and_is_ascii() -> None:
     assert text.endswith(" - SEG - NOT FOR DIAGNOSTIC USE")
     clinical = dataclasses.replace(rs.INFO, for_clinical_use=True)
     assert series_description(clinical, "SR") == "AI Lung Nodules - SR"
+
+
+def test_series_description_never_says_ai_twice() -> None:
+    shipped = dataclasses.replace(rs.INFO, display_name="AI Lung Nodules")  # as the manifest names it
+    assert series_description(shipped, "SEG") == "AI Lung Nodules - SEG - NOT FOR DIAGNOSTIC USE"
+    assert series_description(rs.INFO, "SEG") == series_description(shipped, "SEG")
+    assert series_description(shipped, "SC") == "AI Lung Nodules - Key images - NOT FOR DIAGNOSTIC USE"
+    assert series_description(shipped, "KOS") == "AI Lung Nodules - Key objects - NOT FOR DIAGNOSTIC USE"
+    assert series_description(dataclasses.replace(rs.INFO, display_name="Aid tool"), "SR").startswith("AI Aid tool")
 
 
 def test_real_ct_references_match_dcmqi_seg(case: tuple, tmp_path: Path) -> None:

@@ -9,21 +9,21 @@ from dicom_node.results import warmup
 from tests import results_support as rs
 
 
-def test_warm_up_encoders_builds_both_objects(monkeypatch: pytest.MonkeyPatch) -> None:
-    from dicom_node.results import seg, sr
+def test_warm_up_encoders_builds_every_object(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dicom_node.results import kos, sc, seg, sr
 
     built: list[str] = []
-    for module, name in ((seg, "encode_seg"), (sr, "encode_sr")):
+    for module, name in ((seg, "encode_seg"), (sr, "encode_sr"), (sc, "encode_key_images"), (kos, "encode_kos")):
         original = getattr(module, name)
 
         def spy(*args: object, _original: object = original, **kwargs: object) -> object:
-            ds = _original(*args, **kwargs)  # type: ignore[operator]
-            built.append(str(ds.Modality))
-            return ds
+            result = _original(*args, **kwargs)  # type: ignore[operator]
+            built.extend(str(ds.Modality) for ds in (result if isinstance(result, list) else [result]))
+            return result
 
         monkeypatch.setattr(module, name, spy)
     assert warmup.try_warm_up_encoders(rs.INFO)
-    assert built == ["SEG", "SR"]
+    assert built == ["SEG", "SR", "OT", "OT", "KO"]  # the summary and one key image
 
 
 def test_failed_warm_up_is_logged_not_raised(

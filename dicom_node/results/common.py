@@ -1,16 +1,19 @@
-"""Provenance shared by every result object (SEG, SR).
+"""Provenance shared by every result object (SEG, SR, key images, KOS).
 
 Series numbering
 ----------------
-Results of one analysis run ("revision") get two new series in the patient's study::
+Results of one analysis run ("revision") get up to four new series in the patient's
+study, one per output::
 
-    SEG series number = 9001 + 10 * revision
-    SR  series number = 9002 + 10 * revision
+    SEG                     series number = 9001 + 10 * revision
+    SR                      series number = 9002 + 10 * revision
+    key images (SC)         series number = 9003 + 10 * revision
+    key objects (KOS)       series number = 9004 + 10 * revision
 
-Revision 0 gives (9001, 9002), revision 1 gives (9011, 9012), and so on. The numbers
-are deterministic, so a re-sent result lands in the same series number, and a newer
+Revision 0 gives 9001-9004, revision 1 gives 9011-9014, and so on. The numbers are
+deterministic, so a re-sent result lands in the same series number, and a newer
 revision (late instances re-opened the study) sorts after the older one in a viewer.
-The last digit leaves room for further result types (9003: SC, 9004: PDF, ...).
+The last digit leaves room for further result types (9005: PDF, ...).
 
 Patient and study modules are copied from the first source image by highdicom
 (``SOPClass.copy_patient_and_study_information``); :func:`load_sources` makes sure
@@ -23,9 +26,11 @@ import contextlib
 import datetime
 import importlib.metadata
 import logging
+import re
 import unicodedata
 import warnings
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import highdicom as hd
 import pydicom
@@ -44,21 +49,32 @@ logger = logging.getLogger(__name__)
 NODE_VERSION_FALLBACK = "0.1.0"
 SERIES_NUMBER_BASE = 9000
 SERIES_NUMBER_STRIDE = 10
-SEG_OFFSET = 1
-SR_OFFSET = 2
 NOT_FOR_DIAGNOSTIC_USE = "NOT FOR DIAGNOSTIC USE"
 LO_MAX = 64  # maximum length of a DICOM LO value
 
+#: What a reader sees of each output in the series description.
+OUTPUT_LABELS = {"SEG": "SEG", "SR": "SR", "SC": "Key images", "KOS": "Key objects"}
 
-def result_series_numbers(revision: int) -> tuple[int, int]:
-    """Deterministic ``(seg, sr)`` series numbers for result revision ``revision``.
 
-    ``revision`` 0 -> (9001, 9002), 1 -> (9011, 9012); see the module docstring.
+class ResultSeriesNumbers(NamedTuple):
+    """The series numbers of one revision's results, one per output."""
+
+    seg: int
+    sr: int
+    sc: int
+    kos: int
+
+
+def result_series_numbers(revision: int) -> ResultSeriesNumbers:
+    """Deterministic series numbers for result revision ``revision``.
+
+    ``revision`` 0 -> (9001, 9002, 9003, 9004), 1 -> (9011, ..., 9014); see the module
+    docstring.
     """
     if revision < 0:
         raise ValueError(f"revision must be >= 0, got {revision}")
     base = SERIES_NUMBER_BASE + SERIES_NUMBER_STRIDE * revision
-    return base + SEG_OFFSET, base + SR_OFFSET
+    return ResultSeriesNumbers(base + 1, base + 2, base + 3, base + 4)
 
 
 def node_version() -> str:
@@ -85,14 +101,22 @@ def plain(text: str) -> str:
 def series_description(info: PluginInfo, kind: str) -> str:
     """Series description such as ``"AI Lung Nodules - SEG - NOT FOR DIAGNOSTIC USE"``.
 
-    The display name is shortened so the whole value fits in an LO (64 chars).
+    ``kind`` is a key of :data:`OUTPUT_LABELS` (``"SC"`` reads "Key images"). The
+    display name gets an "AI " prefix unless it starts with "AI" already, and is
+    shortened so the whole value fits in an LO (64 chars).
     """
-    suffix = f" - {kind}"
+    suffix = f" - {OUTPUT_LABELS.get(kind, kind)}"
     if not info.for_clinical_use:
         suffix += f" - {NOT_FOR_DIAGNOSTIC_USE}"
-    room = LO_MAX - len("AI ") - len(suffix)
-    name = ascii_text(info.display_name or info.name, max(room, 0)) or "analysis"
-    return f"AI {name}{suffix}"[:LO_MAX]
+    room = max(LO_MAX - len(suffix), 0)
+    return f"{display_name(info)[:room].rstrip()}{suffix}"[:LO_MAX]
+
+
+def display_name(info: PluginInfo) -> str:
+    """The analysis as a reader sees it: its display name (ASCII), with an "AI " prefix
+    unless the name starts with "AI" already ("AI Lung Nodules", never "AI AI ...")."""
+    name = ascii_text(info.display_name or info.name, LO_MAX) or "analysis"
+    return name if re.match(r"AI\b", name, flags=re.IGNORECASE) else f"AI {name}"
 
 
 def software_versions(info: PluginInfo) -> tuple[str, str]:
@@ -117,8 +141,16 @@ def algorithm_identification(info: PluginInfo) -> hd.AlgorithmIdentificationSequ
     )
 
 
-def contributing_equipment(info: PluginInfo) -> list[hd.ContributingEquipment]:
-    """Contributing Equipment per IHE AI Results: the node and the algorithm."""
+def contributing_equipment(info: PluginInfo, source: Dataset | None = None) -> list[hd.ContributingEquipment]:
+    """Contributing Equipment per IHE AI Results: the node and the algorithm, after the
+    acquisition equipment of ``source`` when given (highdicom adds that one itself to the
+    SEG and the SR; the key images and the KOS pass their source here)."""
+    acquisition = []
+    if source is not None:
+        try:
+            acquisition = [hd.ContributingEquipment.for_image_acquisition(source)]
+        except (ValueError, AttributeError):  # not an image, or no Manufacturer
+            logger.debug("source image names no acquisition equipment")
     now = datetime.datetime.now(datetime.timezone.utc)
     node = hd.ContributingEquipment(
         manufacturer=NODE_MANUFACTURER,
@@ -139,7 +171,7 @@ def contributing_equipment(info: PluginInfo) -> list[hd.ContributingEquipment]:
             f"AI analysis: {info.display_name or info.name}", LO_MAX
         ),
     )
-    return [node, algorithm]
+    return [*acquisition, node, algorithm]
 
 
 def tracking_uid(volume: Volume, info: PluginInfo, finding: Finding | Detection) -> str:

@@ -137,6 +137,12 @@ def _check_tree(root: Dataset, sources: list[Dataset]) -> None:
         pending.extend(item.get("ContentSequence", []))
 
 
+def absent_finding(findings: Findings, override: Code | None = None) -> Code:
+    """What the analysis looked for, named when nothing was found: ``override``, else
+    ``findings.looked_for``, else SCT "Finding"."""
+    return override or findings.looked_for or DEFAULT_ABSENT_FINDING
+
+
 MEASUREMENT_CONVENTIONS = (
     "Measurements on the source images: long and short axis on the axial slice of largest "
     "extent, the short axis the longest diameter perpendicular to the long one; attenuation "
@@ -187,7 +193,7 @@ def _report(
     sources: list[Dataset],
     absent_finding_type: Code | None,
 ) -> hd.sr.MeasurementReport:
-    absent = absent_finding_type or findings.looked_for or DEFAULT_ABSENT_FINDING
+    absent = absent_finding(findings, absent_finding_type)
     groups: list[sr_content.Group] = []
     for finding in findings.findings:
         groups.extend(sr_content.finding_groups(volume, finding, info, sources))

@@ -56,19 +56,23 @@ Group = (
 )
 
 
-def observation_context(info: PluginInfo) -> hd.sr.ObservationContext:
-    """TID 1001 with a device observer: the model that produced the findings."""
+def device_observer(info: PluginInfo) -> hd.sr.ObserverContext:
+    """TID 1002 observer context of the device: the model that produced the findings."""
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=info.device_uid,
         name=common.plain(info.display_name or info.name),
         manufacturer_name=common.plain(info.manufacturer),
         model_name=common.plain(f"{info.name} {info.version}"),
     )
-    observer = hd.sr.ObserverContext(
+    return hd.sr.ObserverContext(
         observer_type=codes.cid270.Device,
         observer_identifying_attributes=device,
     )
-    return hd.sr.ObservationContext(observer_device_context=observer)
+
+
+def observation_context(info: PluginInfo) -> hd.sr.ObservationContext:
+    """TID 1001 with a device observer: the model that produced the findings."""
+    return hd.sr.ObservationContext(observer_device_context=device_observer(info))
 
 
 def algorithm_id(info: PluginInfo) -> hd.sr.AlgorithmIdentification:

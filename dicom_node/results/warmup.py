@@ -3,8 +3,9 @@
 The first SEG and SR a process builds pay one-time costs: highdicom loads its
 standard tables (JSON, about 0.5 s here) and several modules on first use (about
 0.9 s in all on a 2-core VM). :func:`warm_up_encoders` builds, checks and serialises
-one SEG and one SR from a tiny synthetic series, so that those costs are paid at
-worker start instead of in the first study's SEG and SR stages. Nothing is kept.
+one SEG, one SR, the key images (SC) and a KOS from a tiny synthetic series, so that
+those costs are paid at worker start instead of in the first study's stages. Nothing
+is kept.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ _SPEC = LabelSpec(
 
 
 def warm_up_encoders(info: PluginInfo) -> None:
-    """Encode and serialise one SEG and one SR for a tiny synthetic series."""
+    """Encode and serialise one SEG, SR, key image set and KOS for a tiny synthetic series."""
+    from dicom_node.results.kos import encode_kos
+    from dicom_node.results.sc import encode_key_images
     from dicom_node.results.seg import encode_seg
     from dicom_node.results.sr import encode_sr
     from dicom_node.series.volume import build_volume
@@ -44,10 +47,14 @@ def warm_up_encoders(info: PluginInfo) -> None:
         volume = build_volume(write_ct_series(hu, Path(folder)))
         labels = (volume.image[0].numpy() > -500).astype(np.uint8)
         findings = measure_findings(labels, volume.image[0].numpy(), volume.lps_affine(), {1: _SPEC})
-        for ds in (
-            encode_seg(volume, findings, info, series_number=1, sources=volume.source_headers),
-            encode_sr(volume, findings, info, series_number=2, sources=volume.source_headers),
-        ):
+        sources = volume.source_headers
+        built = [
+            encode_seg(volume, findings, info, series_number=1, sources=sources),
+            encode_sr(volume, findings, info, series_number=2, sources=sources),
+            *encode_key_images(volume, findings, info, series_number=3, sources=sources),
+        ]
+        built.append(encode_kos(volume, findings, info, series_number=4, results=built, sources=sources))
+        for ds in built:
             ds.save_as(DicomBytesIO(), enforce_file_format=True)
 
 
