@@ -3,8 +3,9 @@
 It starts a node on the embedded default configuration (free loopback ports, a
 throw-away storage folder, a short stable time) and a local destination that receives
 the results; generates a chest-CT phantom with nodules; sends it; shows progress;
-prints the findings table read back from the SR; and writes the SEG, the SR and a PNG
-preview to the output folder.
+prints the findings table read back from the SR; and writes what the destination
+received (SEG, SR, the key images as Secondary Capture, the Key Object Selection) and
+a PNG preview, which is the key images' own pixels, to the output folder.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ class ResultReceiver:
     def _store(self, event: evt.Event) -> int:
         ds = event.dataset
         ds.file_meta = event.file_meta
-        path = self.folder / f"{ds.Modality}-{ds.SeriesNumber}.dcm"
+        kind = {"OT": "SC"}.get(str(ds.Modality), str(ds.Modality))
+        path = self.folder / f"{kind}-{ds.SeriesNumber}-{ds.InstanceNumber}.dcm"
         ds.save_as(path, enforce_file_format=True)
         self.received.append(path)
         self._event.set()
@@ -105,7 +107,7 @@ def _wait_for_results(node: Any, study_uid: str, start: float, timeout: float) -
             _say(start, {"receiving": "waiting for the study to become stable (2 s without new images)",
                          "processing": "study stable: queued for analysis",
                          "analysing": f"analysing with the lung-nodule model (MONAI, {_device_text()})",
-                         "delivering": "sending SEG and SR to the destination",
+                         "delivering": "sending SEG, SR, key images and KOS to the destination",
                          "done": "results confirmed by the destination"}.get(phase, phase))
         if phase in ("done", "failed"):
             return {"study": study, "jobs": jobs}
@@ -209,7 +211,7 @@ def run_demo(out_dir: Path, slices: int = 300, seed: int = 7, timeout: float = 6
         if state["study"].get("state") != "done":
             print(f"analysis did not succeed: {state['study'].get('reason')}", file=sys.stderr)
             return 1
-        sr = next(p for p in receiver.received if p.name.startswith("SR"))
+        sr = next(p for p in receiver.received if p.name.startswith("SR-"))
         sources = {dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in paths}
         findings = read_findings(sr)
         print()
@@ -217,11 +219,10 @@ def run_demo(out_dir: Path, slices: int = 300, seed: int = 7, timeout: float = 6
         print()
         print_truth(phantom)
         print()
-        preview = write_preview(sources, findings, out_dir / "preview.png") if findings else None
+        preview = write_preview(receiver.received, out_dir / "preview.png")
         for path in sorted(receiver.received):
-            print(f"  {path.name[:3].rstrip('-')}: {path}")
-        if preview:
-            print(f"  PNG preview: {preview}")
+            print(f"  {path.name.split('-')[0]}: {path}")
+        print(f"  PNG preview (the key images' pixels): {preview}")
         state_dir = config.node.storage_dir
         print(f"  node state (studies, jobs, deliveries, audit trail): {state_dir}")
         print(f"  read it with: dicom-node status --storage-dir {state_dir}")

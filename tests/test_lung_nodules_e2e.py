@@ -1,17 +1,20 @@
 """The shipped configuration end to end: a chest-CT phantom sent to a running node
-(embedded default: chest CT -> lung_nodules) yields a valid SEG and SR at a dcmtk
-storescp destination, and the demo prints its findings table and writes a PNG."""
+(embedded default: chest CT -> lung_nodules) yields a valid SEG, SR, key images and KOS
+at a dcmtk storescp destination, and the demo prints its findings table and writes the
+key images and a PNG of them."""
 
 from __future__ import annotations
 
 import subprocess
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 from pydicom import dcmread
 
 from dicom_node.config import load_config
 from dicom_node.demo import run_demo
+from dicom_node.results import key_images as ki
 from dicom_node.results.readback import read_findings
 from dicom_node.synthetic.chest_phantom import write_chest_phantom
 from dicom_node.synthetic.ct_writer import StudyIdentity
@@ -48,11 +51,15 @@ def test_chest_phantom_through_the_shipped_configuration(tmp_path: Path) -> None
         status = node.wait_for(lambda s: any(st["state"] in ("done", "failed") for st in s["studies"]),
                                timeout=240, what="analysis and delivery")
         assert status["studies"][0]["state"] == "done", status
-        received = {dcmread(p, stop_before_pixels=True).Modality: p for p in dest.files()}
-        assert set(received) == {"SEG", "SR"}
-        for path in received.values():
+        by_modality: dict[str, list[Path]] = {}
+        for path in dest.files():
+            by_modality.setdefault(dcmread(path, stop_before_pixels=True).Modality, []).append(path)
+        assert sorted(by_modality) == ["KO", "OT", "SEG", "SR"]
+        for path in dest.files():
             _no_errors("dciodvfy", path)
+        received = {modality: paths[0] for modality, paths in by_modality.items()}
         _no_errors("dsrdump", received["SR"])
+        _no_errors("dsrdump", received["KO"])
         findings = read_findings(received["SR"])
         assert findings and findings[0].name == "Nodule 1"
         truth = max(n.diameter_mm for n in phantom.nodules)
@@ -60,7 +67,15 @@ def test_chest_phantom_through_the_shipped_configuration(tmp_path: Path) -> None
         assert all(50.0 <= f.certainty_percent <= 100.0 for f in findings), findings  # the model's score
         seg = dcmread(received["SEG"])
         assert seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue == "27925004"
-        assert "NOT FOR DIAGNOSTIC USE" in seg.SeriesDescription
+        assert seg.SeriesDescription == "AI Lung Nodules - SEG - NOT FOR DIAGNOSTIC USE"
+        # the key images: a summary, then one per finding whose caption gives the SR's numbers
+        key = sorted((dcmread(p) for p in by_modality["OT"]), key=lambda ds: int(ds.InstanceNumber))
+        assert len(key) == len(findings) + 1
+        for f, ds in zip(findings, key[1:], strict=True):
+            assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == f.key_image_uid
+            measures = ki.Measures(f.name, f.long_axis_mm, f.short_axis_mm, f.volume_mm3, f.mean_hu,
+                                   f.certainty_percent)
+            assert ds.ImageComments.split("\n")[1] == ki.measures_text(measures)
     finally:
         node.stop()
         dest.stop()
@@ -76,7 +91,10 @@ def test_demo_prints_findings_and_writes_png(tmp_path: Path, capsys) -> None:  #
 
     assert main(["status", "--storage-dir", str(state), "--state", "done"]) == 0
     assert "1 done" in capsys.readouterr().out  # the demo's study, as status reads it
-    png = tmp_path / "demo" / "preview.png"
-    image = Image.open(png)
-    assert image.width >= 1000 and image.height >= 500
-    assert {p.name[:3] for p in (tmp_path / "demo" / "received").iterdir()} == {"SEG", "SR-"}
+    received = tmp_path / "demo" / "received"
+    assert {p.name.split("-")[0] for p in received.iterdir()} == {"SEG", "SR", "SC", "KO"}
+    # the PNG is the key images' own pixels: the summary, then one image per nodule
+    key = sorted(received.glob("SC-*.dcm"), key=lambda p: int(dcmread(p, stop_before_pixels=True).InstanceNumber))
+    assert len(key) >= 2
+    png = np.asarray(Image.open(tmp_path / "demo" / "preview.png").convert("RGB"))
+    assert np.array_equal(png, np.concatenate([dcmread(p).pixel_array for p in key]))
