@@ -15,6 +15,7 @@ coordinates of the box, for a series with a flipped row direction and resampled 
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -107,10 +108,15 @@ def test_real_detection_bundle_through_the_job_runner(tmp_path: Path) -> None:
     outcome = run_job(job(tmp_path, bundle, files))
 
     assert outcome.findings == 3
-    assert [r.kind for r in outcome.results] == ["SR"], "a detection gets no SEG"
+    # a detection gets no SEG; the key images are a summary and one per box
+    assert [r.kind for r in outcome.results] == ["SR", "SC", "SC", "SC", "SC", "KOS"]
+    for result in outcome.results:
+        errors, output = dciodvfy_errors(result.path)
+        assert errors == [], output
+    captions = [pydicom.dcmread(r.path).ImageComments.split("\n")[1] for r in outcome.results[2:5]]
+    assert all(re.fullmatch(r"long axis [\d.]+ mm, box [\d.]+ x [\d.]+ x [\d.]+ mm, score \d+ %", c)
+               for c in captions), captions
     path = outcome.results[0].path
-    errors, output = dciodvfy_errors(path)
-    assert errors == [], output
     dump = run_tool("dsrdump", path)
     assert dump.returncode == 0 and "Certainty of Finding" in dump.stdout, dump.stderr
     sr = pydicom.dcmread(path)
@@ -136,9 +142,12 @@ def test_nothing_found_gets_a_report_that_says_so(tmp_path: Path) -> None:
 
     outcome = run_job(job(tmp_path, bundle, files))
 
-    assert outcome.findings == 0 and [r.kind for r in outcome.results] == ["SR"]
-    errors, output = dciodvfy_errors(outcome.results[0].path)
-    assert errors == [], output
+    assert outcome.findings == 0 and [r.kind for r in outcome.results] == ["SR", "SC", "KOS"]
+    for result in outcome.results:
+        errors, output = dciodvfy_errors(result.path)
+        assert errors == [], output
+    summary = pydicom.dcmread(outcome.results[1].path)
+    assert summary.ImageComments.split("\n")[0] == "No nodule detected"
     assert run_tool("dsrdump", outcome.results[0].path).returncode == 0
     texts = [item.TextValue for item in walk(pydicom.dcmread(outcome.results[0].path)) if "TextValue" in item]
     assert "Analysis completed: no nodule detected." in texts, texts

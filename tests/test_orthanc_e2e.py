@@ -1,5 +1,5 @@
 """End to end with a real PACS: Orthanc auto-routes a stable CT study to the node, and the
-node's SEG and SR land back in the same Orthanc study.
+node's SEG, SR, key images (Secondary Capture) and KOS land back in the same Orthanc study.
 
 Orthanc (Debian's ``orthanc`` package) runs as a subprocess with its own configuration
 folder: the shipped snippet ``config/orthanc/orthanc-dicom-node.json`` (ports and script
@@ -49,6 +49,9 @@ PATIENT = StudyIdentity(patient_name="ROUTED^PAT", patient_id="ORTHANC-E2E-1", p
 SLICES = 40
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")  # orthanc-dicomweb
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
+KEY_IMAGES = 3  # the summary and one image per dense lesion
+RESULTS = ("SEG", "SR", "OT", "KO")  # OT: the key images, KO: the Key Object Selection
 
 
 def _substitute(text: str, old: str, new: str) -> str:
@@ -160,6 +163,14 @@ def _series_by_modality(orthanc: Orthanc, study_id: str) -> dict[str, list[dict[
     return out
 
 
+def _all_results(orthanc: Orthanc, study_id: str) -> dict[str, list[dict[str, Any]]] | None:
+    """The study's series by modality once every result is there (all key images too)."""
+    series = _series_by_modality(orthanc, study_id)
+    if all(series.get(m) for m in RESULTS) and len(series["OT"][0]["Instances"]) == KEY_IMAGES:
+        return series
+    return None
+
+
 def _dataset(orthanc: Orthanc, instance_id: str, save_to: Path) -> Dataset:
     raw = orthanc.file(instance_id)
     save_to.write_bytes(raw)
@@ -242,10 +253,10 @@ def test_orthanc_routes_study_and_receives_results(tmp_path: Path, peers: tuple[
     assert "Success" in node.cli("echo", "orthanc", "--config", str(node.config_path)).stdout
 
     # 3. a new series (a DERIVED reformat, never routed) makes the study stable again: the
-    #    script sends the CT once more -> the node analyses it -> SEG + SR back into the study
+    #    script sends the CT once more -> the node analyses it -> SEG, SR, key images and KOS
+    #    back into the study
     _store(orthanc, mpr)
-    series = _wait(lambda: (s := _series_by_modality(orthanc, study_id)).get("SEG") and s.get("SR") and s,
-                   60, "SEG and SR in Orthanc's study")
+    series = _wait(lambda: _all_results(orthanc, study_id), 60, "SEG, SR, key images and KOS in Orthanc's study")
     routed_at = time.monotonic() - started
     assert _routing_lines(orthanc, study_id, "skipped: ImageType DERIVED") == 1
 
@@ -257,46 +268,61 @@ def test_orthanc_routes_study_and_receives_results(tmp_path: Path, peers: tuple[
     assert len(status["jobs"]) == 1 and status["jobs"][0]["state"] == "done", status["jobs"]
     assert [d["state"] for d in status["deliveries"]] == ["done"]
     series = _series_by_modality(orthanc, study_id)
-    assert sorted(series) == ["CT", "SEG", "SR"]
-    assert [len(series[m]) for m in ("CT", "SEG", "SR")] == [2, 1, 1]
-    assert [len(series[m][0]["Instances"]) for m in ("SEG", "SR")] == [1, 1]
+    assert sorted(series) == ["CT", "KO", "OT", "SEG", "SR"]
+    assert [len(series[m]) for m in ("CT", *RESULTS)] == [2, 1, 1, 1, 1]
+    assert [len(series[m][0]["Instances"]) for m in RESULTS] == [1, 1, KEY_IMAGES, 1]
     assert _routing_lines(orthanc, study_id, "sending 1 series") == 2  # failed, then after the node is up
-    assert _routing_lines(orthanc, study_id, "produced by dicom-node") >= 2  # SEG and SR skipped
+    assert _routing_lines(orthanc, study_id, "produced by dicom-node") >= 4  # SEG, SR, SC, KOS skipped
 
     # 5. the results: same study and patient, referencing the CT instances Orthanc holds
     ct_series = next(s for s in series["CT"] if len(s["Instances"]) == SLICES)
     ct_uids = {orthanc.get(f"/instances/{i}")["MainDicomTags"]["SOPInstanceUID"] for i in ct_series["Instances"]}
-    seg_path, sr_path = tmp_path / "seg.dcm", tmp_path / "sr.dcm"
-    seg = _dataset(orthanc, series["SEG"][0]["Instances"][0], seg_path)
-    sr = _dataset(orthanc, series["SR"][0]["Instances"][0], sr_path)
-    for ds in (seg, sr):
+    results: dict[str, list[Dataset]] = {}
+    for modality in RESULTS:
+        for n, instance in enumerate(series[modality][0]["Instances"]):
+            path = tmp_path / f"{modality}-{n}.dcm"
+            results.setdefault(modality, []).append(_dataset(orthanc, instance, path))
+            assert not _dciodvfy_errors(path), _dciodvfy_errors(path)
+    for ds in sum(results.values(), []):
         assert ds.StudyInstanceUID == study_uid
         assert (ds.PatientID, str(ds.PatientName)) == (PATIENT.patient_id, PATIENT.patient_name)
         assert ds.Manufacturer == "dicom-node"
+    seg, kos = results["SEG"][0], results["KO"][0]
     refs = _seg_references(seg)
     assert refs and refs <= ct_uids, refs - ct_uids
-    assert not _dciodvfy_errors(seg_path), _dciodvfy_errors(seg_path)
-    assert not _dciodvfy_errors(sr_path), _dciodvfy_errors(sr_path)
+    key_images = sorted(results["OT"], key=lambda ds: int(ds.InstanceNumber))
+    assert [ds.BurnedInAnnotation for ds in key_images] == ["YES"] * KEY_IMAGES
+    assert {i.ReferencedSOPInstanceUID for ds in key_images for i in ds.SourceImageSequence} <= ct_uids
+    # the KOS selects what Orthanc holds in this study: key images, key CT slices, SEG, SR
+    in_study = {i["MainDicomTags"]["SOPInstanceUID"] for i in orthanc.get(f"/studies/{study_id}/instances")}
+    selected = [item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for item in kos.ContentSequence
+                if item.ValueType in ("IMAGE", "COMPOSITE")]
+    assert selected[:KEY_IMAGES] == [ds.SOPInstanceUID for ds in key_images]
+    assert set(selected) <= in_study and {seg.SOPInstanceUID, results["SR"][0].SOPInstanceUID} <= set(selected)
     # what a web viewer (OHIF) asks Orthanc's DICOMweb plugin: the study's series, then the SEG
     qido = orthanc.get(f"/dicom-web/studies/{study_uid}/series")
-    assert sorted(s["00080060"]["Value"][0] for s in qido) == ["CT", "CT", "SEG", "SR"]
+    assert sorted(s["00080060"]["Value"][0] for s in qido) == ["CT", "CT", "KO", "OT", "SEG", "SR"]
     metadata = orthanc.get(f"/dicom-web/studies/{study_uid}/series/{seg.SeriesInstanceUID}/metadata")
     assert [m["00080016"]["Value"][0] for m in metadata] == [SEG_STORAGE]
+    metadata = orthanc.get(f"/dicom-web/studies/{study_uid}/series/{key_images[0].SeriesInstanceUID}/metadata")
+    assert [m["00080016"]["Value"][0] for m in metadata] == [SC_STORAGE] * KEY_IMAGES
 
     # 6. re-sending the same study to Orthanc (nothing new) changes nothing; neither does an
     #    admin sending the CT and our results to the node by hand (the script itself would
     #    send the CT again after an Orthanc restart): the node ignores duplicates and its
     #    own results
     _store(orthanc, ct)
-    by_hand = [ct_series["ID"], series["SEG"][0]["ID"], series["SR"][0]["ID"]]
+    by_hand = [ct_series["ID"], *(series[m][0]["ID"] for m in RESULTS)]
     orthanc.post("/modalities/dicom-node/store", {"Resources": by_hand, "Synchronous": True})
     time.sleep(STABLE_AGE + NODE_STABLE + 2)
     status = node.status()
     assert len(status["jobs"]) == 1, status["jobs"]
-    # one study, not re-opened: the CT, plus our SEG and SR recorded but never analysed
-    assert [(s["state"], s["revision"], s["instance_count"]) for s in status["studies"]] == [("done", 0, SLICES + 2)]
+    # one study, not re-opened: the CT, plus our SEG, SR, key images and KOS recorded but never analysed
+    ours = 3 + KEY_IMAGES
+    assert [(s["state"], s["revision"], s["instance_count"]) for s in status["studies"]] == [
+        ("done", 0, SLICES + ours)]
     series = _series_by_modality(orthanc, study_id)
-    assert [len(series[m]) for m in ("CT", "SEG", "SR")] == [2, 1, 1]
-    assert len(orthanc.get(f"/studies/{study_id}/instances")) == SLICES + 8 + 2
+    assert [len(series[m]) for m in ("CT", *RESULTS)] == [2, 1, 1, 1, 1]
+    assert len(orthanc.get(f"/studies/{study_id}/instances")) == SLICES + 8 + ours
     assert _routing_lines(orthanc, study_id, "sending 1 series") == 2
     print(f"results in Orthanc after {routed_at:.1f} s; whole test {time.monotonic() - started:.1f} s")
