@@ -22,6 +22,8 @@ from dicom_node.net.scu import UNCOMPRESSED, VERIFICATION
 
 SEG_STORAGE = UID("1.2.840.10008.5.1.4.1.1.66.4")
 COMPREHENSIVE_3D_SR = UID("1.2.840.10008.5.1.4.1.1.88.34")
+SECONDARY_CAPTURE = UID("1.2.840.10008.5.1.4.1.1.7")
+KEY_OBJECT_SELECTION = UID("1.2.840.10008.5.1.4.1.1.88.59")
 
 
 def _node_version() -> str:
@@ -59,6 +61,9 @@ def _policy(config: Config) -> list[str]:
         f"at most {node.max_negotiating_per_host} connections per peer address and {node.max_negotiating} "
         "in all (per listener process) may still be negotiating, and over either limit the oldest "
         "of them is closed.",
+        "- These PDU limits, deadlines and negotiation limits need pynetdicom 3.0.x, which the "
+        "package pins. Should another pynetdicom be forced in, the node listens with pynetdicom's "
+        "own server in one process without them and says so in a warning at start.",
         f"- An A-ASSOCIATE-RQ with more than {MAX_PRESENTATION_CONTEXTS} presentation contexts, or more "
         f"than {MAX_TRANSFER_SYNTAXES} transfer syntaxes in one, gets A-ASSOCIATE-RJ rejected-permanent, "
         "source service-user, reason 1 (no reason given). A PDU of unknown type gets A-ABORT "
@@ -144,6 +149,18 @@ def conformance_statement(config: Config) -> str:
         "references to the source images and Frame of Reference |",
         f"| Comprehensive 3D SR | `{COMPREHENSIVE_3D_SR}` | TID 1500 Measurement Report: planar long axis "
         "and volumetric outlines per finding, device observer, image library |",
+        f"| Secondary Capture Image | `{SECONDARY_CAPTURE}` | Key images, RGB, Burned In Annotation YES: a "
+        "summary (findings table, model and version, series analysed, NOT FOR DIAGNOSTIC USE unless "
+        "cleared for clinical use), then one image per finding on its axial key slice in lung window "
+        "with outline, long axis, R/L and A/P markers and a caption (long and short axis, volume, mean "
+        "HU, score); Source Image Sequence, Contributing Equipment |",
+        f"| Key Object Selection Document | `{KEY_OBJECT_SELECTION}` | TID 2010, title (113000, DCM, "
+        "\"Of Interest\"): the key images, the key source images, the SEG and the SR; device observer |",
+        "",
+        "Each analysis (revision r, from 0) puts its objects in new series of the source study: "
+        "SEG 9001 + 10r, SR 9002 + 10r, key images 9003 + 10r, KOS 9004 + 10r. A route's "
+        "`outputs` selects which are made (configured here: "
+        + ("; ".join(f"{r.name}: {', '.join(r.outputs)}" for r in config.routes) or "no routes") + ").",
         "",
         "Results are sent by C-STORE proposing only the SOP classes needed, each with the "
         "transfer syntaxes " + ", ".join(f"{UID(u).name}" for u in UNCOMPRESSED) + ". A delivery "

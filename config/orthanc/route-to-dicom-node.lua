@@ -2,7 +2,8 @@
 --
 -- When a study becomes stable in Orthanc (no new instance for "StableAge" seconds), send
 -- its original image series to dicom-node by C-STORE. dicom-node analyses them and sends
--- a DICOM SEG and an SR back into the same study in Orthanc.
+-- a DICOM SEG, an SR, key images (Secondary Capture, modality OT) and a Key Object
+-- Selection (KO) back into the same study in Orthanc.
 --
 -- Loop safety: the results coming back make the study stable again, so this script runs
 -- again. It never routes what dicom-node produced (series whose Manufacturer is
