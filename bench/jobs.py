@@ -5,7 +5,7 @@
         [--concurrency 1,2] [--studies 6] [--open-criteria]
 
 No network and no node: :func:`dicom_node.pipeline.run_job` (select -> volume ->
-analyse -> SEG -> SR -> write, exactly what an analysis worker runs) on the cached
+analyse -> SEG -> SR -> key images -> KOS -> write, exactly what an analysis worker runs) on the cached
 300-slice chest phantom of ``bench.e2e`` or on the DICOM series in ``FOLDER`` (such as
 the real chest CT in ``../shared/fixtures/real_ct/``). The plugin is loaded (and, on
 CUDA, warmed up) once before the first round, as the node's workers do, so the rounds
@@ -39,7 +39,7 @@ from bench.common import OUT, REPO
 from bench.e2e import DEFAULT_PLUGIN, PLUGINS, chest_series
 
 STAGES = ("select", "volume", "analyse.preprocessing", "analyse.inference", "analyse.postprocessing",
-          "analyse.measure", "seg", "sr", "write")
+          "analyse.measure", "seg", "sr", "sc", "kos", "write")
 NETWORK = "analyse.inference"
 REAL_CT = REPO.parent / "shared" / "fixtures" / "real_ct"
 

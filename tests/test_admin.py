@@ -41,7 +41,7 @@ def test_retry_reprocess_and_forget_on_a_running_node(tmp_path: Path) -> None:
         uid, delivery = row["study_uid"], status["deliveries"][0]["id"]
         assert row["accession_number"] == ACCESSION and row["state"] == "failed"
         first = {r["sop_instance_uid"] for r in status["results"]}
-        assert sorted(r["kind"] for r in status["results"]) == ["SEG", "SR"]
+        assert sorted(r["kind"] for r in status["results"]) == ["KOS", "SC", "SC", "SC", "SEG", "SR"]
         table = node.cli("status", *config).stdout
         assert ACCESSION in table and all(sop in table for sop in first)
 
@@ -62,7 +62,7 @@ def test_retry_reprocess_and_forget_on_a_running_node(tmp_path: Path) -> None:
         status = node.wait_for(lambda s: _delivery_states(s) == ["done", "done"]
                                and s["studies"][0]["state"] == "done", what="the re-run")
         assert status["studies"][0]["revision"] == 1
-        assert len({r["sop_instance_uid"] for r in status["results"]} - first) == 2, "new result objects"
+        assert len({r["sop_instance_uid"] for r in status["results"]} - first) == 6, "new result objects"
         wrong = node.cli("reprocess", uid, "--plugin", "other", *config, check=False)
         assert wrong.returncode == 1 and "no route with plugin 'other' matches" in wrong.stderr
 
