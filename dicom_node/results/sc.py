@@ -74,7 +74,7 @@ def encode_key_images(
     warning = _warning(info)
     for view in views:
         source = sources[view.slice_index]
-        orientation = [float(v) for v in source.ImageOrientationPatient]
+        orientation = _orientation(volume, source)
         letters = key_images.orientation_letters(orientation)
         pixels = key_images.render_key_image(_hu_slice(volume, view.slice_index), view, orientation, warning)
         text = [*key_images.caption_lines(view), *([warning] if warning else [])]
@@ -173,6 +173,15 @@ def _summary(findings: Findings, info: PluginInfo, sources: list[Dataset], views
     )
     references = [sources[z] for z in sorted({v.slice_index for v in views})] or sources
     return _Image(key_images.render_summary(text), key_images.summary_lines(text), references, None)
+
+
+def _orientation(volume: Volume, source: Dataset) -> list[float]:
+    """Image Orientation (Patient) of a source slice; from the volume's affine (the same
+    directions) when the header lacks it."""
+    if len(source.get("ImageOrientationPatient") or []) == 6:
+        return [float(v) for v in source.ImageOrientationPatient]
+    axes = volume.lps_affine()[:3, :2]
+    return [float(v) for v in (axes / np.linalg.norm(axes, axis=0)).T.ravel()]
 
 
 def _hu_slice(volume: Volume, z: int) -> np.ndarray:
