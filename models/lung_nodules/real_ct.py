@@ -75,7 +75,7 @@ def evaluate_real(root: Path, out: Path, bundle: Path | None = None) -> int:
     """Analyse every series under ``root`` with the bundle folder ``bundle`` (this one by
     default); print findings, write PNGs to ``out``."""
     from dicom_node.preview import write_preview
-    from dicom_node.results import encode_sr
+    from dicom_node.results import encode_key_images, encode_sr
     from dicom_node.results.readback import read_findings
     from dicom_node.series import build_volume, select_series
     from plugin.monai_bundle import MonaiBundlePlugin
@@ -107,7 +107,6 @@ def evaluate_real(root: Path, out: Path, bundle: Path | None = None) -> int:
         LOG.info(f"== {folder.name}: {len(selection.paths)} slices, {volume.shape[0]} x {volume.shape[1]}, "
                  f"{volume.spacing_mm[0]:.3f} mm pixels, {slice_mm:g} mm slices, kernel "
                  f"{first.get('ConvolutionKernel', '?')}; {findings.count} finding(s)")
-        sources = {dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in selection.paths}
         with tempfile.TemporaryDirectory() as tmp:
             sr_path = Path(tmp) / "sr.dcm"
             encode_sr(volume, findings, plugin.info, series_number=9002).save_as(sr_path, enforce_file_format=True)
@@ -122,8 +121,9 @@ def evaluate_real(root: Path, out: Path, bundle: Path | None = None) -> int:
                      f"{finding.short_axis.length_mm:5.1f} mm  volume {finding.volume_mm3:8.0f} mm3  HU {hu}  "
                      f"LPS ({where}) image {finding.key_slice + 1}"
                      + ("" if tumour is None else f"  in annotated tumour: {'yes' if tumour else 'no'}"))
-        if reported:
-            png = write_preview(sources, reported, out / f"{folder.name}.png")
+        if reported:  # the key images the node would send, stacked
+            png = write_preview(encode_key_images(volume, findings, plugin.info, series_number=9003),
+                                out / f"{folder.name}.png")
             LOG.info(f"  preview: {png}")
         LOG.debug("series %s: %d findings", volume.series_instance_uid, findings.count)
     tumour_series = sorted({b.series for b in boxes})
