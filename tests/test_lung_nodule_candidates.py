@@ -244,4 +244,4 @@ def test_a_component_wider_than_the_patch_is_neither_vetoed_nor_gated_like_a_nod
     out = transform.merge(prob, cands, np.zeros(cands.count), np.array(SPACING), region)
     assert out[wide].min() == np.float32(0.9)
     assert out[small].max() == 0.0
-    assert transform._wider_than_a_patch(*ndimage.label(prob > 0.5)).tolist() == [False, True, False]
+    assert transform.wider_than_a_patch(*ndimage.label(prob > 0.5)).tolist() == [False, True, False]

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
-from models.lung_nodules.transforms import KeepInLungsd, lung_region
+from models.lung_nodules.transforms import KeepInLungsd, MassChanneld, domes, lung_region
 
 SOFT = (40.0 + 1000.0) / 1400.0  # 40 HU on the bundle's [-1000, 400] HU -> [0, 1] scale
 AIR = 0.0  # -1000 HU
@@ -60,3 +60,48 @@ def test_tubes_are_removed_when_asked_blobs_kept() -> None:
     blobs = KeepInLungsd(keys="pred", max_elongation=2.0)(data)["pred"][0].numpy()
     assert blobs[30:38, 40:48, 20:26].min() > 0
     assert blobs[66:98, 50:53, 30:33].max() == 0.0
+
+
+def _ball(shape: tuple[int, int, int], centre: tuple[float, float, float], radius: float) -> np.ndarray:
+    grid = np.indices(shape, dtype=np.float32)
+    return sum((g - c) ** 2 for g, c in zip(grid, centre)) <= radius**2  # type: ignore[no-any-return]
+
+
+def test_domes_drops_a_flat_cap_on_the_abdomen_keeps_masses() -> None:
+    """1 mm voxels, Z up. A 40 x 40 x 6 mm cap lying on soft tissue (the liver top the
+    network marks through a lung base) is a dome; a 36 mm ball in the lung, a 36 mm ball
+    resting on the diaphragm and a flat cap with lung below are not."""
+    shape = (140, 140, 100)
+    image = np.full(shape, AIR, dtype=np.float32)
+    image[:, :, :30] = SOFT  # the abdomen below z = 30
+    components = np.zeros(shape, dtype=np.int32)
+    components[10:50, 10:50, 30:36] = 1  # the cap on the abdomen's top
+    components[_ball(shape, (90, 30, 60), 18)] = 2  # a mass in the lung
+    components[_ball(shape, (30, 100, 48), 18)] = 3  # a mass resting on the abdomen (bottom at z = 30)
+    components[90:130, 90:130, 70:76] = 4  # a flat cap with lung below it
+    spacing = np.array([1.0, 1.0, 1.0])
+    candidates = np.array([False, True, True, True, True])
+    assert domes(components, 4, image, spacing, candidates).tolist() == [False, True, False, False, False]
+    # only the candidates are judged
+    assert not domes(components, 4, image, spacing, np.array([False, False, True, True, True])).any()
+
+
+def test_mass_channel_adds_only_wide_components_of_the_mass_network() -> None:
+    """Channel 0 (nodule network) is kept as it is; of channel 1 (mass network) only
+    components wider than the classifier's 32 mm patch along both in-plane axes join."""
+    shape = (120, 120, 40)
+    prob = np.zeros((2, *shape), dtype=np.float32)
+    prob[0, 10:18, 10:18, 10:18] = 0.9  # a nodule only the nodule network sees
+    prob[1, 60:110, 60:100, 5:35] = 0.8  # a 50 x 40 mm mass
+    prob[1, 10:30, 80:100, 10:20] = 0.95  # a 20 mm blob of the mass network: not a mass
+    prob[1, 12:16, 12:16, 12:16] = 0.6  # the mass network inside the nodule: dropped, channel 0 decides
+    pred = MetaTensor(torch.from_numpy(prob), affine=torch.eye(4))
+    out = MassChanneld(keys="pred")({"pred": pred})["pred"]
+    assert isinstance(out, MetaTensor) and tuple(out.shape) == (1, *shape)
+    merged = out[0].numpy()
+    assert np.array_equal(merged[10:18, 10:18, 10:18], prob[0, 10:18, 10:18, 10:18])
+    assert (merged[60:110, 60:100, 5:35] == np.float32(0.8)).all()
+    assert merged[10:30, 80:100, 10:20].max() == 0.0
+    assert float((merged > 0.5).sum()) == 8**3 + 50 * 40 * 30
+    single = MetaTensor(torch.from_numpy(prob[:1].copy()), affine=torch.eye(4))
+    assert MassChanneld(keys="pred")({"pred": single})["pred"] is single

@@ -1,13 +1,15 @@
 """Train the lung-nodule bundle from scratch on generated chest-CT phantoms (CPU).
 
     nice -n 15 python models/lung_nodules/train.py            # writes models/model.pt
+    python models/lung_nodules/train.py --stages 5 6 --init models/lung_nodules/models/model.pt --out m.pt
 
-Seeded and reproducible (fixed seeds, fixed iteration count, 2 torch threads). The
-training phantoms come from :mod:`dicom_node.synthetic.chest_phantom` with seeds
-``TRAIN_SEED_BASE + i`` (i < ``--cases``), 100.. (stage 2), 200.. (stage 3), 300..
-(stage 4) and 400.. (stage 5: a mass of 30-80 mm in every chest; an experiment, not in
-the shipped weights and not run by default: ``--stages 5 --init models/model.pt --out
-stage5.pt``);
+Seeded and reproducible (fixed seeds, fixed iteration count, 2 torch threads). Stages
+1-4 train the nodule network, stages 5-6 fine-tune a copy of it into the mass network;
+``models/model.pt`` holds both (:mod:`networks`). The training phantoms come from
+:mod:`dicom_node.synthetic.chest_phantom` with seeds ``TRAIN_SEED_BASE + i`` (i <
+``--cases``), 100.. (stage 2), 200.. (stage 3), 300.. (stage 4), 400.. (stage 5: a
+mass of 30-80 mm in every chest) and 600.. (stage 6: every other chest with a mass,
+negatives mined with the stage-5 network);
 ``evaluate.py`` uses seeds 9000-9999 (validation) and 10000.. (held-out test), which
 training never touches. Each phantom is drawn at a random acquisition geometry,
 then put through the bundle's own preprocessing (read from configs/inference.json),
@@ -69,6 +71,7 @@ STAGE_SEEDS = {
     6: STAGE6_SEED_BASE,
 }
 MINED_STAGES = {3, 4, 5, 6}  # stages that first mine hard negatives with the network so far
+MASS_STAGES = {5, 6}  # stages that fine-tune the nodule network into the mass network
 MINE_LEVEL = 0.3  # a voxel the network scores above this, away from nodules, is a hard negative
 
 
@@ -347,8 +350,9 @@ def augment(
 
 
 def build_network() -> torch.nn.Module:
-    """``network_def`` of the bundle (random initialisation)."""
-    return load_parser().get_parsed_content("network_def")
+    """One UNet of the bundle (``unet_def``, random initialisation): trained as the
+    nodule network, then fine-tuned into the mass network."""
+    return load_parser().get_parsed_content("unet_def")
 
 
 def load_cases(seeds: range, prep: Compose) -> list[Case]:
@@ -415,37 +419,41 @@ def run_stage(
                 time.time() - t0,
             )
         if it % 250 == 0:
-            save(net, args.out)
-    save(net, args.out)
+            save(net, args.out.with_suffix(".partial.pt"))
     return running
 
 
 def train(args: argparse.Namespace) -> dict:
     """Run ``args.stages`` in order, each on its own phantoms (``STAGE_SEEDS``) with
     its own optimiser and schedule (see the README): 1, slabs and chests; 2, whole
-    chests with more soft-tissue patches; 3 and 4, hard-negative fine-tuning; 5, the
-    same with a mass of 30-80 mm in every chest (not in the default run). A run
-    that starts after stage 1 starts from ``args.init``."""
+    chests with more soft-tissue patches; 3 and 4, hard-negative fine-tuning (the
+    nodule network); 5 and 6, the same network fine-tuned on chests with a mass (the
+    mass network). ``args.out`` gets both, packed for
+    :class:`models.lung_nodules.networks.NoduleAndMassNet`. A run that starts after
+    stage 1 starts from ``args.init`` (packed or one network: its nodule network), and
+    a network none of its stages trains is taken from there."""
     torch.set_num_threads(args.threads)
     t0, c0 = time.time(), time.process_time()
     prep = bundle_preprocessing()
     torch.manual_seed(args.seed)
     net = build_network()
+    init: dict[str, dict[str, torch.Tensor]] = {}
+    if min(args.stages) > 1:
+        init = unpack(torch.load(args.init, map_location="cpu", weights_only=True))
+        resumes_mass = min(args.stages) > min(MASS_STAGES) and "mass" in init
+        net.load_state_dict(init["mass" if resumes_mass else "nodule"])
     stats: dict = {
         "batch": args.batch,
         "patch": list(args.patch),
         "threads": args.threads,
         "seed": args.seed,
     }
+    trained: dict[str, dict[str, torch.Tensor]] = {}
     for stage in sorted(args.stages):
         started = time.time()
         suffix = "" if stage == 1 else str(stage)
         count = getattr(args, f"cases{suffix}")
         cases = load_cases(range(STAGE_SEEDS[stage], STAGE_SEEDS[stage] + count), prep)
-        if stage > 1 and stage == min(args.stages):
-            net.load_state_dict(
-                torch.load(args.init, map_location="cpu", weights_only=True)
-            )
         entry: dict = {"cases": count, "iters": getattr(args, f"iters{suffix}")}
         if stage in MINED_STAGES:
             entry["hard_negative_voxels"] = mine_hard_negatives(net, cases)
@@ -455,14 +463,20 @@ def train(args: argparse.Namespace) -> dict:
                 entry["hard_negative_voxels"],
             )
         loss = run_stage(net, cases, args, stage)
-        if args.keep_stages:
-            save(net, args.out.with_suffix(f".stage{stage}.pt"))
+        trained["mass" if stage in MASS_STAGES else "nodule"] = _state(net)
+        save(net, args.out.with_suffix(f".stage{stage}.pt"))
         del cases
         stats[f"stage{stage}"] = {
             **entry,
             "final_loss": round(loss, 4),
             "wall_s": round(time.time() - started, 1),
         }
+    nodule = trained.get("nodule") or init["nodule"]
+    mass = trained.get("mass") or init.get("mass") or nodule
+    torch.save(pack(nodule, mass), args.out)
+    for stage in args.stages:
+        args.out.with_suffix(f".stage{stage}.pt").unlink(missing_ok=True)
+    args.out.with_suffix(".partial.pt").unlink(missing_ok=True)
     stats.update(
         wall_s=round(time.time() - t0, 1), cpu_s=round(time.process_time() - c0, 1)
     )
@@ -470,10 +484,30 @@ def train(args: argparse.Namespace) -> dict:
     return stats
 
 
+def pack(nodule: dict[str, torch.Tensor], mass: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One state dict for :class:`models.lung_nodules.networks.NoduleAndMassNet`."""
+    return {**{f"nodule.{k}": v for k, v in nodule.items()}, **{f"mass.{k}": v for k, v in mass.items()}}
+
+
+def unpack(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """The networks of a packed state dict by name; a single network's is the nodule network."""
+    if not any(k.startswith("nodule.") for k in state):
+        return {"nodule": state}
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        name, rest = key.split(".", 1)
+        out.setdefault(name, {})[rest] = value
+    return out
+
+
+def _state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
 def save(net: torch.nn.Module, out: Path) -> None:
+    """One network's weights (a stage's checkpoint, next to the final file)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    torch.save(state, out)
+    torch.save(_state(net), out)
 
 
 def main() -> None:
@@ -494,15 +528,13 @@ def main() -> None:
     ap.add_argument("--cases6", type=int, default=30)
     ap.add_argument("--iters6", type=int, default=1500)
     ap.add_argument("--lr6", type=float, default=1.5e-4)
-    ap.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3, 4])
+    ap.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6])
     ap.add_argument(
         "--init",
         type=Path,
         default=None,
         help="weights to start from when stage 1 is skipped",
     )
-    ap.add_argument("--keep-stages", action="store_true",
-                    help="also write each stage's weights beside --out (OUT.stageN.pt)")
     ap.add_argument("--iters", type=int, default=4500)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--patch", type=int, nargs=3, default=[96, 96, 64])

@@ -39,6 +39,7 @@ from models.lung_nodules.candidates import (
 from plugin.finding_scores import SCORES_KEY
 
 AIR_SCALED = (-500.0 + 1000.0) / 1400.0  # -500 HU after ScaleIntensityRanged [-1000, 400] -> [0, 1]
+SOFT_SCALED = (-300.0 + 1000.0) / 1400.0  # -300 HU: soft tissue, above lung and its partial volume
 
 
 def lung_region(image: np.ndarray, dilate_voxels: int = 4, min_voxels: int = 20000,
@@ -100,6 +101,40 @@ def outside_or_tubular(components: np.ndarray, count: int, region: np.ndarray, s
     return drop
 
 
+def domes(components: np.ndarray, count: int, image: np.ndarray, spacing: np.ndarray,
+          candidates: np.ndarray, max_flatness: float = 0.35, below_mm: float = 10.0,
+          min_soft_below: float = 0.8) -> np.ndarray:
+    """Per component label (0..count): True for a component of ``candidates`` (a mask of
+    labels) that is the top of the abdomen seen through the lung bases, not a mass: a
+    flat slab (its height under ``max_flatness`` times its smaller in-plane width) with
+    soft tissue ``below_mm`` under its lowest slice over ``min_soft_below`` of its
+    footprint. Where the lung base wraps around the liver or spleen, their top is a
+    round soft-tissue island on an axial slice, a mass to a network that was shown
+    masses; the network marks the first few millimetres of it, a wide thin cap on the
+    abdomen. A mass is a lump in 3D, however flattened against the wall. Slices holding
+    under 5 % of the largest section do not count. ``image`` is (X, Y, Z) in RAS order
+    (Z up), scaled as the bundle scales it."""
+    out = np.zeros(count + 1, dtype=bool)
+    boxes = ndimage.find_objects(components, max_label=count)
+    for index in np.flatnonzero(candidates[1:]) + 1:
+        box = boxes[index - 1]
+        if box is None:
+            continue
+        mask = components[box] == index
+        areas = mask.sum(axis=(0, 1))
+        solid = np.flatnonzero(areas >= 0.05 * areas.max())
+        height = (solid[-1] - solid[0] + 1) * spacing[2]
+        width = min(np.ptp(np.flatnonzero(mask.any(axis=(1, 2)))) + 1, np.ptp(np.flatnonzero(mask.any(axis=(0, 2)))) + 1)
+        if height >= max_flatness * min(width * spacing[0], width * spacing[1]):
+            continue
+        below = box[2].start + int(solid[0]) - max(int(round(below_mm / spacing[2])), 1)
+        if below < 0:
+            continue
+        footprint = mask[:, :, solid[0]]
+        out[index] = float(np.mean(image[box[0], box[1], below][footprint] > SOFT_SCALED)) >= min_soft_below
+    return out
+
+
 class KeepInLungsd(MapTransform):
     """Zero the predicted components of ``keys`` that lie mostly outside the lungs or,
     when ``max_elongation`` is set, that are tubes rather than blobs (see
@@ -142,6 +177,36 @@ def _as_pred(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     if isinstance(like, MetaTensor):
         return MetaTensor(data, meta=like.meta, applied_operations=like.applied_operations)
     return data
+
+
+class MassChanneld(MapTransform):
+    """Merge the two channels of :class:`models.lung_nodules.networks.NoduleAndMassNet`
+    (probabilities, after the sigmoid) into one: the nodule channel, plus the components
+    of the mass channel wider in-plane than the candidate classifier's patch along both
+    axes (32 mm: what :class:`ClassifyCandidatesd` treats as a mass). The mass channel's
+    smaller components are dropped: there the nodule network, trained longer on nodules,
+    decides. A one-channel prediction passes unchanged."""
+
+    def __init__(self, keys: KeysCollection, threshold: float = 0.5, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.threshold = threshold
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """The merged (1, X, Y, Z) prediction under each key."""
+        d = dict(data)
+        for key in self.key_iterator(d):
+            pred = d[key]
+            if pred.shape[0] == 1:
+                continue
+            prob = torch.as_tensor(pred).detach().cpu().numpy()
+            components, count = ndimage.label(prob[1] > self.threshold)
+            wide = ClassifyCandidatesd.wider_than_a_patch(components, count)
+            merged = prob[0].copy()
+            if wide[1:].any():
+                masses = wide[components]
+                merged[masses] = np.maximum(merged[masses], prob[1][masses])
+            d[key] = _as_pred(merged, pred)
+        return d
 
 
 class ClassifyCandidatesd(MapTransform):
@@ -193,7 +258,7 @@ class ClassifyCandidatesd(MapTransform):
         for key in self.key_iterator(d):
             pred = d[key]
             prob = torch.as_tensor(pred).detach().cpu()[0].numpy()
-            merged = self.merge(prob, cands, scores, spacing, region)
+            merged = self.merge(prob, cands, scores, spacing, region, image)
             d[key] = _as_pred(merged, pred)
             if isinstance(pred, MetaTensor):
                 affine = np.asarray(pred.affine, dtype=np.float64)
@@ -239,7 +304,7 @@ class ClassifyCandidatesd(MapTransform):
         return cands, score(self.net, patches(quantised(image), cands.centres), mirrored=self.mirrored)
 
     @staticmethod
-    def _wider_than_a_patch(components: np.ndarray, count: int) -> np.ndarray:
+    def wider_than_a_patch(components: np.ndarray, count: int) -> np.ndarray:
         """Per component (index 0 unused): wider in-plane, along both axes, than the
         classifier's patch. The classifier sees 32 x 32 mm around a candidate: inside a
         mass it sees only soft tissue, a view it was never taught, so it does not veto
@@ -253,11 +318,13 @@ class ClassifyCandidatesd(MapTransform):
         return wide
 
     def merge(self, prob: np.ndarray, cands: Candidates, scores: np.ndarray,
-              spacing: np.ndarray, region: np.ndarray) -> np.ndarray:
-        """``prob`` (X, Y, Z) with dropped components zeroed and accepted candidates added."""
+              spacing: np.ndarray, region: np.ndarray, image: np.ndarray | None = None) -> np.ndarray:
+        """``prob`` (X, Y, Z) with dropped components zeroed and accepted candidates added;
+        with the ``image`` it was predicted on, wide components that are the abdomen's top
+        (:func:`domes`) are dropped too."""
         components, count = ndimage.label(prob > self.threshold)
         drop = np.zeros(count + 1, dtype=bool)
-        wide = self._wider_than_a_patch(components, count)
+        wide = self.wider_than_a_patch(components, count)
         if count and self.min_inside is not None:
             needed = np.where(wide, min(self.min_inside, self.mass_min_inside), self.min_inside)
             drop = outside_or_tubular(components, count, region, self.step, spacing,
@@ -269,6 +336,8 @@ class ClassifyCandidatesd(MapTransform):
             np.maximum.at(best, in_box[overlap], scores[cands.cores[overlap] - 1])
             drop |= (best >= 0) & (best < self.veto) & ~wide
             drop[0] = False
+        if image is not None and wide.any():
+            drop |= domes(components, count, image, spacing, wide & ~drop)
         out = prob.copy()
         if drop.any():  # zeroed voxel by voxel: a full-size gather and where cost 0.2-0.4 s on a real chest
             where = np.nonzero(components)
