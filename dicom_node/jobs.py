@@ -30,7 +30,7 @@ from dicom_node.pipeline import (
     warm_up,
     worker_init,
 )
-from dicom_node.storage.state import ResultRecord, StateDB
+from dicom_node.storage.state import StateDB
 from dicom_node.storage.work import WorkStore
 from plugin.types import PluginInfo
 
@@ -177,8 +177,7 @@ class JobRunner:
     def _record(self, job: dict[str, Any], outcome: JobOutcome, elapsed: float) -> None:
         route = self._route(job)
         destinations = route.destinations if route else []
-        records = [ResultRecord(r.sop_instance_uid, r.series_uid, r.sop_class_uid, r.kind, r.path)
-                   for r in outcome.results]
+        records = outcome.results
         deadline = self.config.delivery.deadline_hours * 3600
         current = self.work.finish_job(job["id"], records, destinations, outcome.timings, deadline,
                                        note=outcome.note)

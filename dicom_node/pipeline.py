@@ -25,6 +25,7 @@ from pydicom.filebase import DicomBytesIO
 from dicom_node.config import ALL_OUTPUTS
 from dicom_node.errors import NodeError, PluginError, SeriesError
 from dicom_node.storage.spool import write_durably
+from dicom_node.storage.state import ResultRecord
 
 log = logging.getLogger(__name__)
 
@@ -48,22 +49,11 @@ class JobSpec:
     outputs: tuple[str, ...] = ALL_OUTPUTS  # the route's outputs (see config.Route.outputs)
 
 
-@dataclass(frozen=True)
-class ResultFile:
-    """One result object written by a worker."""
-
-    sop_instance_uid: str
-    series_uid: str
-    sop_class_uid: str
-    kind: str
-    path: Path
-
-
 @dataclass
 class JobOutcome:
     """What a worker reports back."""
 
-    results: list[ResultFile] = field(default_factory=list)
+    results: list[ResultRecord] = field(default_factory=list)  # the result files written
     timings: dict[str, float] = field(default_factory=dict)
     note: str = ""  # why nothing was produced, when nothing was
     findings: int = 0
@@ -185,12 +175,12 @@ def _no_numpy_huge_pages() -> None:
     setter(False)
 
 
-def _write(ds: Dataset, folder: Path, kind: str) -> ResultFile:
+def _write(ds: Dataset, folder: Path, kind: str) -> ResultRecord:
     buffer = DicomBytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     path = folder / f"{kind}-{ds.SOPInstanceUID}.dcm"
     write_durably(path, buffer.getvalue())
-    return ResultFile(str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPClassUID), kind, path)
+    return ResultRecord(str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPClassUID), kind, path)
 
 
 def run_job(spec: JobSpec) -> JobOutcome:
