@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dicom_node.audit import AuditLog
+from dicom_node.observers import AuditSink, DeliveryMetrics
 from dicom_node.config import Config, Destination
 from dicom_node.errors import DeliveryError
 from dicom_node.net import statuses
@@ -41,8 +41,8 @@ def backoff_seconds(attempts: int, initial: float, maximum: float) -> float:
 class Deliverer:
     """Works through due deliveries, one association per delivery attempt."""
 
-    def __init__(self, config: Config, work: WorkStore, metrics: Any = None,
-                 audit: AuditLog | None = None) -> None:
+    def __init__(self, config: Config, work: WorkStore, metrics: DeliveryMetrics | None = None,
+                 audit: AuditSink | None = None) -> None:
         self.config = config
         self.work = work
         self.metrics = metrics

@@ -17,7 +17,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from dicom_node.audit import AuditLog
+from dicom_node.observers import AuditSink, JobMetrics
 from dicom_node.config import ALL_OUTPUTS, Config, Route
 from dicom_node.errors import PluginError
 from dicom_node.pipeline import (
@@ -42,8 +42,8 @@ PLUGIN_LOAD_TIMEOUT_S = 600.0  # model loading, CUDA's start-up included
 class JobRunner:
     """Dispatches jobs to a process pool, at most ``max_concurrent_analyses`` at once."""
 
-    def __init__(self, config: Config, db: StateDB, work: WorkStore, metrics: Any = None,
-                 audit: AuditLog | None = None) -> None:
+    def __init__(self, config: Config, db: StateDB, work: WorkStore, metrics: JobMetrics | None = None,
+                 audit: AuditSink | None = None) -> None:
         self.config = config
         self.db = db
         self.work = work

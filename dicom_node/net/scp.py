@@ -41,6 +41,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import Config
+from dicom_node.observers import AuditSink, ListenerMetrics
 from dicom_node.ingest import Ingestor, StoreOutcome, StoreRequest
 from dicom_node.net.statuses import OUT_OF_RESOURCES
 from dicom_node.net.negotiation import NegotiationGate
@@ -145,7 +146,8 @@ class AssociationStats:
 class StorageSCP:
     """Owns the pynetdicom AE and its listening server."""
 
-    def __init__(self, config: Config, ingestor: Ingestor, metrics: Any = None, audit: Any = None,
+    def __init__(self, config: Config, ingestor: Ingestor, metrics: ListenerMetrics | None = None,
+                 audit: AuditSink | None = None,
                  shared_listen: Any = None, label: str = "") -> None:
         """``shared_listen`` (a :class:`~dicom_node.net.shared_server.SharedListen`): serve on
         the node's listening socket as one of several acceptor processes, whose
