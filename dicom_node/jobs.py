@@ -54,6 +54,7 @@ class JobRunner:
         self._running: dict[int, Future[JobOutcome | JobFailed]] = {}
         self._warming: list[Future[int]] = []
         self._lock = threading.Lock()
+        self._stopping = False
 
     def _get_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:
@@ -165,8 +166,8 @@ class JobRunner:
             result = WORKER_DIED
         except Exception as exc:  # pool-level failure: record it, never lose the job
             result = JobFailed(f"worker error: {type(exc).__name__}: {exc}")
-        if self._pool is None and isinstance(result, JobFailed) and not result.worker_died:
-            return  # stopping: the job stays running and is requeued at the next start
+        if self._stopping and isinstance(result, JobFailed):
+            return  # ended by stop(): the job stays running and is requeued at the next start
         if isinstance(result, JobFailed):
             self.work.fail_job(job_id, result.reason)
             self._audit(job, "failed", reason=result.reason)
@@ -203,6 +204,7 @@ class JobRunner:
 
     def stop(self) -> None:
         """Stop the pool; running jobs go back to the queue on the next start."""
+        self._stopping = True  # workers ended from here on are not failures of their jobs
         pool, self._pool = self._pool, None
         if pool is None:
             return

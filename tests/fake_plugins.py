@@ -7,6 +7,7 @@ without a trained model. The shipped configuration uses the real analysis instea
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -34,9 +35,11 @@ MANIFEST = {
 
 class DensePlugin:
     """Threshold segmentation; ``crash=True`` kills the worker process (tests); ``marker``:
-    a file that gets one line each time the plugin is created (tests of when it loads)."""
+    a file that gets one line each time the plugin is created (tests of when it loads);
+    ``delay``: seconds each analysis sleeps first (a long analysis, for stop tests)."""
 
-    def __init__(self, threshold: float = 300.0, crash: bool = False, marker: str | None = None) -> None:
+    def __init__(self, threshold: float = 300.0, crash: bool = False, marker: str | None = None,
+                 delay: float = 0.0) -> None:
         if marker:
             with open(marker, "a", encoding="utf-8") as f:
                 f.write(f"created in {os.getpid()}\n")
@@ -45,6 +48,7 @@ class DensePlugin:
         self.criteria = self.manifest.series_criteria()
         self.threshold = threshold
         self.crash = crash
+        self.delay = delay
         self.warm_ups = 0
 
     def warm_up(self) -> None:
@@ -54,6 +58,7 @@ class DensePlugin:
     def analyse(self, volume: Volume) -> Findings:
         if self.crash:
             os._exit(3)
+        time.sleep(self.delay)
         hu = volume.image[0].numpy()
         labels = (hu > self.threshold).astype(np.uint8)
         return measure_findings(labels, hu, volume.lps_affine(), self.manifest.labels,

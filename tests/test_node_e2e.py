@@ -277,6 +277,28 @@ def test_sigterm_finishes_in_flight_and_exits_cleanly(tmp_path: Path, dest: Stor
     assert refused.returncode != 0
 
 
+def test_sigterm_mid_analysis_requeues_the_job_and_the_next_start_finishes_it(
+        tmp_path: Path, dest: StoreSCP, study: list[Path]) -> None:
+    """Stopping the node ends its analysis workers; the job they were running is not a
+    failure: it stays running in the database and the next start runs it again."""
+    slow = {"dense": {"factory": "tests.fake_plugins:create", "options": {"delay": 60}}}
+    node = _node(tmp_path, dest.port, plugins=slow).start()
+    try:
+        assert storescu(node.port, study).returncode == 0
+        node.wait_for(lambda s: any(j["state"] == "running" for j in s["jobs"]), what="job running")
+    finally:
+        assert node.stop() == 0
+    with sqlite3.connect(tmp_path / "var" / "state.sqlite3") as db:
+        assert db.execute("SELECT state, reason FROM jobs").fetchall() == [("running", None)]
+    node = _node(tmp_path, dest.port).start()
+    try:
+        status = node.wait_for(lambda s: _study_state(s, "done"), what="study done after the restart")
+        assert [j["state"] for j in status["jobs"]] == ["done"]
+        assert status["deliveries"][0]["state"] == "done"
+    finally:
+        node.stop()
+
+
 def test_crashing_plugin_fails_job_but_node_keeps_serving(tmp_path: Path, dest: StoreSCP, study: list[Path]) -> None:
     plugins = {"dense": {"factory": "tests.fake_plugins:create", "options": {"crash": True}}}
     node = _node(tmp_path, dest.port, plugins=plugins).start()
