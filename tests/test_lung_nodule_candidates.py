@@ -217,13 +217,18 @@ def test_each_finding_gets_a_score_and_a_point_inside_it() -> None:
     data = {"image": MetaTensor(torch.from_numpy(image)[None], affine=affine),
             "pred": MetaTensor(torch.from_numpy(prob)[None], affine=affine)}
     out = transform(data)
-    scored = sorted(out[SCORES_KEY], key=lambda item: item[1])
-    assert [round(value, 2) for _, value in scored] == [0.8, 0.88]
     inverse = np.linalg.inv(affine.numpy())
-    for (point, _), box in zip(scored, [(slice(100, 103), slice(30, 33), slice(20, 23)),
-                                        (slice(40, 51), slice(55, 66), slice(36, 45))]):
+    boxes = {0.8: (slice(100, 103), slice(30, 33), slice(20, 23)), 0.88: (slice(40, 51), slice(55, 66), slice(36, 45))}
+    slices: dict[float, set[int]] = {0.8: set(), 0.88: set()}
+    for point, value in out[SCORES_KEY]:
+        box = boxes[round(value, 2)]  # every point carries its finding's score
         index = (inverse @ np.append(point, 1.0))[:3]
         assert all(s.start <= i < s.stop for i, s in zip(index, box)), (index, box)
+        slices[round(value, 2)].add(int(round(index[2])))
+    # a point on every slice of each finding: a finding that thick source slices part in
+    # two, or that the pleural cut trims, still holds one
+    assert slices[0.8] == {20, 21, 22}
+    assert set(range(38, 43)) <= slices[0.88]
 
 
 def test_a_component_wider_than_the_patch_is_neither_vetoed_nor_gated_like_a_nodule() -> None:

@@ -135,6 +135,25 @@ def domes(components: np.ndarray, count: int, image: np.ndarray, spacing: np.nda
     return out
 
 
+def _slice_points(prob: np.ndarray, components: np.ndarray, count: int) -> list[tuple[int, np.ndarray]]:
+    """``(component index 0..count-1, voxel)``: the most probable voxel of each piece
+    of each component on every axial slice (Z) it covers. A component can become several
+    findings on the source grid (thick slices part it, the pleural cut trims it), and a
+    score needs a point inside each of them."""
+    out: list[tuple[int, np.ndarray]] = []
+    for index, box in enumerate(ndimage.find_objects(components, max_label=count)):
+        if box is None:
+            continue
+        mask = components[box] == index + 1
+        for z in range(mask.shape[2]):
+            pieces, n = ndimage.label(mask[:, :, z])
+            if n == 0:
+                continue
+            for x, y in ndimage.maximum_position(prob[box][:, :, z], pieces, np.arange(1, n + 1)):
+                out.append((index, np.array([box[0].start + x, box[1].start + y, box[2].start + z], dtype=np.float64)))
+    return out
+
+
 class KeepInLungsd(MapTransform):
     """Zero the predicted components of ``keys`` that lie mostly outside the lungs or,
     when ``max_elongation`` is set, that are tubes rather than blobs (see
@@ -290,8 +309,9 @@ class ClassifyCandidatesd(MapTransform):
                 label = int(components[tuple(int(c) for c in centre)])
                 if label and network[label - 1] <= self.threshold:
                     points[label - 1] = np.asarray(centre, dtype=np.float64)
-        values = np.maximum(network, best[1:])
-        return [(points[i], float(np.clip(values[i], 0.0, 1.0))) for i in range(count)]
+        values = np.clip(np.maximum(network, best[1:]), 0.0, 1.0)
+        scored = [(points[i], float(values[i])) for i in range(count)]
+        return scored + [(point, float(values[i])) for i, point in _slice_points(prob, components, count)]
 
     def scored_candidates(self, image: np.ndarray, spacing: np.ndarray, region: np.ndarray,
                           device: torch.device | None = None) -> tuple[Candidates, np.ndarray]:
