@@ -135,6 +135,21 @@ def domes(components: np.ndarray, count: int, image: np.ndarray, spacing: np.nda
     return out
 
 
+def _most_probable(prob: np.ndarray, components: np.ndarray, count: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Per component 1..count: its highest ``prob`` and that voxel. Taken in each
+    component's box: SciPy's labelled maximum sorts the whole volume (6 s on a chest)."""
+    highest = np.zeros(count, dtype=np.float64)
+    points = [np.zeros(3) for _ in range(count)]
+    for index, box in enumerate(ndimage.find_objects(components, max_label=count)):
+        if box is None:
+            continue
+        masked = np.where(components[box] == index + 1, prob[box], -np.inf)
+        at = np.unravel_index(int(np.argmax(masked)), masked.shape)
+        highest[index] = masked[at]
+        points[index] = np.array([s.start + i for s, i in zip(box, at)], dtype=np.float64)
+    return highest, points
+
+
 def _slice_points(prob: np.ndarray, components: np.ndarray, count: int) -> list[tuple[int, np.ndarray]]:
     """``(component index 0..count-1, voxel)``: the most probable voxel of each piece
     of each component on every axial slice (Z) it covers. A component can become several
@@ -295,10 +310,7 @@ class ClassifyCandidatesd(MapTransform):
         components, count = ndimage.label(merged > self.threshold, structure=np.ones((3, 3, 3), dtype=bool))
         if count == 0:
             return []
-        index = np.arange(1, count + 1)
-        network = np.asarray(ndimage.maximum(prob, components, index), dtype=np.float64)
-        where = ndimage.maximum_position(prob, components, index)
-        points = [np.asarray(p, dtype=np.float64) for p in where]
+        network, points = _most_probable(prob, components, count)
         best = np.full(count + 1, -1.0)
         if cands.count:
             in_box = components[cands.box]
