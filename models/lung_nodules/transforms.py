@@ -124,8 +124,9 @@ def domes(components: np.ndarray, count: int, image: np.ndarray, spacing: np.nda
         areas = mask.sum(axis=(0, 1))
         solid = np.flatnonzero(areas >= 0.05 * areas.max())
         height = (solid[-1] - solid[0] + 1) * spacing[2]
-        width = min(np.ptp(np.flatnonzero(mask.any(axis=(1, 2)))) + 1, np.ptp(np.flatnonzero(mask.any(axis=(0, 2)))) + 1)
-        if height >= max_flatness * min(width * spacing[0], width * spacing[1]):
+        width = min((np.ptp(np.flatnonzero(mask.any(axis=(1, 2)))) + 1) * spacing[0],
+                    (np.ptp(np.flatnonzero(mask.any(axis=(0, 2)))) + 1) * spacing[1])
+        if height >= max_flatness * width:
             continue
         below = box[2].start + int(solid[0]) - max(int(round(below_mm / spacing[2])), 1)
         if below < 0:
