@@ -136,38 +136,30 @@ def domes(components: np.ndarray, count: int, image: np.ndarray, spacing: np.nda
     return out
 
 
-def _most_probable(prob: np.ndarray, components: np.ndarray, count: int) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Per component 1..count: its highest ``prob`` and that voxel. Taken in each
-    component's box: SciPy's labelled maximum sorts the whole volume (6 s on a chest)."""
-    highest = np.zeros(count, dtype=np.float64)
-    points = [np.zeros(3) for _ in range(count)]
-    for index, box in enumerate(ndimage.find_objects(components, max_label=count)):
-        if box is None:
-            continue
-        masked = np.where(components[box] == index + 1, prob[box], -np.inf)
-        at = np.unravel_index(int(np.argmax(masked)), masked.shape)
-        highest[index] = masked[at]
-        points[index] = np.array([s.start + i for s, i in zip(box, at)], dtype=np.float64)
-    return highest, points
-
-
-def _slice_points(prob: np.ndarray, components: np.ndarray, count: int) -> list[tuple[int, np.ndarray]]:
-    """``(component index 0..count-1, voxel)``: the most probable voxel of each piece
-    of each component on every axial slice (Z) it covers. A component can become several
-    findings on the source grid (thick slices part it, the pleural cut trims it), and a
-    score needs a point inside each of them."""
-    out: list[tuple[int, np.ndarray]] = []
+def _piece_maxima(prob: np.ndarray, components: np.ndarray,
+                  count: int) -> tuple[np.ndarray, list[np.ndarray], list[tuple[int, np.ndarray]]]:
+    """Per component 1..count its highest ``prob`` and that voxel, and ``(component index
+    0..count-1, voxel)`` for the most probable voxel of each piece of each component on
+    every axial slice (Z) it covers. A component can become several findings on the
+    source grid (thick slices part it, the pleural cut trims it), and a score needs a
+    point inside each of them. Taken in each component's box: SciPy's labelled maximum
+    over the whole volume sorts it (6 s on a chest)."""
+    highest = np.full(count, -np.inf)
+    best = [np.zeros(3) for _ in range(count)]
+    pieces_out: list[tuple[int, np.ndarray]] = []
     for index, box in enumerate(ndimage.find_objects(components, max_label=count)):
         if box is None:
             continue
         mask = components[box] == index + 1
+        values = prob[box]
         for z in range(mask.shape[2]):
             pieces, n = ndimage.label(mask[:, :, z])
-            if n == 0:
-                continue
-            for x, y in ndimage.maximum_position(prob[box][:, :, z], pieces, np.arange(1, n + 1)):
-                out.append((index, np.array([box[0].start + x, box[1].start + y, box[2].start + z], dtype=np.float64)))
-    return out
+            for x, y in ndimage.maximum_position(values[:, :, z], pieces, np.arange(1, n + 1)) if n else ():
+                point = np.array([box[0].start + x, box[1].start + y, box[2].start + z], dtype=np.float64)
+                pieces_out.append((index, point))
+                if values[x, y, z] > highest[index]:
+                    highest[index], best[index] = float(values[x, y, z]), point
+    return highest, best, pieces_out
 
 
 class KeepInLungsd(MapTransform):
@@ -311,7 +303,7 @@ class ClassifyCandidatesd(MapTransform):
         components, count = ndimage.label(merged > self.threshold, structure=np.ones((3, 3, 3), dtype=bool))
         if count == 0:
             return []
-        network, points = _most_probable(prob, components, count)
+        network, points, pieces = _piece_maxima(prob, components, count)
         best = np.full(count + 1, -1.0)
         if cands.count:
             in_box = components[cands.box]
@@ -324,7 +316,7 @@ class ClassifyCandidatesd(MapTransform):
                     points[label - 1] = np.asarray(centre, dtype=np.float64)
         values = np.clip(np.maximum(network, best[1:]), 0.0, 1.0)
         scored = [(points[i], float(values[i])) for i in range(count)]
-        return scored + [(point, float(values[i])) for i, point in _slice_points(prob, components, count)]
+        return scored + [(point, float(values[i])) for i, point in pieces]
 
     def scored_candidates(self, image: np.ndarray, spacing: np.ndarray, region: np.ndarray,
                           device: torch.device | None = None) -> tuple[Candidates, np.ndarray]:
