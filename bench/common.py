@@ -78,7 +78,7 @@ def ct_series(slices: int, size: int = 512) -> list[Path]:
     The cache is ``bench/out/ct-<slices>x<size>/``; a ``complete.json`` marker is
     written last, so an interrupted generation is redone.
     """
-    from dicom_node.synthetic.ct_writer import simple_ct_volume, write_ct_series
+    from phantoms.ct_writer import simple_ct_volume, write_ct_series
 
     folder = OUT / f"ct-{slices}x{size}"
     marker = folder / "complete.json"

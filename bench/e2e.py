@@ -70,7 +70,7 @@ FOUND = re.compile(r"found (\d+) finding\(s\)")
 
 def chest_series(slices: int) -> list[Path]:
     """The benchmark phantom (seeded), generated once and cached under bench/out/."""
-    from dicom_node.synthetic.chest_phantom import write_chest_phantom
+    from phantoms.chest_phantom import write_chest_phantom
 
     folder = OUT / f"chest-{slices}"
     marker = folder / "complete.json"

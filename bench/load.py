@@ -43,7 +43,7 @@ def _uid(sender: int, kind: int, index: int, round_: int) -> str:
 
 def templates(senders: int, slices: int, size: int) -> dict[int, list[tuple[str, bytes]]]:
     """One template study per sender (round 0 UIDs), kept in memory as bytes."""
-    from dicom_node.synthetic.ct_writer import SeriesLayout, StudyIdentity, build_slice
+    from phantoms.ct_writer import SeriesLayout, StudyIdentity, build_slice
     from tests.support import dense_phantom
 
     volume = dense_phantom(slices, size)

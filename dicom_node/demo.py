@@ -173,8 +173,8 @@ def print_truth(phantom: Any) -> None:
 def run_demo(out_dir: Path, slices: int = 300, seed: int = 7, timeout: float = 600) -> int:
     """Run the whole demo; returns a process exit code."""
     from dicom_node.node import Node
-    from dicom_node.synthetic.chest_phantom import write_chest_phantom
-    from dicom_node.synthetic.ct_writer import StudyIdentity
+    from phantoms.chest_phantom import write_chest_phantom
+    from phantoms.ct_writer import StudyIdentity
 
     start = time.monotonic()
     out_dir = out_dir.resolve()

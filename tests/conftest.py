@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.synthetic.ct_writer import SeriesLayout, StudyIdentity, simple_ct_volume, write_ct_series
+from phantoms.ct_writer import SeriesLayout, StudyIdentity, simple_ct_volume, write_ct_series
 
 
 @pytest.fixture(scope="session")

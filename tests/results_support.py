@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from dicom_node.synthetic.ct_writer import SeriesLayout, StudyIdentity, write_ct_series
+from phantoms.ct_writer import SeriesLayout, StudyIdentity, write_ct_series
 from plugin.types import (
     LPS_TO_RAS,
     Axis,

@@ -229,7 +229,7 @@ def acknowledged_files(storescu_output: str) -> list[str]:
 
 def dense_phantom(slices: int, size: int = 128, seed: int = 0) -> np.ndarray:
     """A body-like volume with two dense spheres the test plugin finds (HU > 300)."""
-    from dicom_node.synthetic.ct_writer import simple_ct_volume
+    from phantoms.ct_writer import simple_ct_volume
 
     vol = simple_ct_volume(slices, size, size, seed=seed)
     zz, yy, xx = np.mgrid[0:slices, 0:size, 0:size]

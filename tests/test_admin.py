@@ -15,7 +15,7 @@ from dicom_node.config import parse_config
 from dicom_node.errors import ActionRefused
 from dicom_node.storage.state import StateDB
 from dicom_node.storage.work import WorkStore
-from dicom_node.synthetic.ct_writer import SeriesLayout, StudyIdentity, write_ct_series
+from phantoms.ct_writer import SeriesLayout, StudyIdentity, write_ct_series
 from tests.support import FAKE_PLUGIN, NodeProcess, dense_phantom, dense_route, free_port, node_config, storescu
 from tests.test_delivery import PynetdicomSCP
 

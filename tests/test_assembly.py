@@ -8,7 +8,7 @@ from pathlib import Path
 from dicom_node.config import Route, parse_config
 from dicom_node.node import Node
 from dicom_node.routing import matching_routes
-from dicom_node.synthetic.ct_writer import SeriesLayout, simple_ct_volume, write_ct_series
+from phantoms.ct_writer import SeriesLayout, simple_ct_volume, write_ct_series
 from tests.support import free_port, node_config, storescu
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -71,7 +71,7 @@ def test_derived_series_and_localizers_never_reopen_a_study(tmp_path: Path) -> N
     node.validate_plugins = lambda: None  # type: ignore[method-assign]
     node.start()
     try:
-        from dicom_node.synthetic.ct_writer import StudyIdentity
+        from phantoms.ct_writer import StudyIdentity
 
         study = StudyIdentity()
         reformat = write_ct_series(simple_ct_volume(3, 16, 16), tmp_path / "mpr", study,

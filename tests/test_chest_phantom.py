@@ -9,7 +9,7 @@ import pydicom
 import pytest
 from scipy import ndimage
 
-from dicom_node.synthetic.chest_phantom import make_chest_phantom, write_chest_phantom
+from phantoms.chest_phantom import make_chest_phantom, write_chest_phantom
 
 SMALL = {"slices": 48, "rows": 128, "pixel_spacing_mm": 1.0, "slice_spacing_mm": 1.25}
 

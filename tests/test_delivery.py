@@ -15,7 +15,7 @@ from dicom_node.config import parse_config
 from dicom_node.delivery import Deliverer, backoff_seconds
 from dicom_node.storage.state import ResultRecord, StateDB
 from dicom_node.storage.work import WorkStore
-from dicom_node.synthetic.ct_writer import simple_ct_volume, write_ct_series
+from phantoms.ct_writer import simple_ct_volume, write_ct_series
 from tests.support import NodeProcess, StoreSCP, free_port, node_config
 
 

@@ -17,7 +17,7 @@ from pynetdicom.ae import ApplicationEntity
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from dicom_node.net import reactor
-from dicom_node.synthetic.ct_writer import simple_ct_volume, write_ct_series
+from phantoms.ct_writer import simple_ct_volume, write_ct_series
 from tests.support import start_node
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -31,7 +31,7 @@ from dicom_node import pipeline
 from dicom_node.errors import PluginError
 from dicom_node.pipeline import JobSpec, run_job
 from dicom_node.series import build_volume
-from dicom_node.synthetic.ct_writer import SeriesLayout, write_ct_series
+from phantoms.ct_writer import SeriesLayout, write_ct_series
 from plugin.monai_bundle import MonaiBundlePlugin, _working_copy, create
 from tests.results_support import dciodvfy_errors, run_tool, walk
 from tests.support import BUNDLE_FIXTURES, REPO

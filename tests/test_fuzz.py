@@ -26,7 +26,7 @@ from dicom_node.ingest import Ingestor, StoreRequest
 from dicom_node.series import build_volume
 from dicom_node.storage.spool import Spool
 from dicom_node.storage.state import StateDB
-from dicom_node.synthetic.ct_writer import simple_ct_volume, write_ct_series
+from phantoms.ct_writer import simple_ct_volume, write_ct_series
 from tests.support import require_tool
 
 CORPUS = Path(__file__).parent / "fuzz_corpus"

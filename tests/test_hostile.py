@@ -16,7 +16,7 @@ from pynetdicom.ae import ApplicationEntity
 from pynetdicom.sop_class import CTImageStorage
 
 from dicom_node.node import Node
-from dicom_node.synthetic.ct_writer import simple_ct_volume, write_ct_series
+from phantoms.ct_writer import simple_ct_volume, write_ct_series
 from tests.support import start_node, DCMTK_ENV, free_port, node_config, storescu
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.synthetic.ct_writer import simple_ct_volume, write_ct_series
+from phantoms.ct_writer import simple_ct_volume, write_ct_series
 from tests.raw_pdu import associate_rq, exchange
 from tests.support import DCMTK_ENV, NodeProcess, free_port, node_config, require_tool
 

@@ -25,7 +25,7 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage
 
 from dicom_node.node import Node
-from dicom_node.synthetic.ct_writer import simple_ct_volume, write_ct_series
+from phantoms.ct_writer import simple_ct_volume, write_ct_series
 from tests.support import (
     DCMTK_ENV,
     NodeProcess,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dicom_node.synthetic.chest_phantom import ChestPhantom, make_chest_phantom
+from phantoms.chest_phantom import ChestPhantom, make_chest_phantom
 
 BUNDLE = Path(__file__).resolve().parents[1] / "models" / "lung_nodules"
 sys.path.insert(0, str(BUNDLE))

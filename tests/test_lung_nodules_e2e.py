@@ -16,8 +16,8 @@ from dicom_node.config import load_config
 from dicom_node.demo import run_demo
 from dicom_node.results import key_images as ki
 from dicom_node.results.readback import read_findings
-from dicom_node.synthetic.chest_phantom import write_chest_phantom
-from dicom_node.synthetic.ct_writer import StudyIdentity
+from phantoms.chest_phantom import write_chest_phantom
+from phantoms.ct_writer import StudyIdentity
 from tests.support import NodeProcess, StoreSCP, free_port, require_tool, storescu
 
 

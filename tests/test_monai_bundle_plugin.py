@@ -191,7 +191,7 @@ def test_prediction_lands_on_the_source_grid(
 def test_dicom_series_to_plugin_to_seg(tmp_path: Path) -> None:
     from dicom_node.results import encode_seg
     from dicom_node.series import build_volume
-    from dicom_node.synthetic.ct_writer import SeriesLayout, write_ct_series
+    from phantoms.ct_writer import SeriesLayout, write_ct_series
 
     hu, _ = box_phantom((64, 64, 24))
     layout = SeriesLayout(

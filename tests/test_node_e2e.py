@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from pydicom import dcmread
 
-from dicom_node.synthetic.ct_writer import SeriesLayout, StudyIdentity, write_ct_series
+from phantoms.ct_writer import SeriesLayout, StudyIdentity, write_ct_series
 from tests.support import (
     DCMTK_ENV,
     FAKE_PLUGIN,

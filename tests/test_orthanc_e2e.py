@@ -27,7 +27,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from dicom_node.synthetic.ct_writer import SeriesLayout, StudyIdentity, write_ct_series
+from phantoms.ct_writer import SeriesLayout, StudyIdentity, write_ct_series
 from tests.support import (
     FAKE_PLUGIN,
     REPO,

@@ -23,7 +23,7 @@ from pydicom.uid import (
 
 from dicom_node.errors import SeriesError
 from dicom_node.series import build_volume, select_series
-from dicom_node.synthetic.ct_writer import (
+from phantoms.ct_writer import (
     SeriesLayout,
     StudyIdentity,
     simple_ct_volume,

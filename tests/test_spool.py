@@ -16,7 +16,7 @@ from pydicom import dcmread
 from dicom_node.node import Node
 from dicom_node.storage import spool as spool_mod
 from dicom_node.storage.spool import PREAMBLE, Spool, stamp_matches, write_to_slot
-from dicom_node.synthetic.ct_writer import simple_ct_volume, write_ct_series
+from phantoms.ct_writer import simple_ct_volume, write_ct_series
 from tests.support import start_node
 
 

@@ -15,7 +15,7 @@ from dicom_node.delivery import peer_for
 from dicom_node.errors import DeliveryError
 from dicom_node.net.scu import describe_file, store_files
 from dicom_node.node import Node
-from dicom_node.synthetic.ct_writer import simple_ct_volume, write_ct_series
+from phantoms.ct_writer import simple_ct_volume, write_ct_series
 from tests.support import DCMTK_ENV, free_port, node_config, require_tool
 
 EXT = ("subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"

@@ -25,7 +25,7 @@ from monai.bundle.config_parser import ConfigParser
 
 from dicom_node import pipeline
 from dicom_node.pipeline import JobSpec, run_job
-from dicom_node.synthetic.ct_writer import SeriesLayout, write_ct_series
+from phantoms.ct_writer import SeriesLayout, write_ct_series
 from plugin.manifest import load_manifest
 from plugin.monai_bundle import create
 from tests.results_support import dciodvfy_errors, run_tool, walk

@@ -39,7 +39,7 @@ def warm_up_encoders(info: PluginInfo) -> None:
     from dicom_node.results.seg import encode_seg
     from dicom_node.results.sr import encode_sr
     from dicom_node.series.volume import build_volume
-    from dicom_node.synthetic.ct_writer import write_ct_series
+    from phantoms.ct_writer import write_ct_series
 
     hu = np.full((4, 16, 16), -1000.0)
     hu[1:3, 4:9, 5:10] = 40.0

@@ -51,7 +51,7 @@ from scipy.spatial.distance import pdist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bundle_runner import BUNDLE_ROOT, BundleRunner, make_metatensor
 
-from dicom_node.synthetic.chest_phantom import ChestPhantom, Nodule, make_chest_phantom
+from phantoms.chest_phantom import ChestPhantom, Nodule, make_chest_phantom
 from plugin.types import Findings, Volume
 
 EVAL_SEEDS = tuple(range(10000, 10020))

@@ -6,7 +6,7 @@
 Seeded and reproducible (fixed seeds, fixed iteration count, 2 torch threads). Stages
 1-4 train the nodule network, stages 5-6 fine-tune a copy of it into the mass network;
 ``models/model.pt`` holds both (:mod:`networks`). The training phantoms come from
-:mod:`dicom_node.synthetic.chest_phantom` with seeds ``TRAIN_SEED_BASE + i`` (i <
+:mod:`phantoms.chest_phantom` with seeds ``TRAIN_SEED_BASE + i`` (i <
 ``--cases``), 100.. (stage 2), 200.. (stage 3), 300.. (stage 4), 400.. (stage 5: a
 mass of 30-80 mm in every chest) and 600.. (stage 6: every other chest with a mass,
 negatives mined with the stage-5 network);
@@ -40,7 +40,7 @@ from scipy import ndimage
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bundle_runner import BUNDLE_ROOT, load_parser, make_metatensor
 
-from dicom_node.synthetic.chest_phantom import make_chest_phantom
+from phantoms.chest_phantom import make_chest_phantom
 from plugin.transforms import ZoomSpacingd
 
 LOG = logging.getLogger("train")

@@ -2,7 +2,7 @@
 
     nice -n 15 python models/lung_nodules/train_candidates.py     # about 40 min on 2 cores
 
-Seeded and reproducible. Phantoms: :func:`dicom_node.synthetic.chest_phantom.make_chest_phantom`
+Seeded and reproducible. Phantoms: :func:`phantoms.chest_phantom.make_chest_phantom`
 with seeds 600-719 (3-8 nodules of 4-30 mm each, random scanner geometry) and 720-979
 (the same, at 2.5, 3 or 5 mm slices, where thick vessel segments look most like
 nodules), which no other training stage and no evaluation uses (``evaluate.py``: 9000+).
@@ -41,7 +41,7 @@ from candidates import build_classifier, find_candidates, patches, quantised
 from train import EVAL_SEED_MIN, bundle_preprocessing
 from transforms import lung_region
 
-from dicom_node.synthetic.chest_phantom import make_chest_phantom
+from phantoms.chest_phantom import make_chest_phantom
 
 LOG = logging.getLogger("train_candidates")
 SEEDS = range(600, 720)

@@ -5,7 +5,7 @@ aorta, heart, trachea, an optional table, two lungs whose size and shape vary al
 the z axis, branching vessel trees inside the lungs and solid nodules (spherical or
 lobulated, some touching the pleura or a vessel). Everything is drawn with numpy on
 the voxel grid of a CT series, so ``hu_zyx`` can be written as DICOM with
-:func:`dicom_node.synthetic.ct_writer.write_ct_series` using the returned layout.
+:func:`phantoms.ct_writer.write_ct_series` using the returned layout.
 
 Coordinates: ``hu_zyx[k, j, i]`` is slice ``k`` (z increases with ``k``, towards the
 head), row ``j`` (posterior with ``j``) and column ``i`` (patient left with ``i``), as
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from dicom_node.synthetic.ct_writer import SeriesLayout, StudyIdentity, write_ct_series
+from phantoms.ct_writer import SeriesLayout, StudyIdentity, write_ct_series
 
 
 @dataclass(frozen=True)

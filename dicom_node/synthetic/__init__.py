@@ -1,1 +1,0 @@
-"""Synthetic DICOM data for the demo, tests and benchmarks (no real patients)."""
