@@ -1,4 +1,5 @@
-"""Import rules of the layout: the plugin contract stands alone."""
+"""Import rules of the layout: the plugin contract stands alone, models use only the contract
+(and the phantom generator), the node imports no model, and the phantom generator is neutral."""
 
 from __future__ import annotations
 
@@ -21,17 +22,53 @@ def _imported_modules(folder: Path) -> dict[str, set[str]]:
     return found
 
 
+def _offending(folder: str, packages: tuple[str, ...]) -> dict[str, list[str]]:
+    """The modules under ``folder`` that import one of ``packages`` (or a module of one),
+    at the top or inside a function, with what they import."""
+    found = {path: sorted(n for n in names if n.split(".", 1)[0] in packages)
+             for path, names in _imported_modules(REPO / folder).items()}
+    return {path: names for path, names in found.items() if names}
+
+
 def test_the_plugin_contract_imports_nothing_from_the_node() -> None:
     """A plugin author needs nothing from dicom_node (its error is plugin.errors.PluginError)."""
-    offending = {path: sorted(n for n in names if n == "dicom_node" or n.startswith("dicom_node."))
-                 for path, names in _imported_modules(REPO / "plugin").items()}
-    assert not {path: names for path, names in offending.items() if names}
+    assert not _offending("plugin", ("dicom_node",))
 
 
 def test_the_node_imports_no_model() -> None:
-    offending = {path: sorted(n for n in names if n == "models" or n.startswith("models."))
-                 for path, names in _imported_modules(REPO / "dicom_node").items()}
-    assert not {path: names for path, names in offending.items() if names}
+    assert not _offending("dicom_node", ("models",))
+
+
+def test_models_import_nothing_from_the_node() -> None:
+    """A model (its plugin, training and evaluation scripts) needs only the plugin contract
+    and the phantom generator; what runs a model through the node lives in ``bench/``."""
+    assert not _offending("models", ("dicom_node", "bench", "tests"))
+
+
+def test_the_phantom_generator_is_neutral() -> None:
+    """The node, the models, the benchmarks and the tests all use ``phantoms``: it imports
+    none of them."""
+    assert (REPO / "phantoms" / "__init__.py").is_file()
+    assert not _offending("phantoms", ("dicom_node", "plugin", "models", "bench", "tests"))
+
+
+def test_models_import_their_neighbours_by_package_name() -> None:
+    """No ``sys.path`` edits and no bare sibling imports (``from candidates import ...``): a
+    module imported under two names is two modules, with two copies of its state."""
+    problems: list[str] = []
+    for path in sorted((REPO / "models").rglob("*.py")):
+        siblings = {p.stem for p in path.parent.glob("*.py")} - {"__init__"}
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            where = f"{path.relative_to(REPO)}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, ast.Attribute) and node.attr == "path" and isinstance(node.value, ast.Name) \
+                    and node.value.id == "sys":
+                problems.append(f"{where} uses sys.path")
+            elif isinstance(node, ast.Import):
+                problems += [f"{where} imports {a.name}" for a in node.names if a.name.split(".")[0] in siblings]
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module \
+                    and node.module.split(".")[0] in siblings:
+                problems.append(f"{where} imports from {node.module}")
+    assert not problems
 
 
 def test_the_node_process_never_imports_torch(tmp_path: Path) -> None:

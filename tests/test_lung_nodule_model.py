@@ -13,16 +13,14 @@ models/lung_nodules/README.md for the held-out metrics).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 
+from models.lung_nodules import evaluate
 from phantoms.chest_phantom import ChestPhantom, make_chest_phantom
 
 BUNDLE = Path(__file__).resolve().parents[1] / "models" / "lung_nodules"
-sys.path.insert(0, str(BUNDLE))
-
 
 
 def _phantom(seed: int, slices: int, slice_mm: float, nodules: dict[float, str]) -> ChestPhantom:
@@ -33,8 +31,6 @@ def _phantom(seed: int, slices: int, slice_mm: float, nodules: dict[float, str])
 
 def test_two_nodules_found() -> None:
     assert (BUNDLE / "models" / "model.pt").is_file(), "the committed weights are missing"
-    import evaluate  # models/lung_nodules/evaluate.py
-
     phantom = _phantom(20005, 80, 1.25, {10.0: "spherical", 14.0: "spherical"})
     assert len(phantom.nodules) == 2
     runner = evaluate.make_runner("plugin")
@@ -44,7 +40,9 @@ def test_two_nodules_found() -> None:
     assert res.nodules_ge6 == 2
     assert res.detected_ge6 == 2, res
     assert min(res.dice) >= 0.6, res
-    assert res.false_positives <= 1, res  # held-out mean is 1.55 FP/scan (README); this pins plumbing
+    # at most one false positive on this one scan: a bound for the plumbing, not the model's
+    # false-positive rate (the held-out figures are in models/lung_nodules/README.md)
+    assert res.false_positives <= 1, res
     assert findings is not None
     # every finding carries the model's score (network probability or classifier score)
     assert all(f.score is not None and 0.5 <= f.score <= 1.0 for f in findings.findings), findings.findings
@@ -63,8 +61,6 @@ def test_a_mass_is_reported_as_a_mass() -> None:
     """A 55 mm lobulated mass must not vanish from the report for being too big (issue
     14): the mass network finds it and it is named "Mass" (SCT 4147007). Like the test
     above, this pins one configuration (seed 20007), not a quality claim."""
-    import evaluate  # models/lung_nodules/evaluate.py
-
     phantom = _phantom(20007, 100, 2.5, {55.0: "irregular", 12.0: "spherical"})
     assert [round(n.diameter_mm) for n in phantom.nodules] == [55, 12]
     pred, _, findings = evaluate.run_bundle(evaluate.make_runner("plugin"), phantom)

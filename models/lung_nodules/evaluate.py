@@ -1,9 +1,11 @@
 """Evaluate the lung-nodule bundle on held-out chest-CT phantoms.
 
-    python models/lung_nodules/evaluate.py                   # seeds 10000..10019
-    python models/lung_nodules/evaluate.py --seeds 10000 10001 --json out.json
-    python models/lung_nodules/evaluate.py --seeds $(seq 9000 9019)   # validation
-    python models/lung_nodules/evaluate.py --real ../shared/fixtures/real_ct   # real CT, see real_ct.py
+    python -m models.lung_nodules.evaluate                   # seeds 10000..10019
+    python -m models.lung_nodules.evaluate --seeds 10000 10001 --json out.json
+    python -m models.lung_nodules.evaluate --seeds $(seq 9000 9019)   # validation
+
+Run from the repository root. Real CT series are evaluated by ``python -m bench.real_ct``
+(it runs the node's own series selection and encoders, which a model never imports).
 
 The phantoms come from seeds that training never uses (training: below 1000). Seeds
 9000-9999 are the validation set (used to choose postprocessing settings); seeds
@@ -48,9 +50,7 @@ import yaml
 from scipy import ndimage
 from scipy.spatial.distance import pdist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bundle_runner import BUNDLE_ROOT, BundleRunner, make_metatensor
-
+from models.lung_nodules.bundle_runner import BUNDLE_ROOT, BundleRunner, make_metatensor
 from phantoms.chest_phantom import ChestPhantom, Nodule, make_chest_phantom
 from plugin.types import Findings, Volume
 
@@ -363,16 +363,15 @@ def main() -> None:
                     help="phantoms with one mass of 30-80 mm and 1-4 nodules (seeds 9500-9599 validate)")
     ap.add_argument("--noise", type=float, default=None,
                     help="fix the phantoms' noise (HU standard deviation; drawn from 5-40 otherwise)")
-    ap.add_argument("--real", type=Path, default=None,
-                    help="a folder of real CT series: print every finding and write previews (real_ct.py)")
-    ap.add_argument("--out", type=Path, default=Path("real-ct-eval"), help="where --real writes its PNGs")
+    ap.add_argument("--real", type=Path, default=None, help="moved: python -m bench.real_ct FOLDER --out DIR")
+    ap.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.real is not None:
+        out = f" --out {args.out}" if args.out else ""
+        ap.exit(2, "the real-CT evaluation runs the node's series selection and encoders and moved to bench/: "
+                   f"python -m bench.real_ct {args.real}{out}\n")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     torch.set_num_threads(args.threads)
-    if args.real is not None:
-        from real_ct import evaluate_real
-
-        raise SystemExit(evaluate_real(args.real, args.out, args.bundle))
     runner = make_runner(args.runner, args.weights, args.bundle)
     min_mm3 = min_volume_mm3()
     results = []

@@ -1,7 +1,7 @@
 """Train the lung-nodule bundle from scratch on generated chest-CT phantoms (CPU).
 
-    nice -n 15 python models/lung_nodules/train.py            # writes models/model.pt
-    python models/lung_nodules/train.py --stages 5 6 --init models/lung_nodules/models/model.pt --out m.pt
+    nice -n 15 python -m models.lung_nodules.train            # writes models/model.pt
+    python -m models.lung_nodules.train --stages 5 6 --init models/lung_nodules/models/model.pt --out m.pt
 
 Seeded and reproducible (fixed seeds, fixed iteration count, 2 torch threads). Stages
 1-4 train the nodule network, stages 5-6 fine-tune a copy of it into the mass network;
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,9 +36,7 @@ from monai.transforms import (
 )
 from scipy import ndimage
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bundle_runner import BUNDLE_ROOT, load_parser, make_metatensor
-
+from models.lung_nodules.bundle_runner import BUNDLE_ROOT, load_parser, make_metatensor
 from phantoms.chest_phantom import make_chest_phantom
 from plugin.transforms import ZoomSpacingd
 

@@ -1,6 +1,6 @@
 """Train the nodule-candidate classifier (``models/candidates.pt``) on generated phantoms (CPU).
 
-    nice -n 15 python models/lung_nodules/train_candidates.py     # about 40 min on 2 cores
+    nice -n 15 python -m models.lung_nodules.train_candidates     # about 40 min on 2 cores
 
 Seeded and reproducible. Phantoms: :func:`phantoms.chest_phantom.make_chest_phantom`
 with seeds 600-719 (3-8 nodules of 4-30 mm each, random scanner geometry) and 720-979
@@ -35,12 +35,10 @@ import torch
 from monai.data.utils import affine_to_spacing
 from scipy import ndimage
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bundle_runner import BUNDLE_ROOT, make_metatensor
-from candidates import build_classifier, find_candidates, patches, quantised
-from train import EVAL_SEED_MIN, bundle_preprocessing
-from transforms import lung_region
-
+from models.lung_nodules.bundle_runner import BUNDLE_ROOT, make_metatensor
+from models.lung_nodules.candidates import build_classifier, find_candidates, patches, quantised
+from models.lung_nodules.train import EVAL_SEED_MIN, bundle_preprocessing
+from models.lung_nodules.transforms import lung_region
 from phantoms.chest_phantom import make_chest_phantom
 
 LOG = logging.getLogger("train_candidates")

@@ -1,14 +1,18 @@
 """Run the shipped analysis on real CT series and show every finding for a person to judge.
 
-    python models/lung_nodules/evaluate.py --real ../shared/fixtures/real_ct [--out real-ct-eval]
+    .venv/bin/python -m bench.real_ct [FOLDER] [--out real-ct-eval] [--bundle DIR] [--threads 2]
 
-For each series folder under the given folder (``annotations/`` is read, not analysed)
-the series goes the node's way: series selection, the volume builder, the generic MONAI
-bundle plugin, the SR encoder, and the SR read back as a viewer reads it. Per series it
-prints the findings (name, the model's score, long and short axis, volume, attenuation, position in LPS,
-and whether the position lies in an annotated tumour box of ``annotations/boxes.csv``)
-and writes ``<out>/<series>.png``: the key slice of every finding with its outline and
-long axis, as the demo's preview.
+``FOLDER`` defaults to ``../shared/fixtures/real_ct`` (not part of the repository). For
+each series folder under it (``annotations/`` is read, not analysed) the series goes the
+node's way: series selection, the volume builder, the generic MONAI bundle plugin, the SR
+encoder, and the SR read back as a viewer reads it. Per series it prints the findings
+(name, the model's score, long and short axis, volume, attenuation, position in LPS, and
+whether the position lies in an annotated tumour box of ``annotations/boxes.csv``) and
+writes ``<out>/<series>.png``: the key slice of every finding with its outline and long
+axis, as the demo's preview.
+
+It lives here, not in ``models/lung_nodules/``, because it runs the node's own series
+selection and result encoders (``dicom_node``), which a model package never imports.
 
 The folder's series have 8 mm slices (30 slices) or are a crop marked DERIVED: the
 model's series criteria (64 or more ORIGINAL slices of 0.5-5 mm) refuse them. The
@@ -18,15 +22,20 @@ the series' own ImageType accepted) and the output says so.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import logging
+import sys
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pydicom import dcmread
 
-LOG = logging.getLogger("evaluate")
+from bench.common import REPO
+
+LOG = logging.getLogger("bench.real_ct")
+REAL_CT = REPO.parent / "shared" / "fixtures" / "real_ct"
 
 
 @dataclass(frozen=True)
@@ -72,15 +81,14 @@ def in_tumour(series: str, point: tuple[float, float, float], boxes: list[Tumour
 
 
 def evaluate_real(root: Path, out: Path, bundle: Path | None = None) -> int:
-    """Analyse every series under ``root`` with the bundle folder ``bundle`` (this one by
-    default); print findings, write PNGs to ``out``."""
+    """Analyse every series under ``root`` with the bundle folder ``bundle`` (the shipped
+    lung-nodule bundle by default); print findings, write PNGs to ``out``."""
     from dicom_node.preview import write_preview
     from dicom_node.results import encode_key_images, encode_sr
     from dicom_node.results.readback import read_findings
     from dicom_node.series import build_volume, select_series
+    from models.lung_nodules.bundle_runner import BUNDLE_ROOT
     from plugin.monai_bundle import MonaiBundlePlugin
-
-    from bundle_runner import BUNDLE_ROOT
 
     if not root.is_dir():
         LOG.info(f"skipped: no real CT at {root} (it is not part of the repository; see the "
@@ -132,3 +140,24 @@ def evaluate_real(root: Path, out: Path, bundle: Path | None = None) -> int:
         LOG.info(f"annotated tumour boxes: {', '.join(tumour_series)} "
                  f"(largest {max(max(b.size) for b in boxes):.0f} mm in-plane)")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the arguments, run :func:`evaluate_real` and return its exit status."""
+    ap = argparse.ArgumentParser(prog="python -m bench.real_ct", description=__doc__.splitlines()[0])
+    ap.add_argument("folder", type=Path, nargs="?", default=REAL_CT,
+                    help=f"a folder of real CT series, one folder each (default: {REAL_CT})")
+    ap.add_argument("--out", type=Path, default=Path("real-ct-eval"), help="where the PNGs go")
+    ap.add_argument("--bundle", type=Path, default=None,
+                    help="a copy of the lung-nodule bundle to run instead (default: the shipped one)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    return evaluate_real(args.folder, args.out, args.bundle)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
