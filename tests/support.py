@@ -8,9 +8,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import yaml
@@ -20,6 +21,7 @@ FIXTURES = REPO / "tests" / "fixtures"  # third-party test material, each part w
 REAL_CT = FIXTURES / "dicom" / "real_ct_3slice"  # three real CT slices, a SEG and an SR (dcmqi)
 BUNDLE_FIXTURES = FIXTURES / "monai_bundles"  # Model Zoo bundle configs (no weights)
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -36,6 +38,20 @@ def require_tool(name: str) -> str:
     path = which(name)
     assert path, f"{name} is not installed: run the README's test command (it installs dcmtk, dicom3tools, orthanc)"
     return path
+
+
+def wait_for(predicate: Callable[[], T | None], timeout: float, what: str, every: float = 0.1) -> T:
+    """Poll ``predicate`` until it returns something true and return that; fail after
+    ``timeout`` seconds naming ``what``. Tests observe state (status, the audit trail, a
+    log, a peer's API) this way instead of sleeping a fixed time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(every)
 
 
 def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:

@@ -7,9 +7,9 @@ configuration uses the real model.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from tests.support import (
     descendants,
     require_tool,
     storescu,
+    wait_for,
 )
 
 PATIENT = StudyIdentity(patient_name="DOE^JANE^SECRET", patient_id="MRN-77123-SECRET", patient_birth_date="19511231")
@@ -182,9 +183,16 @@ def test_late_instances_reopen_and_supersede(tmp_path: Path, dest: StoreSCP, stu
         sent = node.cli("send", str(dest.out_dir), "--to", f"DICOMNODE@127.0.0.1:{node.port}")
         assert "sent 12 of 12 instances" in sent.stdout
         assert storescu(node.port, study).returncode == 0
-        time.sleep(3)
-        status = node.status()
-        assert len(status["jobs"]) == 2 and _study_state(status, "done")
+        # Every instance is registered before its Success, and a registration that re-opens
+        # the study sets it receiving at once; it returns to done only as a new revision
+        # with a new job. So once the 12 results are recorded (the 40 CT slices again are
+        # duplicates, not counted), "done, revision 1, two jobs" proves nothing was started.
+        status = node.wait_for(lambda s: s["studies"][0]["instance_count"] == 40 + 12, timeout=30,
+                               what="our 12 results recorded in the study")
+        assert [(s["state"], s["revision"]) for s in status["studies"]] == [("done", 1)]
+        assert len(status["jobs"]) == 2
+        records = node.cli("audit", "--config", str(node.config_path), "--event", "study-received").stdout
+        assert [json.loads(line)["outcome"] for line in records.splitlines()] == ["dispatched", "dispatched"]
     finally:
         node.stop()
 
@@ -220,9 +228,7 @@ def test_kill9_mid_transfer_loses_nothing(tmp_path: Path, dest: StoreSCP, ct150:
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=DCMTK_ENV,
     )
     spool = Path(node.config["node"]["storage_dir"]) / "spool"
-    deadline = time.monotonic() + 60
-    while len(list(spool.rglob("*.dcm"))) < 40 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_for(lambda: len(list(spool.rglob("*.dcm"))) >= 40, 60, "40 instances spooled", every=0.02)
     assert node.proc is not None
     workers = descendants(node.proc.pid)  # acceptors, analysis workers
     node.kill9()
@@ -230,10 +236,8 @@ def test_kill9_mid_transfer_loses_nothing(tmp_path: Path, dest: StoreSCP, ct150:
     _, err = sender.communicate(timeout=60)
     acked = acknowledged_files(err)
     assert 40 <= len(acked) < 150, f"{len(acked)} acknowledged"
-    deadline = time.monotonic() + 15  # the killed node's processes end on their own
-    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()], "processes of the killed node left"
+    wait_for(lambda: not [pid for pid in workers if Path(f"/proc/{pid}").exists()], 15,
+             "the killed node's processes to end on their own")
     node.start()
     try:
         stored = {p.stem for p in spool.rglob("*.dcm")}
@@ -260,8 +264,7 @@ def test_sigterm_finishes_in_flight_and_exits_cleanly(tmp_path: Path, dest: Stor
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=DCMTK_ENV,
     )
     spool = Path(node.config["node"]["storage_dir"]) / "spool"
-    while len(list(spool.rglob("*.dcm"))) < 20:
-        time.sleep(0.02)
+    wait_for(lambda: len(list(spool.rglob("*.dcm"))) >= 20, 60, "20 instances spooled", every=0.02)
     assert node.stop() == 0
     _, err = sender.communicate(timeout=60)
     acked = acknowledged_files(err)

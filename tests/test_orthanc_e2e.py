@@ -38,6 +38,7 @@ from tests.support import (
     node_config,
     require_tool,
     storescu,
+    wait_for,
 )
 
 SNIPPET = REPO / "config" / "orthanc" / "orthanc-dicom-node.json"
@@ -147,13 +148,7 @@ class Orthanc:
 
 
 def _wait(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    return wait_for(predicate, timeout, what, every=0.25)
 
 
 def _series_by_modality(orthanc: Orthanc, study_id: str) -> dict[str, list[dict[str, Any]]]:
@@ -194,6 +189,16 @@ def _seg_references(seg: Dataset) -> set[str]:
 def _routing_lines(orthanc: Orthanc, study_id: str, text: str) -> int:
     return sum(1 for line in orthanc.log().splitlines()
                if "dicom-node routing: study " + study_id in line and text in line)
+
+
+def _routing_settled(orthanc: Orthanc, study_id: str) -> bool:
+    """Nothing more goes from Orthanc to the node for this study: Orthanc holds it as stable
+    (no stable event to come), the routing script's last word on it was "nothing to send",
+    and no store job of Orthanc's is waiting or running."""
+    lines = [line for line in orthanc.log().splitlines() if "dicom-node routing: study " + study_id in line]
+    active = [job for job in orthanc.get("/jobs?expand") if job["State"] in ("Pending", "Running", "Retry")]
+    return (bool(orthanc.get(f"/studies/{study_id}")["IsStable"]) and bool(lines)
+            and "nothing to send" in lines[-1] and not active)
 
 
 @pytest.fixture
@@ -261,10 +266,10 @@ def test_orthanc_routes_study_and_receives_results(tmp_path: Path, peers: tuple[
     assert _routing_lines(orthanc, study_id, "skipped: ImageType DERIVED") == 1
 
     # 4. loop safety: our results made the study stable again and the script ran again
-    _wait(lambda: _routing_lines(orthanc, study_id, "nothing to send"), 30,
-          "the routing script to run again on the results")
-    time.sleep(STABLE_AGE + NODE_STABLE + 2)
+    _wait(lambda: _routing_settled(orthanc, study_id), 30, "the routing script to run again on the results")
+    # nothing is on its way to the node: its one study, one revision, one job
     status = node.status()
+    assert [(s["state"], s["revision"], s["instance_count"]) for s in status["studies"]] == [("done", 0, SLICES)]
     assert len(status["jobs"]) == 1 and status["jobs"][0]["state"] == "done", status["jobs"]
     assert [d["state"] for d in status["deliveries"]] == ["done"]
     series = _series_by_modality(orthanc, study_id)
@@ -314,11 +319,17 @@ def test_orthanc_routes_study_and_receives_results(tmp_path: Path, peers: tuple[
     _store(orthanc, ct)
     by_hand = [ct_series["ID"], *(series[m][0]["ID"] for m in RESULTS)]
     orthanc.post("/modalities/dicom-node/store", {"Resources": by_hand, "Synchronous": True})
-    time.sleep(STABLE_AGE + NODE_STABLE + 2)
+    # The node registers every instance before its Success, and one that re-opens the study
+    # sets it receiving at once (it is done again only as a new revision with a new job):
+    # once our results are recorded and Orthanc has nothing more to send, "done, revision 0,
+    # one job" proves that nothing was started.
+    ours = 3 + KEY_IMAGES
+    status = node.wait_for(lambda s: s["studies"][0]["instance_count"] == SLICES + ours, timeout=30,
+                           what="the results sent by hand recorded")
+    _wait(lambda: _routing_settled(orthanc, study_id), 30, "Orthanc's routing to settle after the re-send")
     status = node.status()
     assert len(status["jobs"]) == 1, status["jobs"]
     # one study, not re-opened: the CT, plus our SEG, SR, key images and KOS recorded but never analysed
-    ours = 3 + KEY_IMAGES
     assert [(s["state"], s["revision"], s["instance_count"]) for s in status["studies"]] == [
         ("done", 0, SLICES + ours)]
     series = _series_by_modality(orthanc, study_id)
