@@ -54,6 +54,16 @@ def wait_for(predicate: Callable[[], T | None], timeout: float, what: str, every
         time.sleep(every)
 
 
+def tcp_listening(port: int) -> bool:
+    """Whether a socket listens on TCP ``port`` (``/proc/net/tcp``: no connection is made,
+    which a TLS or a strict server would count as a failed peer)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        _, local, _, state = line.split()[:4]
+        if state == "0A" and int(local.split(":")[1], 16) == port:
+            return True
+    return False
+
+
 def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     """``python -m dicom_node ARGS`` from the checkout, as an admin would run it."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}

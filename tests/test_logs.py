@@ -52,7 +52,7 @@ def test_repeated_warnings_are_limited_and_counted(restore_logging: None,
     for n in range(500):
         log.warning("C-STORE refused (0x%04X): free disk below the reserve; sop=%d", 0xA700, n)
     log.info("an info line is never limited")
-    time.sleep(0.6)
+    time.sleep(0.6)  # the limiter's window (0.5 s) passing is what this test is about
     log.warning("C-STORE refused (0x%04X): free disk below the reserve; sop=%d", 0xA700, 500)
     lines = capsys.readouterr().err.splitlines()
     refused = [line for line in lines if "C-STORE refused" in line]

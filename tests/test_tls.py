@@ -4,9 +4,11 @@ dcmtk storescp as a TLS destination. Certificates are made at test time with ope
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,7 +18,7 @@ from dicom_node.errors import DeliveryError
 from dicom_node.net.scu import describe_file, store_files
 from dicom_node.node import Node
 from phantoms.ct_writer import simple_ct_volume, write_ct_series
-from tests.support import DCMTK_ENV, free_port, node_config, require_tool
+from tests.support import DCMTK_ENV, free_port, node_config, require_tool, tcp_listening, wait_for
 
 EXT = ("subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
        "keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\n")
@@ -108,7 +110,7 @@ def _storescp_tls(pki: Path, out: Path) -> tuple[subprocess.Popen[bytes], int]:
     proc = subprocess.Popen(["storescp", "+tls", str(pki / "localhost.key"), str(pki / "localhost.crt"),
                              "-ic", "-aet", "DEST", "-od", str(out), str(port)],
                             env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(0.5)
+    wait_for(lambda: tcp_listening(port), 10, "storescp (TLS) to listen")
     return proc, port
 
 
@@ -154,7 +156,9 @@ def test_silent_tcp_peers_do_not_stall_tls_callers_and_failed_handshakes_are_aud
     node.start()
     silent = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(5)]
     try:
-        time.sleep(0.3)
+        # the node has taken each in: one connection thread each, waiting in its handshake
+        wait_for(lambda: sum("process_request_thread" in t.name for t in threading.enumerate()) >= 5, 10,
+                 "the five silent connections accepted")
         started = time.monotonic()
         assert _echo(node.port, *_client(pki, "client")).returncode == 0
         assert time.monotonic() - started < 2  # served while the silent peers sit there
@@ -162,9 +166,13 @@ def test_silent_tcp_peers_do_not_stall_tls_callers_and_failed_handshakes_are_aud
             sock.settimeout(4)
             assert sock.recv(10) == b""
         assert _echo(node.port).returncode != 0  # plain DICOM on the TLS port
-        time.sleep(0.3)
-        audit = [json.loads(line) for line in node.config.audit_path.read_text().splitlines()]
-        failed = [r for r in audit if str(r.get("reason", "")).startswith("TLS handshake failed")]
+
+        def failed_handshakes() -> list[dict[str, Any]]:
+            audit = [json.loads(line) for line in node.config.audit_path.read_text().splitlines()]
+            return [r for r in audit if str(r.get("reason", "")).startswith("TLS handshake failed")]
+
+        failed = wait_for(lambda: len(failed_handshakes()) >= 6 and failed_handshakes(), 10,
+                          "six failed handshakes in the audit trail")
         assert len(failed) == 6, failed
         assert sum("no handshake within 2 s" in r["reason"] for r in failed) == 5
         assert all(r["peer"].startswith("127.0.0.1:") for r in failed)
