@@ -367,9 +367,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.real is not None:
-        out = f" --out {args.out}" if args.out else ""
+        more = (f" --out {args.out}" if args.out else "") + (f" --bundle {args.bundle}" if args.bundle != BUNDLE_ROOT else "")
         ap.exit(2, "the real-CT evaluation runs the node's series selection and encoders and moved to bench/: "
-                   f"python -m bench.real_ct {args.real}{out}\n")
+                   f"python -m bench.real_ct {args.real}{more}\n")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     torch.set_num_threads(args.threads)
     runner = make_runner(args.runner, args.weights, args.bundle)
