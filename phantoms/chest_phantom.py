@@ -36,7 +36,10 @@ class Nodule:
     kind: str  # "spherical" or "irregular"
     juxtapleural: bool
     juxtavascular: bool
-    hu: float
+    hu: float  # the nodule's attenuation; a part-solid nodule's ground-glass part
+    density: str = "solid"  # "solid", "ground_glass" or "part_solid"
+    solid_diameter_mm: float | None = None  # a part-solid nodule's solid core
+    solid_hu: float | None = None
 
 
 @dataclass
@@ -535,6 +538,9 @@ class _NoduleSpec:
     vascular: bool
     hu: float
     lobes: list[tuple[np.ndarray, float]]  # (offset mm, radius mm), first is the core
+    density: str = "solid"
+    solid_diameter: float | None = None
+    solid_hu: float | None = None
 
 
 def _nodule_lobes(
@@ -737,7 +743,61 @@ def _draw_nodules(
         inside = lung[box]
         sub = hu[box]
         hu[box] = np.where(inside, sub + occ * (spec.hu - sub), sub)
+        if spec.solid_diameter is not None and spec.solid_hu is not None:
+            zz, yy, xx = _local_coords(grid, box)
+            c = spec.centre
+            core = np.sqrt((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2) - spec.solid_diameter / 2
+            solid = np.clip(0.5 - core / edge, 0, 1)
+            sub = hu[box]
+            hu[box] = np.where(inside, sub + solid * (spec.solid_hu - sub), sub)
         labels[box] |= (inside & (sd <= 0)).astype(np.uint8)
+
+
+DENSITIES = ("solid", "ground_glass", "part_solid")
+
+
+def _set_densities(specs: list[_NoduleSpec], densities: Sequence[str], rng: np.random.Generator) -> None:
+    """Make ``specs`` ground glass (-750 to -350 HU) or part-solid (a ground-glass
+    nodule with a solid core of 30-60 % of its diameter, -50 to +50 HU), one density
+    per nodule in order; "solid" leaves a nodule as drawn."""
+    for spec, density in zip(specs, densities):
+        if density not in DENSITIES:
+            raise ValueError(f"unknown nodule density {density!r}: one of {', '.join(DENSITIES)}")
+        spec.density = density
+        if density == "solid":
+            continue
+        spec.hu = float(rng.uniform(-750, -350) if density == "ground_glass" else rng.uniform(-650, -400))
+        if density == "part_solid":
+            spec.solid_diameter = float(spec.diameter * rng.uniform(0.3, 0.6))
+            spec.solid_hu = float(rng.uniform(-50, 50))
+
+
+def _draw_fissures(hu: np.ndarray, lung: np.ndarray, grid: _Grid, rng: np.random.Generator) -> None:
+    """An oblique fissure in each lung and a horizontal one in the right: a slightly
+    curved sheet about 1 mm thick at -300 to -100 HU, drawn only inside the lungs (the
+    slice-thickness blur then dilutes it as a thick slice does)."""
+    yy = grid.y[:, None]
+    xx = grid.x[None, :]
+    mid_x, mid_y = float(np.mean(grid.x)), float(np.mean(grid.y))
+    z0, z1 = float(grid.z[0]), float(grid.z[-1])
+    oblique = []
+    for side in (-1.0, 1.0):  # from high behind to low in front
+        tilt, y_mid, bend = rng.uniform(0.6, 1.2), mid_y + rng.uniform(-20, 20), rng.uniform(-0.002, 0.002)
+        half = rng.uniform(0.5, 0.8)
+        oblique.append((tilt, y_mid, bend, half, (xx - mid_x) * side > 0))
+    z_horizontal = z0 + rng.uniform(0.55, 0.7) * (z1 - z0)
+    half_h = rng.uniform(0.5, 0.8)
+    values = rng.uniform(-300, -100, size=3)
+    right = np.broadcast_to((xx - mid_x) < 0, (yy.shape[0], xx.shape[1]))
+    for k, z in enumerate(grid.z):
+        in_lung = lung[k]
+        if not in_lung.any():
+            continue
+        for (tilt, y_mid, bend, half, lung_side), value in zip(oblique, values[:2]):
+            dist = ((yy - y_mid) + tilt * (z - (z0 + z1) / 2) + bend * (xx - mid_x) ** 2) / np.sqrt(1 + tilt ** 2)
+            hu[k][(np.abs(dist) <= half) & lung_side & in_lung] = value
+        horizontal = (z - z_horizontal) + 0.1 * (yy - mid_y)
+        hu[k][(np.abs(horizontal) <= half_h) & right & in_lung] = values[2]
 
 
 # ----------------------------------------------------------------------------- finishing
@@ -796,7 +856,8 @@ def _nodule_records(
         vox = (kz, ky, kx)
         mm = (float(s.centre[2]), float(s.centre[1]), float(s.centre[0]) + z0)
         out.append(
-            Nodule(n + 1, vox, mm, s.diameter, s.kind, s.pleural, s.vascular, s.hu)
+            Nodule(n + 1, vox, mm, s.diameter, s.kind, s.pleural, s.vascular, s.hu,
+                   s.density, s.solid_diameter, s.solid_hu)
         )
     return out
 
@@ -814,6 +875,8 @@ def make_chest_phantom(
     n_nodules: int | None = None,
     nodule_diameters_mm: Sequence[float] | None = None,
     nodule_kinds: Sequence[str] | None = None,
+    nodule_densities: Sequence[str] | None = None,
+    fissures: bool = False,
     signed: bool | None = None,
     bits_stored: int | None = None,
     table: bool | None = None,
@@ -824,6 +887,11 @@ def make_chest_phantom(
     "spherical" or "irregular"); otherwise ``n_nodules`` (default 1-5) nodules of
     4-30 mm are drawn. A nodule that cannot be placed in the lungs is skipped, so
     ``len(phantom.nodules)`` may be smaller than asked for on tiny grids.
+
+    ``nodule_densities`` makes the nodules, in order, "solid", "ground_glass" or
+    "part_solid" (solid by default), and ``fissures`` draws the interlobar fissures.
+    Both draw from a stream of their own, so a seed's anatomy, nodule places and noise
+    are the same with them as without.
     """
     rng = np.random.default_rng(seed)
     kw = {
@@ -845,6 +913,9 @@ def make_chest_phantom(
     if draw_table:
         _draw_table(hu, grid, an, rng)
     segments = _draw_vessels(hu, lung, grid, an, rng)
+    extra = np.random.default_rng([seed, 1])  # densities and fissures: the main stream stays as it was
+    if fissures:
+        _draw_fissures(hu, lung, grid, extra)
     specs = _sample_nodules(
         rng,
         lung,
@@ -856,6 +927,8 @@ def make_chest_phantom(
             "nodule_kinds": nodule_kinds,
         },
     )
+    if nodule_densities is not None:
+        _set_densities(specs, nodule_densities, extra)
     labels = np.zeros(grid.shape, dtype=np.uint8)
     _draw_nodules(hu, labels, lung, grid, specs)
     _blur_inplane(hu)

@@ -101,3 +101,36 @@ def test_write_roundtrip(tmp_path: Path) -> None:
     assert float(ds.RescaleIntercept) == -1024.0
     hu = ds.pixel_array.astype(np.float32) + float(ds.RescaleIntercept)
     assert np.abs(hu - np.clip(np.rint(p.hu_zyx[2]), -1024, 3071)).max() <= 1.0
+
+
+def test_ground_glass_and_part_solid_nodules_keep_the_scan() -> None:
+    """Densities change the nodules' attenuation only: the same seed keeps its anatomy,
+    nodule places and labels; a ground-glass nodule reads -750 to -350 HU, a part-solid
+    one has a solid centre in a ground-glass rim."""
+    kw = {**SMALL, "slices": 64, "rows": 160, "nodule_diameters_mm": [16.0, 16.0, 10.0], "noise_hu": 0.0}
+    solid = make_chest_phantom(5, **kw)
+    mixed = make_chest_phantom(5, nodule_densities=["ground_glass", "part_solid", "solid"], **kw)
+    assert (solid.labels_zyx == mixed.labels_zyx).all()
+    assert [n.density for n in mixed.nodules] == ["ground_glass", "part_solid", "solid"]
+    changed = solid.hu_zyx != mixed.hu_zyx
+    assert changed.any() and not (changed & ~ndimage.binary_dilation(mixed.labels_zyx > 0, iterations=3)).any()
+    glass, part, kept = mixed.nodules
+    assert -750 <= glass.hu <= -350 and part.solid_hu is not None and part.solid_diameter_mm is not None
+    assert 0.3 * part.diameter_mm <= part.solid_diameter_mm <= 0.6 * part.diameter_mm
+    centre = tuple(int(round(c)) for c in glass.centre_voxel_zyx)
+    assert -800 <= mixed.hu_zyx[centre] <= -300
+    z, y, x = (int(round(c)) for c in part.centre_voxel_zyx)
+    rim = x + int(round(0.4 * part.diameter_mm / 1.0))  # 1 mm pixels: between core and edge
+    assert mixed.hu_zyx[z, y, x] > -150 and -800 <= mixed.hu_zyx[z, y, rim] <= -300
+    assert kept.density == "solid" and kept.hu == next(n.hu for n in solid.nodules if n.index == kept.index)
+
+
+def test_fissures_are_thin_sheets_in_the_lungs() -> None:
+    kw = {**SMALL, "slices": 64, "rows": 160, "n_nodules": 0, "noise_hu": 0.0}
+    plain = make_chest_phantom(6, **kw)
+    fissured = make_chest_phantom(6, fissures=True, **kw)
+    changed = plain.hu_zyx != fissured.hu_zyx
+    assert plain.lung_zyx is not None and changed.any()
+    assert not (changed & ~ndimage.binary_dilation(plain.lung_zyx, iterations=2)).any()
+    assert changed.sum() < 0.1 * plain.lung_zyx.sum()  # sheets, not a filling
+    assert fissured.hu_zyx[changed].max() < plain.hu_zyx[plain.lung_zyx].max() + 400

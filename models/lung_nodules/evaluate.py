@@ -86,6 +86,8 @@ class ScanResult:
     # (diameter mm, found, reported as a mass) per nodule of 30 mm or more
     masses: list[tuple[float, bool, bool]] = field(default_factory=list)
     noise_hu: float = 0.0  # the phantom's noise (standard deviation, HU)
+    # (diameter mm, density, found, reported mean HU or None) per nodule >= 6 mm under 30 mm
+    densities: list[tuple[float, str, bool, float | None]] = field(default_factory=list)
 
 
 def min_volume_mm3(bundle_root: Path = BUNDLE_ROOT) -> float:
@@ -93,12 +95,20 @@ def min_volume_mm3(bundle_root: Path = BUNDLE_ROOT) -> float:
     return float(manifest["labels"][1].get("min_volume_mm3", 0))
 
 
-def eval_phantom(seed: int, masses: bool = False, noise_hu: float | None = None) -> ChestPhantom:
+def eval_phantom(seed: int, masses: bool = False, noise_hu: float | None = None,
+                 subsolid: bool = False) -> ChestPhantom:
     """Held-out phantom ``seed``: random geometry, 2-6 nodules of 4-30 mm; with
     ``masses``, one lobulated mass of 30-80 mm and 1-4 such nodules. ``noise_hu`` fixes
     the noise (drawn from 5-40 HU otherwise); the generator then draws the rest of the
-    phantom differently, so a fixed-noise run is another set of held-out scans."""
+    phantom differently, so a fixed-noise run is another set of held-out scans. With
+    ``subsolid`` the same scan as without, its nodules made ground glass (40 %),
+    part-solid (40 %) or left solid, and the fissures drawn."""
     rng = np.random.default_rng(seed)
+    if subsolid:
+        draw = np.random.default_rng([seed, 2])
+        densities = [str(d) for d in draw.choice(["ground_glass", "part_solid", "solid"], size=8, p=[0.4, 0.4, 0.2])]
+        return make_chest_phantom(seed, n_nodules=int(rng.integers(2, 7)), noise_hu=noise_hu,
+                                  nodule_densities=densities, fissures=True)
     if not masses:
         return make_chest_phantom(seed, n_nodules=int(rng.integers(2, 7)), noise_hu=noise_hu)
     nodules = list(np.exp(rng.uniform(np.log(4.0), np.log(30.0), size=int(rng.integers(1, 5)))))
@@ -178,7 +188,25 @@ def score(phantom: ChestPhantom, pred_zyx: np.ndarray, min_mm3: float,
     if findings is not None:
         _score_measurements(phantom, pred_zyx, gt, findings, res)
         _score_masses(phantom, pred_zyx, gt, findings, res)
+        _score_densities(phantom, pred_zyx, gt, findings, res)
     return res
+
+
+def _score_densities(phantom: ChestPhantom, labels_zyx: np.ndarray, gt: np.ndarray,
+                     findings: Findings, res: ScanResult) -> None:
+    """Per nodule of 6-30 mm: its density, found, and the mean attenuation the report
+    gives it (the largest finding overlapping it; None where not measured)."""
+    by_label = {f.label: f for f in findings.findings}
+    for nod in phantom.nodules:
+        if not MIN_DIAMETER_MM <= nod.diameter_mm < 30.0:
+            continue
+        component = _gt_component(nod, gt)
+        if not component:
+            continue
+        hits = [by_label[h] for h in set(np.unique(labels_zyx[gt == component]).tolist()) - {0} if h in by_label]
+        best = max(hits, key=lambda f: f.volume_mm3, default=None)
+        hu = round(best.mean_hu, 1) if best is not None and best.attenuation_from_core else None
+        res.densities.append((round(nod.diameter_mm, 1), nod.density, bool(hits), hu))
 
 
 def _score_masses(phantom: ChestPhantom, labels_zyx: np.ndarray, gt: np.ndarray,
@@ -224,8 +252,9 @@ def _score_measurements(phantom: ChestPhantom, labels_zyx: np.ndarray, gt: np.nd
             truth = np.pi / 6.0 * nod.diameter_mm**3
             volumes, hus = res.volume_errors, res.hu_errors
         volumes.append((round(nod.diameter_mm, 1), slice_mm, round(finding.volume_mm3 / truth - 1, 4)))
-        hus.append((round(nod.diameter_mm, 1), slice_mm,
-                    round(finding.mean_hu - nod.hu, 1) if finding.attenuation_from_core else None))
+        if nod.density == "solid":  # a part-solid nodule has no one attenuation to compare
+            hus.append((round(nod.diameter_mm, 1), slice_mm,
+                        round(finding.mean_hu - nod.hu, 1) if finding.attenuation_from_core else None))
 
 
 def _gt_component(nodule: Nodule, gt: np.ndarray) -> int:
@@ -331,13 +360,22 @@ def _measurement_summary(results: list[ScanResult]) -> dict[str, float]:
     volume = np.array([e for r in results for _, _, e in r.volume_errors])
     hu = [(d, e) for r in results for d, _, e in r.hu_errors]
     measured = np.array([e for d, e in hu if d >= 8.0 and e is not None])
+    density_summary: dict[str, float] = {}
+    for density in ("solid", "ground_glass", "part_solid"):
+        rows = [d for r in results for d in r.densities if d[1] == density]
+        if rows and any(d[1] != "solid" for r in results for d in r.densities):
+            density_summary[f"{density}_ge6mm"] = len(rows)
+            density_summary[f"{density}_found"] = sum(d[2] for d in rows)
+            measured = [d[3] for d in rows if d[2] and d[3] is not None]
+            density_summary[f"{density}_median_reported_hu"] = round(float(np.median(measured)), 1) if measured else float("nan")
     masses = [m for r in results for m in r.masses]
     mass_summary: dict[str, float] = {"masses": len(masses), "masses_found": sum(m[1] for m in masses),
                     "masses_named_mass": sum(m[2] for m in masses)} if masses else {}
     if volume.size == 0:
-        return {**mass_summary, **pleural_summary}
+        return {**mass_summary, **pleural_summary, **density_summary}
     return {
         **mass_summary,
+        **density_summary,
         **pleural_summary,
         "measured_nodules": int(volume.size),
         "median_abs_volume_error": round(float(np.median(np.abs(volume))), 3),
@@ -361,6 +399,8 @@ def main() -> None:
                     help="a copy of this bundle to evaluate instead (e.g. with candidate weights)")
     ap.add_argument("--masses", action="store_true",
                     help="phantoms with one mass of 30-80 mm and 1-4 nodules (seeds 9500-9599 validate)")
+    ap.add_argument("--subsolid", action="store_true",
+                    help="the same phantoms with ground-glass and part-solid nodules and fissures")
     ap.add_argument("--noise", type=float, default=None,
                     help="fix the phantoms' noise (HU standard deviation; drawn from 5-40 otherwise)")
     ap.add_argument("--real", type=Path, default=None, help="moved: python -m bench.real_ct FOLDER --out DIR")
@@ -380,7 +420,7 @@ def main() -> None:
             raise SystemExit(
                 "evaluation seeds start at 9000 (lower seeds are for training)"
             )
-        phantom = eval_phantom(seed, args.masses, args.noise)
+        phantom = eval_phantom(seed, args.masses, args.noise, args.subsolid)
         pred, seconds, findings = run_bundle(runner, phantom)
         res = score(phantom, pred, min_mm3, findings)
         res.inference_s = round(seconds, 2)
