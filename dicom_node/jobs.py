@@ -2,17 +2,18 @@
 
 Workers are separate processes (spawned), so a plugin that crashes, hangs or eats
 memory never takes the listener down: the job is marked failed with its reason and
-the pool is rebuilt. The queue lives in the database and survives restarts.
+the pool is rebuilt. The other jobs in flight when a worker dies go back to the queue
+without an attempt counted (:mod:`dicom_node.workers` tells them apart); one caught in
+:data:`MAX_BREAKS` breaks is failed. The queue lives in the database and survives restarts.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 import threading
 import time
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -28,15 +29,16 @@ from dicom_node.pipeline import (
     load_plugin_infos,
     run_job_safely,
     warm_up,
-    worker_init,
 )
 from dicom_node.storage.state import StateDB
 from dicom_node.storage.work import WorkStore
+from dicom_node.workers import WorkerPool
 from plugin.types import PluginInfo
 
 log = logging.getLogger(__name__)
 
 PLUGIN_LOAD_TIMEOUT_S = 600.0  # model loading, CUDA's start-up included
+MAX_BREAKS = 3  # a job in flight in this many pool breaks, its own worker never the one ended, fails
 
 
 class JobRunner:
@@ -50,22 +52,28 @@ class JobRunner:
         self.metrics = metrics
         self.audit = audit
         self.plugin_infos: dict[str, PluginInfo] = {}
-        self._pool: ProcessPoolExecutor | None = None
+        self._pool: WorkerPool | None = None
         self._running: dict[int, Future[JobOutcome | JobFailed]] = {}
         self._warming: list[Future[int]] = []
+        self._breaks: dict[int, int] = {}  # job id -> pool breaks it was caught in (not its crash)
         self._lock = threading.Lock()
         self._stopping = False
 
-    def _get_pool(self) -> ProcessPoolExecutor:
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(
-                max_workers=self.config.jobs.max_concurrent_analyses,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=worker_init,
-                initargs=(self.config.jobs.torch_threads, self.config.logging.level,
-                          self.config.logging.json_format, os.getpid()),
-            )
-        return self._pool
+    def _get_pool(self) -> WorkerPool:
+        with self._lock:
+            if self._pool is None:
+                self._pool = WorkerPool(
+                    self.config.jobs.max_concurrent_analyses,
+                    (self.config.jobs.torch_threads, self.config.logging.level,
+                     self.config.logging.json_format, os.getpid()),
+                )
+            return self._pool
+
+    def _drop_pool(self, pool: WorkerPool) -> None:
+        """Forget a broken pool (the next submit starts a new one)."""
+        with self._lock:
+            if self._pool is pool:
+                self._pool = None
 
     def load_plugins(self, timeout_s: float = PLUGIN_LOAD_TIMEOUT_S) -> dict[str, PluginInfo]:
         """Load every routed plugin in an analysis worker (never in the node's process) and
@@ -112,6 +120,9 @@ class JobRunner:
 
     def tick(self) -> None:
         """Start queued jobs while there is capacity."""
+        pool = self._pool
+        if pool is not None:
+            pool.collect_reports()
         while len(self._running) < self.config.jobs.max_concurrent_analyses:
             job = self.work.claim_job()
             if job is None:
@@ -143,17 +154,20 @@ class JobRunner:
         spec = self._spec(job)
         log.info("job %d started: study %s route %s plugin %s, %d files",
                  spec.job_id, spec.study_uid, job["route"], spec.plugin_name, len(spec.files))
+        pool = self._get_pool()
         try:
-            future = self._get_pool().submit(run_job_safely, spec)
+            future = pool.submit(run_job_safely, spec)
         except BrokenProcessPool:
-            self._pool = None
-            future = self._get_pool().submit(run_job_safely, spec)
+            self._drop_pool(pool)
+            pool = self._get_pool()
+            future = pool.submit(run_job_safely, spec)
         started = time.monotonic()
         with self._lock:
             self._running[spec.job_id] = future
-        future.add_done_callback(lambda f: self._done(job, f, started))
+        future.add_done_callback(lambda f: self._done(job, pool, f, started))
 
-    def _done(self, job: dict[str, Any], future: Future[JobOutcome | JobFailed], started: float) -> None:
+    def _done(self, job: dict[str, Any], pool: WorkerPool, future: Future[JobOutcome | JobFailed],
+              started: float) -> None:
         job_id = job["id"]
         with self._lock:
             self._running.pop(job_id, None)
@@ -162,18 +176,40 @@ class JobRunner:
         try:
             result = future.result()
         except BrokenProcessPool:
-            self._pool = None
+            self._drop_pool(pool)
+            if self._stopping:
+                return  # ended by stop(): the job stays running and is requeued at the next start
+            if not pool.worker_ended(job_id):
+                self._caught_in_break(job)
+                return
             result = WORKER_DIED
         except Exception as exc:  # pool-level failure: record it, never lose the job
             result = JobFailed(f"worker error: {type(exc).__name__}: {exc}")
         if self._stopping and isinstance(result, JobFailed):
             return  # ended by stop(): the job stays running and is requeued at the next start
+        self._breaks.pop(job_id, None)
         if isinstance(result, JobFailed):
             self.work.fail_job(job_id, result.reason)
             self._audit(job, "failed", reason=result.reason)
             log.error("job %d failed after %.1f s: %s", job_id, elapsed, result.reason)
             return
         self._record(job, result, elapsed)
+
+    def _caught_in_break(self, job: dict[str, Any]) -> None:
+        """The pool broke while ``job`` ran but its own worker was not the one that
+        ended: back to the queue, no attempt counted; failed after MAX_BREAKS of these
+        (a job that breaks the pool in a way no worker's end shows)."""
+        job_id = job["id"]
+        breaks = self._breaks[job_id] = self._breaks.get(job_id, 0) + 1
+        if breaks < MAX_BREAKS:
+            self.work.requeue_job(job_id, "requeued: another analysis's worker process died")
+            log.warning("job %d requeued: another analysis's worker process died", job_id)
+            return
+        self._breaks.pop(job_id, None)
+        reason = f"the analysis worker pool broke {breaks} times while this job ran (crash or out of memory)"
+        self.work.fail_job(job_id, reason)
+        self._audit(job, "failed", reason=reason)
+        log.error("job %d failed: %s", job_id, reason)
 
     def _record(self, job: dict[str, Any], outcome: JobOutcome, elapsed: float) -> None:
         route = self._route(job)
@@ -205,14 +241,10 @@ class JobRunner:
     def stop(self) -> None:
         """Stop the pool; running jobs go back to the queue on the next start."""
         self._stopping = True  # workers ended from here on are not failures of their jobs
-        pool, self._pool = self._pool, None
-        if pool is None:
-            return
-        processes = list(getattr(pool, "_processes", {}).values())
-        pool.shutdown(wait=False, cancel_futures=True)
-        for process in processes:  # an analysis in flight is requeued at the next start
-            if process.is_alive():
-                process.terminate()
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.stop()  # an analysis in flight is requeued at the next start
 
     @property
     def running(self) -> int:

@@ -30,6 +30,7 @@ from dicom_node.storage.state import ResultRecord
 log = logging.getLogger(__name__)
 
 _PLUGINS: dict[str, Any] = {}
+_REPORTS: Any = None  # in a worker: where it says which job it starts (see dicom_node.workers)
 
 
 @dataclass(frozen=True)
@@ -125,10 +126,15 @@ def warm_up(plugins: list[tuple[str, str | None, dict[str, Any]]]) -> int:
 
 
 def worker_init(torch_threads: int | None, log_level: str = "INFO", json_logs: bool = False,
-                node_pid: int | None = None) -> None:
+                node_pid: int | None = None, reports: Any = None) -> None:
     """Process initialiser: logging like the parent's, thread settings for inference;
-    the worker ends when the node ``node_pid`` (default: its parent now) is gone."""
+    the worker ends when the node ``node_pid`` (default: its parent now) is gone. With
+    ``reports`` (a multiprocessing queue) the worker puts ``(job id, its pid)`` there as
+    it starts each job."""
+    global _REPORTS
     import torch
+
+    _REPORTS = reports
 
     from dicom_node.logs import setup_logging
 
@@ -251,6 +257,8 @@ def encode_results(volume: Any, findings: Any, info: Any, spec: JobSpec,
 
 def run_job_safely(spec: JobSpec) -> JobOutcome | JobFailed:
     """Worker entry point: an outcome, or the failure with its reason."""
+    if _REPORTS is not None:
+        _REPORTS.put((spec.job_id, os.getpid()))
     try:
         return run_job(spec)
     except (NodeError, PluginError) as exc:

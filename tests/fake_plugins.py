@@ -36,7 +36,8 @@ MANIFEST = {
 class DensePlugin:
     """Threshold segmentation; ``crash=True`` kills the worker process (tests); ``marker``:
     a file that gets one line each time the plugin is created (tests of when it loads);
-    ``delay``: seconds each analysis sleeps first (a long analysis, for stop tests)."""
+    ``delay``: seconds each analysis sleeps first (a long analysis, for stop tests; a
+    crashing plugin crashes after it)."""
 
     def __init__(self, threshold: float = 300.0, crash: bool = False, marker: str | None = None,
                  delay: float = 0.0) -> None:
@@ -56,9 +57,9 @@ class DensePlugin:
         self.warm_ups += 1
 
     def analyse(self, volume: Volume) -> Findings:
+        time.sleep(self.delay)
         if self.crash:
             os._exit(3)
-        time.sleep(self.delay)
         hu = volume.image[0].numpy()
         labels = (hu > self.threshold).astype(np.uint8)
         return measure_findings(labels, hu, volume.lps_affine(), self.manifest.labels,

@@ -91,6 +91,16 @@ class WorkStore:
                 StateDB.transition(c, "job", str(r["id"]), RUNNING, QUEUED, "node restarted")
         return len(rows)
 
+    def requeue_job(self, job_id: int, reason: str) -> bool:
+        """Give a running job back to the queue without counting the attempt (its run
+        was ended for a cause outside the job); False when it is no longer running."""
+        with self.db.transaction() as c:
+            cur = c.execute("UPDATE jobs SET state=?, attempts=MAX(attempts-1, 0) WHERE id=? AND state=?",
+                            (QUEUED, job_id, RUNNING))
+            if cur.rowcount:
+                StateDB.transition(c, "job", str(job_id), RUNNING, QUEUED, reason)
+        return bool(cur.rowcount)
+
     def claim_job(self) -> Row | None:
         """Take the oldest queued job and mark it running."""
         with self.db.transaction() as c:
