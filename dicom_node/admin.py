@@ -86,14 +86,14 @@ class Admin:
         """Remove a study's spooled images, its results and its state, for good."""
         if self.db.study(study_uid) is None:
             raise ActionRefused(f"there is no study {study_uid}")
-        jobs = [r["id"] for r in self.db.query("SELECT id FROM jobs WHERE study_uid=?", (study_uid,))]
-        if self.db.query("SELECT 1 FROM jobs WHERE study_uid=? AND state=?", (study_uid, RUNNING)):
+        jobs = self.work.study_jobs(study_uid)
+        if any(job.state == RUNNING for job in jobs):
             raise ActionRefused(f"a job of study {study_uid} is running: wait for it to end")
         # Files first: a crash in between leaves rows without files (forget again), never
         # files without rows, which start-up recovery would register as a new study.
         Spool(self.config.spool_dir).remove_study(study_uid)
         for job in jobs:
-            shutil.rmtree(self.config.results_dir / str(job), ignore_errors=True)
+            shutil.rmtree(self.config.results_dir / str(job.id), ignore_errors=True)
         counts = self.work.forget_study(study_uid)
         self._record("forget", study_uid=study_uid, **counts)
         log.info("study %s forgotten: %s", study_uid, counts)

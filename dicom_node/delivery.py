@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
-from typing import Any
 
 from dicom_node.observers import AuditSink, DeliveryMetrics
 from dicom_node.config import Config, Destination
@@ -21,6 +19,7 @@ from dicom_node.errors import DeliveryError
 from dicom_node.net import statuses
 from dicom_node.net.scu import Peer, describe_file, store_files
 from dicom_node.net.tls import client_context
+from dicom_node.storage.rows import DeliveryRow
 from dicom_node.storage.state import DONE, FAILED, REJECTED
 from dicom_node.storage.work import WorkStore
 
@@ -58,15 +57,15 @@ class Deliverer:
         dest = self.config.destinations.get(name)
         return peer_for(dest) if dest else None
 
-    def attempt(self, delivery: dict[str, Any]) -> None:
+    def attempt(self, delivery: DeliveryRow) -> None:
         """One attempt at one delivery; updates its state."""
-        did = delivery["id"]
-        peer = self._peer(delivery["destination"])
+        did = delivery.id
+        peer = self._peer(delivery.destination)
         if peer is None:
-            self.work.end_delivery(did, FAILED, f"destination {delivery['destination']!r} is not configured")
+            self.work.end_delivery(did, FAILED, f"destination {delivery.destination!r} is not configured")
             return
         try:
-            files = [describe_file(Path(r["path"])) for r in self.work.unconfirmed_items(did)]
+            files = [describe_file(item.path) for item in self.work.unconfirmed_items(did)]
         except DeliveryError as exc:
             self.work.end_delivery(did, FAILED, f"result file unreadable: {exc}")
             return
@@ -78,19 +77,19 @@ class Deliverer:
             )
         except DeliveryError as exc:
             if self.audit is not None:
-                self.audit.record("delivery", delivery_id=did, job_id=delivery["job_id"],
-                                  destination=delivery["destination"], peer=str(peer),
+                self.audit.record("delivery", delivery_id=did, job_id=delivery.job_id,
+                                  destination=delivery.destination, peer=str(peer),
                                   outcome="no association", error=str(exc))
             self._retry_or_fail(delivery, str(exc))
             return
         self._evaluate(delivery, peer, result, len(files))
 
-    def _evaluate(self, delivery: dict[str, Any], peer: Peer, result: dict[str, int], expected: int) -> None:
-        did = delivery["id"]
+    def _evaluate(self, delivery: DeliveryRow, peer: Peer, result: dict[str, int], expected: int) -> None:
+        did = delivery.id
         bad = {uid: s for uid, s in result.items() if not statuses.is_success_or_warning(s)}
         if self.audit is not None:
-            self.audit.record("delivery", delivery_id=did, job_id=delivery["job_id"],
-                              destination=delivery["destination"], peer=str(peer),
+            self.audit.record("delivery", delivery_id=did, job_id=delivery.job_id,
+                              destination=delivery.destination, peer=str(peer),
                               statuses={uid: s for uid, s in result.items()},
                               outcome="done" if len(result) == expected and not bad else "not confirmed")
         if len(result) == expected and not bad:
@@ -111,12 +110,12 @@ class Deliverer:
         detail = ", ".join(f"{uid}=0x{s:04X}" if s >= 0 else f"{uid}=no response" for uid, s in bad.items())
         self._retry_or_fail(delivery, f"{peer}: {detail or ''}{' ' if detail else ''}{missing} not sent".strip())
 
-    def _retry_or_fail(self, delivery: dict[str, Any], error: str) -> None:
-        did = delivery["id"]
+    def _retry_or_fail(self, delivery: DeliveryRow, error: str) -> None:
+        did = delivery.id
         now = time.time()
-        delay = backoff_seconds(delivery["attempts"], self.config.delivery.retry_initial_seconds,
+        delay = backoff_seconds(delivery.attempts, self.config.delivery.retry_initial_seconds,
                                 self.config.delivery.retry_max_seconds)
-        if now + delay > delivery["deadline_at"]:
+        if now + delay > delivery.deadline_at:
             self.work.end_delivery(did, FAILED, f"deadline passed; last error: {error}")
             if self.metrics is not None:
                 self.metrics.delivery("failed")
@@ -126,4 +125,4 @@ class Deliverer:
         if self.metrics is not None:
             self.metrics.delivery("retried")
         log.warning("delivery %d attempt %d failed, retry in %.0f s: %s",
-                    did, delivery["attempts"] + 1, delay, error)
+                    did, delivery.attempts + 1, delay, error)

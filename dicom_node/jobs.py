@@ -30,6 +30,7 @@ from dicom_node.pipeline import (
     run_job_safely,
     warm_up,
 )
+from dicom_node.storage.rows import JobRow
 from dicom_node.storage.state import StateDB
 from dicom_node.storage.work import WorkStore
 from dicom_node.workers import WorkerPool
@@ -129,31 +130,31 @@ class JobRunner:
                 return
             self._submit(job)
 
-    def _spec(self, job: dict[str, Any]) -> JobSpec:
-        factory, options = self.config.plugin_factory(job["plugin"])
+    def _spec(self, job: JobRow) -> JobSpec:
+        factory, options = self.config.plugin_factory(job.plugin)
         route = self._route(job)
         return JobSpec(
-            job_id=job["id"],
-            study_uid=job["study_uid"],
-            plugin_name=job["plugin"],
+            job_id=job.id,
+            study_uid=job.study_uid,
+            plugin_name=job.plugin,
             plugin_factory=factory,
             plugin_options=options,
-            files=self.db.study_files(job["study_uid"]),
+            files=self.db.study_files(job.study_uid),
             results_dir=self.config.results_dir,
-            revision=job["revision"],
+            revision=job.revision,
             max_series_slices=self.config.jobs.max_series_slices,
             max_volume_mb=self.config.jobs.max_volume_mb,
             outputs=tuple(route.outputs) if route else ALL_OUTPUTS,
         )
 
-    def _route(self, job: dict[str, Any]) -> Route | None:
+    def _route(self, job: JobRow) -> Route | None:
         """The job's route in the configuration (None when it was removed since)."""
-        return next((r for r in self.config.routes if r.name == job["route"]), None)
+        return next((r for r in self.config.routes if r.name == job.route), None)
 
-    def _submit(self, job: dict[str, Any]) -> None:
+    def _submit(self, job: JobRow) -> None:
         spec = self._spec(job)
         log.info("job %d started: study %s route %s plugin %s, %d files",
-                 spec.job_id, spec.study_uid, job["route"], spec.plugin_name, len(spec.files))
+                 spec.job_id, spec.study_uid, job.route, spec.plugin_name, len(spec.files))
         pool = self._get_pool()
         try:
             future = pool.submit(run_job_safely, spec)
@@ -166,9 +167,9 @@ class JobRunner:
             self._running[spec.job_id] = future
         future.add_done_callback(lambda f: self._done(job, pool, f, started))
 
-    def _done(self, job: dict[str, Any], pool: WorkerPool, future: Future[JobOutcome | JobFailed],
+    def _done(self, job: JobRow, pool: WorkerPool, future: Future[JobOutcome | JobFailed],
               started: float) -> None:
-        job_id = job["id"]
+        job_id = job.id
         with self._lock:
             self._running.pop(job_id, None)
         elapsed = time.monotonic() - started
@@ -195,11 +196,11 @@ class JobRunner:
             return
         self._record(job, result, elapsed)
 
-    def _caught_in_break(self, job: dict[str, Any]) -> None:
+    def _caught_in_break(self, job: JobRow) -> None:
         """The pool broke while ``job`` ran but its own worker was not the one that
         ended: back to the queue, no attempt counted; failed after MAX_BREAKS of these
         (a job that breaks the pool in a way no worker's end shows)."""
-        job_id = job["id"]
+        job_id = job.id
         breaks = self._breaks[job_id] = self._breaks.get(job_id, 0) + 1
         if breaks < MAX_BREAKS:
             self.work.requeue_job(job_id, "requeued: another analysis's worker process died")
@@ -211,12 +212,12 @@ class JobRunner:
         self._audit(job, "failed", reason=reason)
         log.error("job %d failed: %s", job_id, reason)
 
-    def _record(self, job: dict[str, Any], outcome: JobOutcome, elapsed: float) -> None:
+    def _record(self, job: JobRow, outcome: JobOutcome, elapsed: float) -> None:
         route = self._route(job)
         destinations = route.destinations if route else []
         records = outcome.results
         deadline = self.config.delivery.deadline_hours * 3600
-        current = self.work.finish_job(job["id"], records, destinations, outcome.timings, deadline,
+        current = self.work.finish_job(job.id, records, destinations, outcome.timings, deadline,
                                        note=outcome.note)
         self._audit(job, "done" if current else "superseded", reason=outcome.note or None,
                     findings=outcome.findings, results=[r.sop_instance_uid for r in records])
@@ -224,18 +225,18 @@ class JobRunner:
         if self.metrics is not None:
             self.metrics.job_finished(outcome.timings)
         if not current:
-            log.info("job %d finished but was superseded by newer instances; results not delivered", job["id"])
+            log.info("job %d finished but was superseded by newer instances; results not delivered", job.id)
             return
         log.info("job %d done in %.1f s: study %s, %d findings, %d result objects%s; %s",
-                 job["id"], elapsed, job["study_uid"], outcome.findings, len(records),
+                 job.id, elapsed, job.study_uid, outcome.findings, len(records),
                  f" ({outcome.note})" if outcome.note else "", stages)
 
-    def _audit(self, job: dict[str, Any], outcome: str, **fields: Any) -> None:
+    def _audit(self, job: JobRow, outcome: str, **fields: Any) -> None:
         if self.audit is None:
             return
-        info = self.plugin_infos.get(job["plugin"])
-        self.audit.record("analysis", job_id=job["id"], study_uid=job["study_uid"], route=job["route"],
-                          plugin=info.name if info else job["plugin"],
+        info = self.plugin_infos.get(job.plugin)
+        self.audit.record("analysis", job_id=job.id, study_uid=job.study_uid, route=job.route,
+                          plugin=info.name if info else job.plugin,
                           version=info.version if info else None, outcome=outcome, **fields)
 
     def stop(self) -> None:

@@ -102,10 +102,10 @@ def test_refusals_name_the_reason(tmp_path: Path) -> None:
     work.dispatch_study("1.2.3", [("dense-ct", "dense")])
     job = work.claim_job()
     assert job is not None
-    work.finish_job(job["id"], [], ["x"], {}, 60)
+    work.finish_job(job.id, [], ["x"], {}, 60)
     with db.transaction() as c:  # a failed delivery of revision 0, then the study moves on to revision 1
         c.execute("INSERT INTO deliveries(job_id, destination, state, next_attempt_at, deadline_at, created_at, "
-                  "updated_at) VALUES (?, 'x', 'failed', 0, 0, 0, 0)", (job["id"],))
+                  "updated_at) VALUES (?, 'x', 'failed', 0, 0, 0, 0)", (job.id,))
     work.dispatch_study("1.2.3", [("dense-ct", "dense")])
     with pytest.raises(ActionRefused, match="newer revision 1 replaced"):
         admin.retry([1])

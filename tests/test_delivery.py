@@ -63,8 +63,8 @@ def _setup(tmp_path: Path, port: int, files: list[Path], **delivery: Any) -> tup
     for f in files:
         ds = dcmread(f, stop_before_pixels=True)
         records.append(ResultRecord(ds.SOPInstanceUID, ds.SeriesInstanceUID, ds.SOPClassUID, "SR", f))
-    work.finish_job(job["id"], records, ["d"], {}, deadline_seconds=cfg.delivery.deadline_hours * 3600)
-    return work, Deliverer(cfg, work), job["id"]
+    work.finish_job(job.id, records, ["d"], {}, deadline_seconds=cfg.delivery.deadline_hours * 3600)
+    return work, Deliverer(cfg, work), job.id
 
 
 def test_failure_status_is_rejected_not_retried(tmp_path: Path, results: list[Path]) -> None:

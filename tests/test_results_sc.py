@@ -25,6 +25,7 @@ from dicom_node.results import key_images as ki
 from dicom_node.results.kos import encode_kos
 from dicom_node.results.readback import ReportedFinding, read_findings
 from dicom_node.results.sc import encode_key_images
+from dicom_node.storage.rows import JobRow
 from plugin.types import Detection, Findings, SegmentCodes
 from tests import results_support as rs
 
@@ -306,9 +307,10 @@ def test_outputs_choose_the_objects(case: dict, tmp_path: Path) -> None:
 def test_a_job_gets_its_routes_outputs() -> None:
     config = parse_config({"routes": [{"name": "r", "plugin": "p", "outputs": ["sr", "kos"]}]})
     runner = JobRunner(config, db=SimpleNamespace(study_files=lambda uid: []), work=None)  # type: ignore[arg-type]
-    job = {"id": 1, "study_uid": "1.2", "plugin": "p", "route": "r", "revision": 0}
+    job = JobRow(id=1, study_uid="1.2", route="r", plugin="p", revision=0, state="running", attempts=1,
+                 created_at=0.0)
     assert runner._spec(job).outputs == ("sr", "kos")
-    assert runner._spec({**job, "route": "removed since"}).outputs == ("seg", "sr", "sc", "kos")
+    assert runner._spec(dataclasses.replace(job, route="removed since")).outputs == ("seg", "sr", "sc", "kos")
 
 
 def test_preview_png_is_the_key_images_pixels(case: dict, tmp_path: Path) -> None:

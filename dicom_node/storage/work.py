@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import time
 from collections.abc import Sequence
 
 from dicom_node.errors import ActionRefused
 from dicom_node.net import statuses
+from dicom_node.storage.rows import DeliveryItem, DeliveryRow, JobRow
 from dicom_node.storage.state import (
     DONE,
     FAILED,
@@ -20,7 +22,6 @@ from dicom_node.storage.state import (
     TERMINAL_DELIVERY,
     TERMINAL_JOB,
     ResultRecord,
-    Row,
     StateDB,
     dumps_timings,
 )
@@ -101,8 +102,9 @@ class WorkStore:
                 StateDB.transition(c, "job", str(job_id), RUNNING, QUEUED, reason)
         return bool(cur.rowcount)
 
-    def claim_job(self) -> Row | None:
-        """Take the oldest queued job and mark it running."""
+    def claim_job(self) -> JobRow | None:
+        """Take the oldest queued job and mark it running; the job as it is now."""
+        now = time.time()
         with self.db.transaction() as c:
             row = c.execute(
                 "SELECT * FROM jobs WHERE state=? ORDER BY id LIMIT 1", (QUEUED,)
@@ -111,10 +113,16 @@ class WorkStore:
                 return None
             c.execute(
                 "UPDATE jobs SET state=?, started_at=?, attempts=attempts+1 WHERE id=?",
-                (RUNNING, time.time(), row["id"]),
+                (RUNNING, now, row["id"]),
             )
             StateDB.transition(c, "job", str(row["id"]), QUEUED, RUNNING)
-            return dict(row)
+            job = JobRow.from_row(row)
+        return dataclasses.replace(job, state=RUNNING, started_at=now, attempts=job.attempts + 1)
+
+    def study_jobs(self, study_uid: str) -> list[JobRow]:
+        """Every job of a study, every revision, oldest first."""
+        rows = self.db.query("SELECT * FROM jobs WHERE study_uid=? ORDER BY id", (study_uid,))
+        return [JobRow.from_row(row) for row in rows]
 
     def finish_job(
         self,
@@ -174,14 +182,15 @@ class WorkStore:
 
     # ---- deliveries -------------------------------------------------------------
 
-    def due_deliveries(self, now: float) -> list[Row]:
+    def due_deliveries(self, now: float) -> list[DeliveryRow]:
         """Pending deliveries whose next attempt is due."""
-        return self.db.query(
+        rows = self.db.query(
             "SELECT * FROM deliveries WHERE state=? AND next_attempt_at<=? ORDER BY next_attempt_at",
             (PENDING, now),
         )
+        return [DeliveryRow.from_row(row) for row in rows]
 
-    def unconfirmed_items(self, delivery_id: int) -> list[Row]:
+    def unconfirmed_items(self, delivery_id: int) -> list[DeliveryItem]:
         """Result instances of a delivery not yet confirmed by the destination: no
         status yet, or one that is neither Success nor a Warning
         (:func:`dicom_node.net.statuses.is_success_or_warning`, the rule the delivery
@@ -192,8 +201,9 @@ class WorkStore:
                WHERE i.delivery_id=?""",
             (delivery_id,),
         )
-        return [row for row in rows
-                if row["status"] is None or not statuses.is_success_or_warning(int(row["status"]))]
+        items = [DeliveryItem.from_row(row) for row in rows]
+        return [item for item in items
+                if item.status is None or not statuses.is_success_or_warning(item.status)]
 
     def record_status(self, delivery_id: int, sop_uid: str, status: int) -> None:
         """Store the destination's status for one instance."""
