@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from dicom_node.synthetic.ct_writer import SeriesLayout, StudyIdentity, write_ct_series
+from phantoms.ct_writer import SeriesLayout, StudyIdentity, write_ct_series
 from tests.support import NodeProcess, StoreSCP, dense_phantom, free_port, node_config, storescu
 
 # The slow analysis outlives the crash by far, so it is in flight when the other worker dies.
