@@ -21,7 +21,7 @@ from models.lung_nodules.candidates import (
     quantised,
     score,
 )
-from models.lung_nodules.transforms import ClassifyCandidatesd, lung_region
+from models.lung_nodules.transforms import ClassifyCandidatesd, elongation, lung_region
 from plugin.finding_scores import SCORES_KEY
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "models" / "lung_nodules" / "models" / "candidates.pt"
@@ -250,3 +250,26 @@ def test_a_component_wider_than_the_patch_is_neither_vetoed_nor_gated_like_a_nod
     assert out[wide].min() == np.float32(0.9)
     assert out[small].max() == 0.0
     assert transform.wider_than_a_patch(*ndimage.label(prob > 0.5)).tolist() == [False, True, False]
+
+
+def test_the_tube_rule_is_looser_for_a_mass_sized_component() -> None:
+    """Nodule-sized tubes go at elongation 2 (vessel segments); a component wider than
+    the patch goes only past ``mass_max_elongation`` (2.5): a lobulated mass twice as
+    long as it is wide stays, a wide stretch of vessels three times longer does not."""
+    image = _chest(2)
+    prob = np.zeros_like(image)
+    transform = ClassifyCandidatesd(keys="pred", weights=WEIGHTS, min_inside=0.0, max_elongation=2.0)
+    region = np.ones(tuple((n + 1) // 2 for n in image.shape), dtype=bool)
+    mass = (slice(5, 45), slice(5, 45), slice(5, 75))  # 40 x 40 x 87.5 mm
+    vessels = (slice(60, 93), slice(60, 93), slice(0, 80))  # 33 x 33 x 100 mm
+    tube = (slice(120, 126), slice(10, 16), slice(10, 50))  # 6 x 6 x 50 mm
+    for box in (mass, vessels, tube):
+        prob[box] = 0.9
+    components, count = ndimage.label(prob > 0.5)
+    where = np.nonzero(components)
+    mass_e, vessels_e, tube_e = elongation(where, components[where], count, SPACING)[1:]
+    assert 2.0 < mass_e < 2.5 < vessels_e < tube_e
+    cands = _candidates(image)
+    out = transform.merge(prob, cands, np.zeros(cands.count), SPACING, region)
+    assert out[mass].min() == np.float32(0.9)
+    assert out[vessels].max() == 0.0 and out[tube].max() == 0.0

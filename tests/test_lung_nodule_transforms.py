@@ -86,6 +86,21 @@ def test_domes_drops_a_flat_cap_on_the_abdomen_keeps_masses() -> None:
     assert not domes(components, 4, image, spacing, np.array([False, False, True, True, True])).any()
 
 
+def test_domes_drops_a_flat_cap_where_the_scan_ends_keeps_a_mass_there() -> None:
+    """A flat cap on the scan's lowest slices has nothing below it to look at: taken for
+    the abdomen's top where a scan ends at the lung bases. A ball cut by the scan's end
+    is a lump, not a cap, and is kept."""
+    shape = (140, 140, 60)
+    image = np.full(shape, AIR, dtype=np.float32)  # lung down to the scan's end
+    components = np.zeros(shape, dtype=np.int32)
+    components[10:60, 10:60, 0:8] = 1  # 50 x 50 x 8 mm on the lowest slices
+    components[_ball(shape, (100, 100, 10), 20)] = 2  # a 40 mm ball, its lower part cut off
+    components[10:60, 80:130, 12:18] = 3  # a flat cap with lung (12 mm of it) below
+    spacing = np.array([1.0, 1.0, 1.0])
+    candidates = np.array([False, True, True, True])
+    assert domes(components, 3, image, spacing, candidates).tolist() == [False, True, False, False]
+
+
 def test_mass_channel_adds_only_wide_components_of_the_mass_network() -> None:
     """Channel 0 (nodule network) is kept as it is; of channel 1 (mass network) only
     components wider than the classifier's 32 mm patch along both in-plane axes join."""
