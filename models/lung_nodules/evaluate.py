@@ -366,8 +366,8 @@ def _measurement_summary(results: list[ScanResult]) -> dict[str, float]:
         if rows and any(d[1] != "solid" for r in results for d in r.densities):
             density_summary[f"{density}_ge6mm"] = len(rows)
             density_summary[f"{density}_found"] = sum(d[2] for d in rows)
-            measured = [d[3] for d in rows if d[2] and d[3] is not None]
-            density_summary[f"{density}_median_reported_hu"] = round(float(np.median(measured)), 1) if measured else float("nan")
+            reported = [d[3] for d in rows if d[2] and d[3] is not None]
+            density_summary[f"{density}_median_reported_hu"] = round(float(np.median(reported)), 1) if reported else float("nan")
     masses = [m for r in results for m in r.masses]
     mass_summary: dict[str, float] = {"masses": len(masses), "masses_found": sum(m[1] for m in masses),
                     "masses_named_mass": sum(m[2] for m in masses)} if masses else {}
