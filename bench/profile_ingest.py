@@ -8,7 +8,7 @@ one dcmtk ``storescu`` association and prints the mean milliseconds per instance
 each stage. "Waiting" is the rest of the wall time per instance: storescu reading and
 sending the next file, and the hand-offs between the association's threads (the node
 replaces pynetdicom's 1 ms polling sleeps by waits on the socket and the queues, see
-``dicom_node/net/reactor.py``; stock pynetdicom spends about 2 ms per instance there).
+``dicom_node/receive/reactor.py``; stock pynetdicom spends about 2 ms per instance there).
 Background work (slot files made ahead, batched folder syncs, sha256 in a worker
 thread) is timed too but is not on the C-STORE's path.
 
@@ -60,8 +60,7 @@ def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 def _stages() -> list[tuple[str, Any, str]]:
     from pynetdicom import dimse, dul, events
 
-    from dicom_node import ingest
-    from dicom_node.net import reactor, scp
+    from dicom_node.receive import ingest, reactor, scp
     from dicom_node.storage import spool, state
 
     os_proxy = SimpleNamespace(**{k: getattr(os, k) for k in dir(os) if not k.startswith("__")})

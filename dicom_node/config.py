@@ -131,7 +131,7 @@ class NodeSettings(_Strict):
     storage_dir: Path = Path("./var")
     max_associations: int = Field(default=16, ge=1, le=1000)
     # connections that have not sent a complete A-ASSOCIATE-RQ, per acceptor process; over
-    # either limit the oldest of them is closed (see dicom_node/net/negotiation.py)
+    # either limit the oldest of them is closed (see dicom_node/receive/negotiation.py)
     max_negotiating_per_host: int = Field(default=16, ge=1, le=10000)
     max_negotiating: int = Field(default=64, ge=1, le=10000)
     max_pdu_size: int = Field(default=262144, ge=0)

@@ -16,9 +16,9 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 
 from dicom_node.config import Config
 from dicom_node.dataset_scan import INFLATION_FLOOR_BYTES, MAX_DEPTH, MAX_INFLATION_RATIO
-from dicom_node.net.reactor import MAX_PRESENTATION_CONTEXTS, MAX_TRANSFER_SYNTAXES, pdu_read_limit
-from dicom_node.net.scp import ACCEPTED_TRANSFER_SYNTAXES
 from dicom_node.net.scu import UNCOMPRESSED, VERIFICATION
+from dicom_node.receive.reactor import MAX_PRESENTATION_CONTEXTS, MAX_TRANSFER_SYNTAXES, pdu_read_limit
+from dicom_node.receive.scp import ACCEPTED_TRANSFER_SYNTAXES
 
 SEG_STORAGE = UID("1.2.840.10008.5.1.4.1.1.66.4")
 COMPREHENSIVE_3D_SR = UID("1.2.840.10008.5.1.4.1.1.88.34")

@@ -16,13 +16,13 @@ from dicom_node.assembly import Assembler
 from dicom_node.audit import AuditLog, config_hash
 from dicom_node.config import Config
 from dicom_node.delivery import Deliverer
-from dicom_node.ingest import Ingestor, StoreRequest
 from dicom_node.jobs import JobRunner
 from dicom_node.metrics import Metrics
-from dicom_node.net import reactor
-from dicom_node.net.listener import AcceptorPool
-from dicom_node.net.scp import StorageSCP
 from dicom_node.ops_http import OpsServer
+from dicom_node.receive import reactor
+from dicom_node.receive.ingest import Ingestor, StoreRequest
+from dicom_node.receive.listener import AcceptorPool
+from dicom_node.receive.scp import StorageSCP
 from dicom_node.storage.spool import Spool
 from dicom_node.storage.state import StateDB
 from dicom_node.storage.work import WorkStore
@@ -43,11 +43,7 @@ class Node:
         self.db = StateDB(config.database_path)
         self.work = WorkStore(self.db)
         self.spool = Spool(config.spool_dir)
-        self.ingestor = Ingestor(
-            self.spool, self.db,
-            min_free_bytes=config.node.min_free_disk_mb * 2**20,
-            max_instance_bytes=config.node.max_instance_mb * 2**20,
-        )
+        self.ingestor = Ingestor.for_config(config, self.spool, self.db)
         self.scp: StorageSCP | None = None
         self.acceptors: AcceptorPool | None = None
         processes = config.node.listener_process_count

@@ -4,7 +4,7 @@ The listener, the job runner and the deliverer take these collaborators optional
 (tests run them without). In the node's own process they are
 :class:`dicom_node.metrics.Metrics` and :class:`dicom_node.audit.AuditLog`; in an
 acceptor process the listener counts on its row of the shared board instead
-(:class:`dicom_node.net.board.BoardMetrics`). Nothing here imports them.
+(:class:`dicom_node.receive.board.BoardMetrics`). Nothing here imports them.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ class ListenerMetrics(Protocol):
         """Count an accepted or rejected association ("accepted", "rejected_<reason>")."""
 
     def instance_received(self, size: int, outcome: Any) -> None:
-        """Count one C-STORE by its outcome (a :class:`dicom_node.ingest.StoreOutcome`)."""
+        """Count one C-STORE by its outcome (a :class:`dicom_node.receive.ingest.StoreOutcome`)."""
 
 
 class JobMetrics(Protocol):

@@ -35,6 +35,38 @@ def test_the_plugin_contract_imports_nothing_from_the_node() -> None:
     assert not _offending("plugin", ("dicom_node",))
 
 
+def test_net_imports_nothing_from_the_receive_side() -> None:
+    """``dicom_node.net`` is the peer plumbing (SCU, TLS, statuses) that both sides use: it
+    imports nothing from ``dicom_node.receive`` (ingest included), at the top or inside a
+    function, so no import runs back up the layers."""
+    net = REPO / "dicom_node" / "net"
+    assert (net / "__init__.py").is_file() and (REPO / "dicom_node" / "receive" / "__init__.py").is_file()
+    problems: list[str] = []
+    for path in sorted(net.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:  # relative: resolve against dicom_node.net
+                    base = ["dicom_node", "net"][: max(0, 2 - (node.level - 1))]
+                    module = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    module = node.module or ""
+                names = [module] + [f"{module}.{a.name}" for a in node.names]
+            else:
+                continue
+            bad = [n for n in names if n == "dicom_node.receive" or n.startswith("dicom_node.receive.")
+                   or n.split(".")[-1] == "ingest"]
+            problems += [f"{path.relative_to(REPO)}:{node.lineno} imports {n}" for n in bad]
+    assert not problems
+
+
+def test_the_receive_side_reaches_the_database_through_statedb_only() -> None:
+    """Ingest (and the rest of ``dicom_node.receive``) opens no SQLite connection of its own:
+    every statement is a method of ``dicom_node.storage.state.StateDB``."""
+    assert not _offending("dicom_node/receive", ("sqlite3",))
+
+
 def test_the_node_imports_no_model() -> None:
     assert not _offending("dicom_node", ("models",))
 

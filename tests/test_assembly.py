@@ -59,7 +59,7 @@ def test_unmatched_study_is_ignored_then_removed_by_retention(tmp_path: Path) ->
 
 
 def test_derived_series_and_localizers_never_reopen_a_study(tmp_path: Path) -> None:
-    from dicom_node.ingest import is_analysable
+    from dicom_node.receive.ingest import is_analysable
 
     ct = "1.2.840.10008.5.1.4.1.1.2"
     assert is_analysable(ct, "ORIGINAL\\PRIMARY\\AXIAL")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from dicom_node.config import load_config
 from dicom_node.conformance import conformance_statement
-from dicom_node.ingest import Ingestor
-from dicom_node.net.scp import StorageSCP
+from dicom_node.receive.ingest import Ingestor
+from dicom_node.receive.scp import StorageSCP
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "conformance.md"
 

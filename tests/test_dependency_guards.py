@@ -16,7 +16,7 @@ from pydicom import dcmread
 from pynetdicom.ae import ApplicationEntity
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from dicom_node.net import reactor
+from dicom_node.receive import reactor
 from phantoms.ct_writer import simple_ct_volume, write_ct_series
 from tests.support import start_node
 

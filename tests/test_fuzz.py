@@ -22,7 +22,7 @@ from pydicom import dcmread
 from pynetdicom.dsutils import split_dataset
 
 from dicom_node.errors import SeriesError
-from dicom_node.ingest import Ingestor, StoreRequest
+from dicom_node.receive.ingest import Ingestor, StoreRequest
 from dicom_node.series import build_volume
 from dicom_node.storage.spool import Spool
 from dicom_node.storage.state import StateDB

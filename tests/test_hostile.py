@@ -154,7 +154,7 @@ def test_character_set_garbage_is_stored_as_sent(node: Node, tmp_path: Path) -> 
 
 def test_idle_association_is_aborted_at_the_network_timeout(node: Node) -> None:
     """The event-driven reactors still watch their timers while nothing arrives."""
-    from dicom_node.net.reactor import WakingAssociation
+    from dicom_node.receive.reactor import WakingAssociation
 
     ae = ApplicationEntity("IDLE")
     ae.add_requested_context(CTImageStorage)
@@ -179,7 +179,7 @@ def test_idle_association_is_aborted_at_the_network_timeout(node: Node) -> None:
 def test_bulk_recv_reads_whole_pdus_across_partial_sends_and_stops_at_close() -> None:
     import threading
 
-    from dicom_node.net.reactor import BulkRecvSocket
+    from dicom_node.receive.reactor import BulkRecvSocket
 
     ours, peer = socket.socketpair()
     reader = BulkRecvSocket.__new__(BulkRecvSocket)
@@ -207,7 +207,7 @@ def test_bulk_recv_reads_whole_pdus_across_partial_sends_and_stops_at_close() ->
 def test_bulk_recv_grows_with_the_data_not_with_the_announced_length() -> None:
     import tracemalloc
 
-    from dicom_node.net.reactor import BulkRecvSocket
+    from dicom_node.receive.reactor import BulkRecvSocket
 
     ours, peer = socket.socketpair()
     reader = BulkRecvSocket.__new__(BulkRecvSocket)

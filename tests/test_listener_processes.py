@@ -227,7 +227,7 @@ def test_killed_node_takes_its_acceptors_with_it_and_restarts_on_the_same_port(t
     proc = NodeProcess(cfg, tmp_path / "run").start()
     try:
         assert proc.proc is not None
-        acceptors = [pid for pid in descendants(proc.proc.pid) if "dicom_node.net.acceptor"
+        acceptors = [pid for pid in descendants(proc.proc.pid) if "dicom_node.receive.acceptor"
                      in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")]
         assert len(acceptors) == 2
         assert storescu(proc.port, series[:10]).returncode == 0

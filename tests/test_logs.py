@@ -48,7 +48,7 @@ def test_repeated_warnings_are_limited_and_counted(restore_logging: None,
     setup_logging("INFO")
     limiter = next(f for f in logging.getLogger().handlers[0].filters if isinstance(f, RepeatLimiter))
     limiter.window_s = 0.5
-    log = logging.getLogger("dicom_node.ingest")
+    log = logging.getLogger("dicom_node.receive.ingest")
     for n in range(500):
         log.warning("C-STORE refused (0x%04X): free disk below the reserve; sop=%d", 0xA700, n)
     log.info("an info line is never limited")
@@ -65,8 +65,8 @@ def test_repeated_warnings_are_limited_and_counted(restore_logging: None,
 def test_control_characters_are_escaped_and_long_messages_cut(restore_logging: None,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     setup_logging("INFO")
-    logging.getLogger("dicom_node.net.scp").warning("calling=%s", "EVIL\r\nFORGED\x1b[31m")
-    logging.getLogger("dicom_node.net.scp").warning("x" * 5000)
+    logging.getLogger("dicom_node.receive.scp").warning("calling=%s", "EVIL\r\nFORGED\x1b[31m")
+    logging.getLogger("dicom_node.receive.scp").warning("x" * 5000)
     err = capsys.readouterr().err
     assert "calling=EVIL\\r\\nFORGED\\x1b[31m" in err and "\nFORGED" not in err
     assert "... [3000 more characters]" in err

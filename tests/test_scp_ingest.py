@@ -235,7 +235,7 @@ def test_quick_header_reads_what_pydicom_reads(image_type: str, monkeypatch: pyt
     """The fast header reader gives pydicom's values, or leaves the dataset to pydicom."""
     from io import BytesIO
 
-    from dicom_node import ingest
+    from dicom_node.receive import ingest
     from dicom_node.dataset_scan import scan_instance
 
     ds = _small_ct()
@@ -279,7 +279,7 @@ def test_store_response_encoded_as_pynetdicom_does(status: int, comment: str | N
     from pynetdicom.dimse_messages import C_STORE_RSP
     from pynetdicom.dimse_primitives import C_STORE
 
-    from dicom_node.net.reactor import store_response_command
+    from dicom_node.receive.reactor import store_response_command
 
     rsp = C_STORE()
     rsp.MessageIDBeingRespondedTo = 7

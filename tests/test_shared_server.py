@@ -12,9 +12,9 @@ from pynetdicom.ae import ApplicationEntity
 from pynetdicom.sop_class import Verification
 
 from dicom_node.config import parse_config
-from dicom_node.net.acceptor import build_scp
-from dicom_node.net.board import Board
-from dicom_node.net.shared_server import SharedListen
+from dicom_node.receive.acceptor import build_scp
+from dicom_node.receive.board import Board
+from dicom_node.receive.shared_server import SharedListen
 from tests.support import free_port, node_config
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.storage.state import StateDB
+from dicom_node.storage.state import InstanceRecord, StateDB
 
 HOLD = """
 import fcntl, os, sys, time
@@ -69,4 +69,39 @@ def test_a_stuck_writer_is_reported_in_the_log(tmp_path: Path, caplog: pytest.Lo
         holder.wait()
     assert done.wait(5)
     writer.join(5)
+    db.close()
+
+
+def _instance(tmp_path: Path, sop_uid: str, study_uid: str = "1.2.3") -> InstanceRecord:
+    return InstanceRecord(sop_instance_uid=sop_uid, series_uid=study_uid + ".1", study_uid=study_uid,
+                          sop_class_uid="1.2.840.10008.5.1.4.1.1.2", transfer_syntax="1.2.840.10008.1.2.1",
+                          path=tmp_path / f"{sop_uid}.dcm", size=1, sha256="0" * 64,
+                          series_attrs={"Modality": "CT"}, analysable=True)
+
+
+def test_is_stored_answers_while_another_write_is_open(tmp_path: Path) -> None:
+    """The duplicate check of every C-STORE reads on its own connection: it neither waits
+    for a write in progress nor sees a purged instance."""
+    db = StateDB(tmp_path / "state.sqlite3")
+    assert db.register_instance(_instance(tmp_path, "1.2.3.1.1")) == "new"
+    assert db.is_stored("1.2.3.1.1") and not db.is_stored("1.2.3.1.2")
+    in_write, release = threading.Event(), threading.Event()
+
+    def write() -> None:
+        with db.transaction():
+            in_write.set()
+            release.wait(10)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        assert in_write.wait(10)
+        started = time.monotonic()
+        assert db.is_stored("1.2.3.1.1")
+        assert time.monotonic() - started < 2
+    finally:
+        release.set()
+        writer.join()
+    db.mark_purged("1.2.3")
+    assert not db.is_stored("1.2.3.1.1")
     db.close()

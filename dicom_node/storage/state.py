@@ -3,7 +3,8 @@
 SQLite in WAL mode with ``synchronous=FULL``: a commit is on disk when it returns.
 The one exception is the registration of a received instance, whose spooled file is
 the durable record (see :meth:`StateDB.transaction`). One connection is shared by the node's threads
-behind a lock; every state change is recorded in ``transitions`` with a timestamp.
+behind a lock (ingest's duplicate check, :meth:`StateDB.is_stored`, reads on one of its own);
+every state change is recorded in ``transitions`` with a timestamp.
 """
 
 from __future__ import annotations
@@ -88,6 +89,8 @@ class StateDB:
             raise StorageError(f"cannot open the state database {path}: {exc}") from exc
         self._lock = threading.RLock()
         self.path = path
+        self._reader: sqlite3.Connection | None = None  # is_stored's own connection, opened on first use
+        self._reader_lock = threading.Lock()
         self._writer_fd = self._open_writer_lock(path)
 
     def _add_columns(self) -> None:
@@ -162,7 +165,11 @@ class StateDB:
         self._watch.start()
 
     def close(self) -> None:
-        """Close the connection."""
+        """Close the connections."""
+        with self._reader_lock:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
         with self._lock:
             self._conn.close()
             if self._writer_fd is not None:
@@ -303,6 +310,26 @@ class StateDB:
         if row["state"] != RECEIVING:
             c.execute("UPDATE studies SET state=?, reason=NULL WHERE study_uid=?", (RECEIVING, study_uid))
             self.transition(c, "study", study_uid, row["state"], RECEIVING, "re-opened by a new instance")
+
+    def is_stored(self, sop_instance_uid: str) -> bool:
+        """True when the instance is already stored (committed and not purged).
+
+        Reads through a connection of its own: in WAL mode a reader never waits for the
+        writer, so with several associations this check (made for every C-STORE) does not
+        queue behind another instance's commit, and its flush, as it would on the shared
+        connection. Raises :class:`StorageError` when the database cannot answer.
+        """
+        try:
+            with self._reader_lock:
+                if self._reader is None:
+                    self._reader = sqlite3.connect(self.path, isolation_level=None,
+                                                   check_same_thread=False, timeout=self.busy_timeout_s)
+                rows = self._reader.execute(
+                    "SELECT 1 FROM instances WHERE sop_instance_uid=? AND purged=0", (sop_instance_uid,)
+                ).fetchall()
+        except sqlite3.Error as exc:
+            raise StorageError(f"state database query failed: {exc}") from exc
+        return bool(rows)
 
     def has_instance_path(self, path: Path) -> bool:
         """True when a spooled file is registered."""

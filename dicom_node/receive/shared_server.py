@@ -1,7 +1,7 @@
 """An association server on a listening socket shared by several acceptor processes.
 
 The node binds and listens once; every acceptor process inherits that socket and
-runs this server on it (see :mod:`dicom_node.net.acceptor`). The kernel queues each
+runs this server on it (see :mod:`dicom_node.receive.acceptor`). The kernel queues each
 connection once and whichever process accepts it first serves it, so a connection
 waits for no particular process, and one that dies leaves the queue to the others.
 
@@ -10,9 +10,9 @@ ready acceptor lets it take the next one: it waits up to :data:`BALANCE_WAIT_S` 
 the connection to be taken, then takes it itself (the other may be stuck).
 
 Every connection whose A-ASSOCIATE-RQ has been read is counted in the acceptor's row
-of the :class:`~dicom_node.net.board.Board` until its association ends, which is what
-the global ``max_associations`` limit reads (:class:`~dicom_node.net.policy.NodeAE`);
-connections still negotiating are held by the gate (:mod:`dicom_node.net.negotiation`).
+of the :class:`~dicom_node.receive.board.Board` until its association ends, which is what
+the global ``max_associations`` limit reads (:class:`~dicom_node.receive.policy.NodeAE`);
+connections still negotiating are held by the gate (:mod:`dicom_node.receive.negotiation`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any, cast
 
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_node.net.board import Board
+from dicom_node.receive.board import Board
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class Ticket:
 class GatedAssociationServer(ThreadedAssociationServer):
     """pynetdicom's threaded server, with two changes to what happens on accept:
 
-    - every connection is counted in the AE's :class:`~dicom_node.net.negotiation.NegotiationGate`
+    - every connection is counted in the AE's :class:`~dicom_node.receive.negotiation.NegotiationGate`
       until its A-ASSOCIATE-RQ has been read (it takes no association slot meanwhile);
     - the TLS handshake runs in the connection's own thread with the ACSE timeout as
       its deadline, not in the accept loop, where one silent peer would stall every

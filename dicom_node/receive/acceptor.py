@@ -1,10 +1,10 @@
 """One acceptor process: the Storage SCP on the node's shared listening socket.
 
-Started by :class:`dicom_node.net.listener.AcceptorPool` as
-``python -m dicom_node.net.acceptor``, with the listening socket and the board's
+Started by :class:`dicom_node.receive.listener.AcceptorPool` as
+``python -m dicom_node.receive.acceptor``, with the listening socket and the board's
 memfd inherited and a JSON spec (configuration, row, file descriptors) on stdin. It
-runs the same :class:`~dicom_node.net.scp.StorageSCP` and
-:class:`~dicom_node.ingest.Ingestor` as a single-process node, on the shared spool
+runs the same :class:`~dicom_node.receive.scp.StorageSCP` and
+:class:`~dicom_node.receive.ingest.Ingestor` as a single-process node, on the shared spool
 (with a slot pool of its own) and the shared state database, and counts on its board
 row instead of in-process metrics.
 
@@ -28,15 +28,15 @@ from typing import Any
 
 from dicom_node.audit import AuditLog
 from dicom_node.config import Config, parse_config
-from dicom_node.ingest import Ingestor
 from dicom_node.logs import setup_logging
-from dicom_node.net.board import Board, BoardMetrics
-from dicom_node.net.scp import StorageSCP
-from dicom_node.net.shared_server import SharedListen
+from dicom_node.receive.board import Board, BoardMetrics
+from dicom_node.receive.ingest import Ingestor
+from dicom_node.receive.scp import StorageSCP
+from dicom_node.receive.shared_server import SharedListen
 from dicom_node.storage.spool import Spool
 from dicom_node.storage.state import StateDB
 
-log = logging.getLogger("dicom_node.net.acceptor")  # also when run as __main__
+log = logging.getLogger("dicom_node.receive.acceptor")  # also when run as __main__
 
 _PR_SET_PDEATHSIG = 1
 
@@ -79,9 +79,7 @@ def build_scp(config: Config, listen: SharedListen) -> StorageSCP:
     """The Storage SCP of acceptor ``listen.row``, on its own slot pool and connections."""
     spool = Spool(config.spool_dir, Spool.acceptor_slots(config.spool_dir, listen.row))
     spool.reuse_free_slots()
-    ingestor = Ingestor(spool, StateDB(config.database_path),
-                        min_free_bytes=config.node.min_free_disk_mb * 2**20,
-                        max_instance_bytes=config.node.max_instance_mb * 2**20)
+    ingestor = Ingestor.for_config(config, spool, StateDB(config.database_path))
     return StorageSCP(config, ingestor, BoardMetrics(listen.board, listen.row), AuditLog(config.audit_path),
                       shared_listen=listen, label=f"a{listen.row}")
 

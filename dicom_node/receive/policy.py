@@ -18,8 +18,8 @@ from pynetdicom.ae import ApplicationEntity
 from pynetdicom.association import Association
 
 from dicom_node.config import AllowedCaller
-from dicom_node.net import reactor
-from dicom_node.net.negotiation import NegotiationGate
+from dicom_node.receive import reactor
+from dicom_node.receive.negotiation import NegotiationGate
 
 # A title no peer can send (16 characters with a control character), meaning "nobody".
 _NOBODY = "\x01NOBODY"
@@ -67,9 +67,9 @@ class NodeAE(ApplicationEntity):
         """The limit pynetdicom compares this process's associations with.
 
         In an acceptor process it is the global limit minus what the other acceptors
-        hold, so the limit holds across all of them (see :mod:`dicom_node.net.board`).
+        hold, so the limit holds across all of them (see :mod:`dicom_node.receive.board`).
         pynetdicom compares it with every live acceptor thread of this process, but only
-        those whose A-ASSOCIATE-RQ was read hold a slot (:mod:`dicom_node.net.negotiation`):
+        those whose A-ASSOCIATE-RQ was read hold a slot (:mod:`dicom_node.receive.negotiation`):
         the others (still negotiating, or closed and not yet ended) are added back.
         """
         shared = getattr(self, "shared_listen", None)
@@ -105,11 +105,11 @@ class NodeAE(ApplicationEntity):
     def make_server(self, address: Any, *args: Any, **kwargs: Any) -> Any:
         """pynetdicom's server, with event-driven acceptor reactors and quickly copied contexts.
 
-        See :mod:`dicom_node.net.reactor`; other pynetdicom versions get the stock server.
+        See :mod:`dicom_node.receive.reactor`; other pynetdicom versions get the stock server.
         """
         if not reactor.supported():
             return super().make_server(address, *args, **kwargs)
-        from dicom_node.net.shared_server import GatedAssociationServer, SharedSocketServer
+        from dicom_node.receive.shared_server import GatedAssociationServer, SharedSocketServer
 
         shared = getattr(self, "shared_listen", None) is not None
         kwargs["server_class"] = SharedSocketServer if shared else GatedAssociationServer

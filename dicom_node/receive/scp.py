@@ -1,6 +1,6 @@
 """The Storage SCP: Verification and C-STORE for every storage SOP class.
 
-Handlers are thin: they turn pynetdicom events into :mod:`dicom_node.ingest` calls
+Handlers are thin: they turn pynetdicom events into :mod:`dicom_node.receive.ingest` calls
 and log one line per association (no PHI: AE titles, addresses, UIDs, counts).
 """
 
@@ -42,12 +42,12 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import Config
 from dicom_node.observers import AuditSink, ListenerMetrics
-from dicom_node.ingest import Ingestor, StoreOutcome, StoreRequest
-from dicom_node.net.statuses import OUT_OF_RESOURCES
-from dicom_node.net.negotiation import NegotiationGate
-from dicom_node.net.policy import CallerPolicy, NodeAE
 from dicom_node.net.scu import VERIFICATION
+from dicom_node.net.statuses import OUT_OF_RESOURCES
 from dicom_node.net.tls import server_context
+from dicom_node.receive.ingest import Ingestor, StoreOutcome, StoreRequest
+from dicom_node.receive.negotiation import NegotiationGate
+from dicom_node.receive.policy import CallerPolicy, NodeAE
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ class StorageSCP:
     def __init__(self, config: Config, ingestor: Ingestor, metrics: ListenerMetrics | None = None,
                  audit: AuditSink | None = None,
                  shared_listen: Any = None, label: str = "") -> None:
-        """``shared_listen`` (a :class:`~dicom_node.net.shared_server.SharedListen`): serve on
+        """``shared_listen`` (a :class:`~dicom_node.receive.shared_server.SharedListen`): serve on
         the node's listening socket as one of several acceptor processes, whose
         associations are logged as ``<label>/<id>``."""
         self.config = config

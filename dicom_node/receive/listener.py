@@ -1,10 +1,10 @@
 """The DICOM listener as several acceptor processes (``node.listener_processes`` > 1).
 
 One Python process serving C-STOREs is bound by its GIL to about one core. Here the
-node binds and listens once, and N acceptor processes (:mod:`dicom_node.net.acceptor`)
+node binds and listens once, and N acceptor processes (:mod:`dicom_node.receive.acceptor`)
 inherit the socket and serve associations on it, each with the Storage SCP and
 ingest path of a single-process node. What they share lives on a
-:class:`~dicom_node.net.board.Board`: the global association count and the counters
+:class:`~dicom_node.receive.board.Board`: the global association count and the counters
 the node's metrics are made of.
 
 The pool watches its acceptors: one that exits while the node runs (a crash, a
@@ -30,7 +30,7 @@ from typing import Any
 
 from dicom_node.config import Config
 from dicom_node.errors import NodeError
-from dicom_node.net.board import Board
+from dicom_node.receive.board import Board
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class AcceptorPool:
         }
         # -P: the working folder must not shadow the dicom_node this node runs.
         proc = subprocess.Popen(
-            [sys.executable, "-P", "-m", "dicom_node.net.acceptor"],
+            [sys.executable, "-P", "-m", "dicom_node.receive.acceptor"],
             stdin=subprocess.PIPE, pass_fds=(self.socket.fileno(), self.board.fd),
             env={**os.environ, "PYTHONPATH": _package_root()},
         )

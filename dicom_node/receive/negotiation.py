@@ -3,13 +3,13 @@
 A port scanner, a broken modality or an attacker can open connections and send
 nothing, or half an A-ASSOCIATE-RQ. Such a connection must not take an association
 slot: ``max_associations`` counts only connections whose request has been read
-(:mod:`dicom_node.net.board`, :class:`~dicom_node.net.policy.NodeAE`). Those still
+(:mod:`dicom_node.receive.board`, :class:`~dicom_node.receive.policy.NodeAE`). Those still
 negotiating are held here, under their own limits, per peer address
 (``node.max_negotiating_per_host``) and in total (``node.max_negotiating``), per acceptor
 process. A new connection over a limit closes the *oldest* one still negotiating (from
 that address, or overall): a real caller sends its request within milliseconds of
 connecting, so a flood of silent connections cannot lock it out. Every read also has a
-deadline (the ACSE timeout before the request, see :mod:`dicom_node.net.reactor`).
+deadline (the ACSE timeout before the request, see :mod:`dicom_node.receive.reactor`).
 """
 
 from __future__ import annotations

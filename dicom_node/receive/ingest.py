@@ -12,10 +12,9 @@ study, so a PACS that re-sends a study it already sent causes no new analysis.
 from __future__ import annotations
 
 import logging
-import sqlite3
-import threading
 from dataclasses import dataclass
 from io import BytesIO
+from typing import TYPE_CHECKING
 
 from pydicom import dcmread
 from pydicom.multival import MultiValue
@@ -27,6 +26,9 @@ from dicom_node.net import statuses
 from dicom_node.storage.spool import Spool
 from dicom_node.storage.state import InstanceRecord, StateDB
 from dicom_node.uids import clean_uid, uid_problem
+
+if TYPE_CHECKING:
+    from dicom_node.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -205,8 +207,13 @@ class Ingestor:
         self.db = db
         self.min_free_bytes = min_free_bytes
         self.max_instance_bytes = max_instance_bytes
-        self._reader: sqlite3.Connection | None = None
-        self._reader_lock = threading.Lock()
+
+    @classmethod
+    def for_config(cls, config: Config, spool: Spool, db: StateDB) -> Ingestor:
+        """The ingestor of a node or an acceptor process: on ``spool`` and ``db``, with the
+        configured disk reserve (``node.min_free_disk_mb``) and size limit (``node.max_instance_mb``)."""
+        return cls(spool, db, min_free_bytes=config.node.min_free_disk_mb * 2**20,
+                   max_instance_bytes=config.node.max_instance_mb * 2**20)
 
     def store(self, req: StoreRequest) -> StoreOutcome:
         """Handle one C-STORE; never raises."""
@@ -259,23 +266,12 @@ class Ingestor:
         return StoreOutcome(statuses.SUCCESS, "", disposition, study_uid)
 
     def _is_duplicate(self, sop_uid: str) -> bool:
-        """True when the instance is already stored (committed).
-
-        Reads through a connection of its own: in WAL mode a reader never waits for
-        the writer, so with several associations this check does not queue behind
-        another instance's commit (and its flush), as it would on the shared one.
-        """
+        """True when the instance is already stored (committed); see :meth:`StateDB.is_stored`,
+        which reads without waiting for another instance's commit."""
         try:
-            with self._reader_lock:
-                if self._reader is None:
-                    self._reader = sqlite3.connect(self.db.path, isolation_level=None,
-                                                   check_same_thread=False, timeout=30)
-                rows = self._reader.execute(
-                    "SELECT 1 FROM instances WHERE sop_instance_uid=? AND purged=0", (sop_uid,)
-                ).fetchall()
-        except sqlite3.Error as exc:
-            raise IngestError(f"state database query failed: {exc}", statuses.OUT_OF_RESOURCES) from exc
-        return bool(rows)
+            return self.db.is_stored(sop_uid)
+        except StorageError as exc:
+            raise IngestError(str(exc), statuses.OUT_OF_RESOURCES) from exc
 
     def _check_space(self, incoming: int) -> None:
         try:
