@@ -761,8 +761,6 @@ def _set_densities(specs: list[_NoduleSpec], densities: Sequence[str], rng: np.r
     nodule with a solid core of 30-60 % of its diameter, -50 to +50 HU), one density
     per nodule in order; "solid" leaves a nodule as drawn."""
     for spec, density in zip(specs, densities):
-        if density not in DENSITIES:
-            raise ValueError(f"unknown nodule density {density!r}: one of {', '.join(DENSITIES)}")
         spec.density = density
         if density == "solid":
             continue
@@ -893,6 +891,9 @@ def make_chest_phantom(
     Both draw from a stream of their own, so a seed's anatomy, nodule places and noise
     are the same with them as without.
     """
+    unknown = sorted(set(nodule_densities or ()) - set(DENSITIES))
+    if unknown:  # before anything is drawn, and whether or not every nodule finds a place
+        raise ValueError(f"unknown nodule density {unknown[0]!r}: one of {', '.join(DENSITIES)}")
     rng = np.random.default_rng(seed)
     kw = {
         "slices": slices,

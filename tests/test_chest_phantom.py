@@ -134,3 +134,8 @@ def test_fissures_are_thin_sheets_in_the_lungs() -> None:
     assert not (changed & ~ndimage.binary_dilation(plain.lung_zyx, iterations=2)).any()
     assert changed.sum() < 0.1 * plain.lung_zyx.sum()  # sheets, not a filling
     assert fissured.hu_zyx[changed].max() < plain.hu_zyx[plain.lung_zyx].max() + 400
+
+
+def test_an_unknown_density_is_refused_before_anything_is_drawn() -> None:
+    with pytest.raises(ValueError, match="unknown nodule density 'glass'"):
+        make_chest_phantom(5, nodule_densities=["solid", "glass"], **SMALL)
