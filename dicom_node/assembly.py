@@ -1,6 +1,8 @@
 """Study assembly: decide when a study is stable and hand it to its routes.
 
-A study is stable when no new analysable instance arrived for ``stable_seconds``.
+A study is stable when no new analysable instance arrived for ``stable_seconds``,
+judged from the database: in a cluster every node's assembler looks, and the dispatch
+goes through only for the study as it was read, so exactly one node dispatches it.
 When several routes match, the study waits for the longest ``stable_seconds``
 among them and is then dispatched to all of them at once (one revision). A study no
 route matches is recorded as ignored after ``assembly.default_stable_seconds``.
@@ -50,14 +52,17 @@ class Assembler:
         quiet = now - (study["last_received_at"] or now)
         routes = matching_routes(self.config.routes, self.db.study_series(uid))
         if not routes:
-            if quiet >= self.config.assembly.default_stable_seconds:
-                self.db.set_study_state(uid, IGNORED, "no route matches")
+            if quiet >= self.config.assembly.default_stable_seconds and self.db.set_study_state(
+                    uid, IGNORED, "no route matches", expect_last_received_at=study["last_received_at"]):
                 self._audit(study, outcome="ignored", routes=[])
                 log.info("study %s ignored: no route matches (%d instances)", uid, study["instance_count"])
             return
         if quiet < max(r.stable_seconds for r in routes):
             return
-        revision = self.work.dispatch_study(uid, [(r.name, r.plugin) for r in routes])
+        revision = self.work.dispatch_stable_study(uid, [(r.name, r.plugin) for r in routes],
+                                                   study["last_received_at"])
+        if revision is None:  # another node dispatched it, or an instance arrived meanwhile
+            return
         self._audit(study, outcome="dispatched", routes=[r.name for r in routes], revision=revision)
         log.info("study %s stable after %.1f s: %d instances, routes %s, revision %d",
                  uid, quiet, study["instance_count"], ",".join(r.name for r in routes), revision)

@@ -149,11 +149,11 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 def _state_db(config: Config) -> StateDB:
     """The configuration's state database; a clear error when the node never ran there."""
-    from dicom_node.storage.state import StateDB
+    from dicom_node.storage.state import open_state_db
 
-    if not config.database_path.exists():
+    if config.cluster is None and not config.database_path.exists():
         raise NodeError(f"no state database at {config.database_path}: has the node run with this storage_dir?")
-    return StateDB(config.database_path)
+    return open_state_db(config)
 
 
 def _since(text: str | None) -> "datetime | None":

@@ -9,10 +9,12 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import socket
 import typing
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import (
@@ -275,6 +277,60 @@ class LoggingSettings(_Strict):
     json_format: bool = False
 
 
+DATABASE_SCHEMES = ("postgresql", "postgres")
+BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps")
+
+
+def _check_url(value: str, schemes: tuple[str, ...], what: str) -> str:
+    """A URL with one of ``schemes`` and a host; the message never repeats the URL (it may
+    hold a password)."""
+    parts = urlsplit(value)
+    if parts.scheme not in schemes:
+        raise ValueError(f"{what} must be a {' or '.join(s + '://' for s in schemes)} URL")
+    if not parts.hostname:
+        raise ValueError(f"{what} names no host")
+    try:
+        parts.port  # noqa: B018 - a port that is not a number raises here
+    except ValueError:
+        raise ValueError(f"{what}: the port is not a number from 1 to 65535") from None
+    return value
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password (for messages and logs): ``postgresql://node:***@db:5432/x``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+class ClusterSettings(_Strict):
+    """Scale-out (docs/scale-out.md): the state in PostgreSQL and a spool every host mounts.
+
+    Absent (the default) the node keeps everything on one machine: SQLite and a local spool.
+    """
+
+    database: str  # postgresql://user:password@host:5432/dbname
+    spool: Path  # a folder every node mounts (NFS in production): received instances and results
+    broker: str | None = None  # Celery broker URL (redis://host:6379/0); check-config checks it answers
+    # this node's name (leases, its slot folder in the spool); default: <host name>-<node.port>
+    node_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    lease_seconds: float = Field(default=30.0, ge=2, le=3600)  # a dead node's jobs and deliveries wait this long
+    connect_timeout_seconds: float = Field(default=10.0, gt=0)
+
+    @field_validator("database")
+    @classmethod
+    def _check_database(cls, value: str) -> str:
+        return _check_url(value, DATABASE_SCHEMES, "cluster.database")
+
+    @field_validator("broker")
+    @classmethod
+    def _check_broker(cls, value: str | None) -> str | None:
+        return None if value is None else _check_url(value, BROKER_SCHEMES, "cluster.broker")
+
+
 class Config(_Strict):
     """The whole configuration."""
 
@@ -289,6 +345,7 @@ class Config(_Strict):
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
+    cluster: ClusterSettings | None = None  # absent: one machine (SQLite, local spool)
 
     def plugin_factory(self, name: str) -> tuple[str | None, dict[str, Any]]:
         """How the plugin ``name`` is created: its factory (None: the entry point of that
@@ -316,14 +373,27 @@ class Config(_Strict):
         return self
 
     @property
+    def shared_dir(self) -> Path:
+        """The folder of the data every node reads: ``cluster.spool``, else ``node.storage_dir``."""
+        return self.cluster.spool if self.cluster is not None else self.node.storage_dir
+
+    @property
     def spool_dir(self) -> Path:
         """Where received instances are kept."""
-        return self.node.storage_dir / "spool"
+        return self.shared_dir / "spool"
 
     @property
     def results_dir(self) -> Path:
         """Where result objects are kept until delivered."""
-        return self.node.storage_dir / "results"
+        return self.shared_dir / "results"
+
+    @property
+    def node_id(self) -> str:
+        """This node's name in a cluster (leases, slot folders): ``cluster.node_id``, else
+        the host name and the DICOM port, stable across restarts."""
+        if self.cluster is not None and self.cluster.node_id:
+            return self.cluster.node_id
+        return f"{socket.gethostname()}-{self.node.port}"
 
     @property
     def audit_path(self) -> Path:

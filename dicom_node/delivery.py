@@ -51,7 +51,8 @@ class Deliverer:
         """Attempt every delivery that is due."""
         now = time.time() if now is None else now
         for delivery in self.work.due_deliveries(now):
-            self.attempt(delivery)
+            if self.work.claim_delivery(delivery.id):  # in a cluster: unless another node took it
+                self.attempt(delivery)
 
     def _peer(self, name: str) -> Peer | None:
         dest = self.config.destinations.get(name)

@@ -59,6 +59,7 @@ class JobRunner:
         self._breaks: dict[int, int] = {}  # job id -> pool breaks it was caught in (not its crash)
         self._lock = threading.Lock()
         self._stopping = False
+        self._leases_kept = 0.0  # when the cluster leases were last renewed (time.time())
 
     def _get_pool(self) -> WorkerPool:
         with self._lock:
@@ -124,11 +125,25 @@ class JobRunner:
         pool = self._pool
         if pool is not None:
             pool.collect_reports()
+        if self.work.owner is not None:
+            self._keep_leases()
         while len(self._running) < self.config.jobs.max_concurrent_analyses:
             job = self.work.claim_job()
             if job is None:
                 return
             self._submit(job)
+
+    def _keep_leases(self, now: float | None = None) -> None:
+        """In a cluster, about three times per lease: renew this node's leases on the jobs it
+        runs, and requeue the jobs of nodes whose leases expired (they died)."""
+        now = time.time() if now is None else now
+        if now - self._leases_kept < self.work.lease_seconds / 3:
+            return
+        self._leases_kept = now
+        with self._lock:
+            running = list(self._running)
+        self.work.renew_job_leases(running, now)
+        self.work.requeue_expired(now)
 
     def _spec(self, job: JobRow) -> JobSpec:
         factory, options = self.config.plugin_factory(job.plugin)

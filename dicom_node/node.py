@@ -24,7 +24,7 @@ from dicom_node.receive.ingest import Ingestor, StoreRequest
 from dicom_node.receive.listener import AcceptorPool
 from dicom_node.receive.scp import StorageSCP
 from dicom_node.storage.spool import Spool
-from dicom_node.storage.state import StateDB
+from dicom_node.storage.state import open_state_db
 from dicom_node.storage.work import WorkStore
 
 log = logging.getLogger(__name__)
@@ -40,9 +40,11 @@ class Node:
         self.config = config
         self.metrics = Metrics()
         self.audit = AuditLog(config.audit_path)
-        self.db = StateDB(config.database_path)
-        self.work = WorkStore(self.db)
-        self.spool = Spool(config.spool_dir)
+        self.db = open_state_db(config)
+        cluster = config.cluster
+        self.node_id = config.node_id if cluster is not None else None  # a cluster's name for this node
+        self.work = WorkStore(self.db, self.node_id, cluster.lease_seconds if cluster is not None else 30.0)
+        self.spool = Spool(config.spool_dir, Spool.node_slots(config.spool_dir, self.node_id))
         self.ingestor = Ingestor.for_config(config, self.spool, self.db)
         self.scp: StorageSCP | None = None
         self.acceptors: AcceptorPool | None = None
@@ -92,7 +94,7 @@ class Node:
 
     def _settle_acceptor(self, row: int) -> None:
         """After acceptor ``row`` died: move its complete slots into place and register them."""
-        _, placed = self.spool.settle_slots(Spool.acceptor_slots(self.spool.root, row))
+        _, placed = self.spool.settle_slots(Spool.acceptor_slots(self.spool.root, row, self.node_id))
         adopted = sum(self._adopt(path) for path in placed if not self.db.has_instance_path(path))
         if adopted:
             log.warning("acceptor %d: %d spooled files it left registered", row, adopted)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from phantoms.ct_writer import SeriesLayout, StudyIdentity, simple_ct_volume, write_ct_series
+from tests.pg_support import PostgresServer
 
 
 @pytest.fixture(scope="session")
@@ -15,3 +17,12 @@ def ct150(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     folder = tmp_path_factory.mktemp("ct150")
     study = StudyIdentity(patient_name="SECRET^PATIENT", patient_id="PID-SECRET-150")
     return write_ct_series(simple_ct_volume(150, 512, 512), folder, study, SeriesLayout())
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server for the session (tests/pg_support.py); each test takes a
+    fresh database with ``postgres.new_database()``."""
+    server = PostgresServer().start()
+    yield server
+    server.stop()

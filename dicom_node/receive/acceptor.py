@@ -34,7 +34,7 @@ from dicom_node.receive.ingest import Ingestor
 from dicom_node.receive.scp import StorageSCP
 from dicom_node.receive.shared_server import SharedListen
 from dicom_node.storage.spool import Spool
-from dicom_node.storage.state import StateDB
+from dicom_node.storage.state import open_state_db
 
 log = logging.getLogger("dicom_node.receive.acceptor")  # also when run as __main__
 
@@ -77,9 +77,10 @@ def keep_buffers_in_the_heap() -> None:
 
 def build_scp(config: Config, listen: SharedListen) -> StorageSCP:
     """The Storage SCP of acceptor ``listen.row``, on its own slot pool and connections."""
-    spool = Spool(config.spool_dir, Spool.acceptor_slots(config.spool_dir, listen.row))
+    node_id = config.node_id if config.cluster is not None else None
+    spool = Spool(config.spool_dir, Spool.acceptor_slots(config.spool_dir, listen.row, node_id))
     spool.reuse_free_slots()
-    ingestor = Ingestor.for_config(config, spool, StateDB(config.database_path))
+    ingestor = Ingestor.for_config(config, spool, open_state_db(config))
     return StorageSCP(config, ingestor, BoardMetrics(listen.board, listen.row), AuditLog(config.audit_path),
                       shared_listen=listen, label=f"a{listen.row}")
 

@@ -297,9 +297,16 @@ class Spool:
         self.slots = SlotPool(slots_folder or root / SLOTS)
 
     @staticmethod
-    def acceptor_slots(root: Path, index: int) -> Path:
-        """The slot folder of acceptor process ``index`` in the spool at ``root``."""
-        return root / SLOTS / f"{ACCEPTOR_SLOTS}{index}"
+    def acceptor_slots(root: Path, index: int, node_id: str | None = None) -> Path:
+        """The slot folder of acceptor process ``index`` in the spool at ``root`` (of node
+        ``node_id`` in a spool several nodes share, see :meth:`node_slots`)."""
+        return Spool.node_slots(root, node_id) / f"{ACCEPTOR_SLOTS}{index}"
+
+    @staticmethod
+    def node_slots(root: Path, node_id: str | None = None) -> Path:
+        """The slot folder of a node: ``.slots/`` on its own spool; ``.slots/<node_id>/`` on a
+        spool several nodes share (a cluster), so that no node settles another's slots."""
+        return root / SLOTS if node_id is None else root / SLOTS / node_id
 
     def path_for(self, study_uid: str, sop_uid: str) -> Path:
         """Where an instance lives (UIDs must already be validated)."""

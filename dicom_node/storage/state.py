@@ -5,6 +5,11 @@ The one exception is the registration of a received instance, whose spooled file
 the durable record (see :meth:`StateDB.transaction`). One connection is shared by the node's threads
 behind a lock (ingest's duplicate check, :meth:`StateDB.is_stored`, reads on one of its own);
 every state change is recorded in ``transitions`` with a timestamp.
+
+:class:`StateDB` is the embedded default. A cluster keeps the same tables in PostgreSQL
+(:class:`dicom_node.storage.postgres.PostgresStateDB`, a subclass that changes only how
+the database is reached and locked); :func:`open_state_db` picks by the configuration.
+The SQL here is written for both: ``?`` placeholders, ``ON CONFLICT``, ``RETURNING``.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from dicom_node.errors import StorageError
 from dicom_node.storage.schema import ADDED_COLUMNS, SCHEMA
@@ -67,9 +72,35 @@ class ResultRecord:
 
 Row = dict[str, Any]
 
+if TYPE_CHECKING:
+    from dicom_node.config import Config
+
+
+class Conn(Protocol):
+    """What a transaction hands out: ``execute(sql, params)`` with ``?`` placeholders, whose
+    cursor has ``fetchone``/``fetchall`` (rows indexed by column name) and ``rowcount``
+    (:class:`sqlite3.Connection`, or the PostgreSQL adapter)."""
+
+    def execute(self, sql: str, parameters: Any = ..., /) -> Any: ...
+
+
+def open_state_db(config: Config) -> StateDB:
+    """The configuration's state database: SQLite in ``node.storage_dir``, or PostgreSQL
+    at ``cluster.database`` when the configuration has a ``cluster:`` section."""
+    if config.cluster is None:
+        return StateDB(config.database_path)
+    from dicom_node.storage.postgres import PostgresStateDB
+
+    return PostgresStateDB(config.cluster.database, connect_timeout_s=config.cluster.connect_timeout_seconds)
+
 
 class StateDB:
     """Thread-safe access to the state database."""
+
+    # Appended to a SELECT that claims rows, so that concurrent claimers pass over the rows
+    # another has locked (PostgreSQL); SQLite's write transactions run one at a time.
+    skip_locked = ""
+    clustered = False  # True: several nodes share this database (leases apply)
 
     def __init__(self, path: Path, busy_timeout_s: float = 30.0) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -176,8 +207,12 @@ class StateDB:
                 os.close(self._writer_fd)
                 self._writer_fd = None
 
+    def lock_key(self, c: Conn, key: str) -> None:
+        """Serialise this transaction with every other one that locks ``key`` (a study UID)
+        until it ends. SQLite's write transactions already run one at a time."""
+
     @contextmanager
-    def transaction(self, flush: bool = True) -> Iterator[sqlite3.Connection]:
+    def transaction(self, flush: bool = True) -> Iterator[Conn]:
         """A write transaction; commits on success, rolls back on error.
 
         ``flush=False`` commits without waiting for the disk (``synchronous=NORMAL``):
@@ -225,7 +260,7 @@ class StateDB:
 
     @staticmethod
     def transition(
-        conn: sqlite3.Connection, kind: str, key: str, old: str | None, new: str, detail: str = ""
+        conn: Conn, kind: str, key: str, old: str | None, new: str, detail: str = ""
     ) -> None:
         """Record a state change; every study state change also gets one log line."""
         if kind == "study":
@@ -245,6 +280,7 @@ class StateDB:
         """
         now = time.time()
         with self.transaction(flush=False) as c:
+            self.lock_key(c, rec.study_uid)  # other nodes' instances of the study wait
             row = c.execute(
                 "SELECT purged FROM instances WHERE sop_instance_uid=?", (rec.sop_instance_uid,)
             ).fetchone()
@@ -270,7 +306,7 @@ class StateDB:
         return "new"
 
     @staticmethod
-    def _upsert_series(c: sqlite3.Connection, rec: InstanceRecord, analysable: bool, now: float) -> None:
+    def _upsert_series(c: Conn, rec: InstanceRecord, analysable: bool, now: float) -> None:
         a = rec.series_attrs
         c.execute(
             """INSERT INTO series(series_uid, study_uid, modality, body_part, series_description,
@@ -278,14 +314,14 @@ class StateDB:
                    analysable, instance_count, last_received_at)
                VALUES (?,?,?,?,?,?,?,?,?,?,?,1,?)
                ON CONFLICT(series_uid) DO UPDATE SET
-                   instance_count = instance_count + 1, last_received_at = excluded.last_received_at""",
+                   instance_count = series.instance_count + 1, last_received_at = excluded.last_received_at""",
             (rec.series_uid, rec.study_uid, a.get("Modality"), a.get("BodyPartExamined"),
              a.get("SeriesDescription"), a.get("StudyDescription"), rec.sop_class_uid,
              a.get("Manufacturer"), a.get("CalledAETitle"), a.get("CallingAETitle"),
              int(analysable), now),
         )
 
-    def _touch_study(self, c: sqlite3.Connection, rec: InstanceRecord, analysable: bool, now: float) -> None:
+    def _touch_study(self, c: Conn, rec: InstanceRecord, analysable: bool, now: float) -> None:
         study_uid, accession = rec.study_uid, rec.accession_number or None
         row = c.execute("SELECT state FROM studies WHERE study_uid=?", (study_uid,)).fetchone()
         if row is None:
@@ -358,17 +394,29 @@ class StateDB:
         )
         return [Path(r["path"]) for r in rows]
 
-    def set_study_state(self, study_uid: str, state: str, reason: str | None = None) -> None:
-        """Move a study to ``state`` (recorded as a transition)."""
+    def set_study_state(self, study_uid: str, state: str, reason: str | None = None,
+                        expect_last_received_at: float | None = None) -> bool:
+        """Move a study to ``state`` (recorded as a transition); False when nothing changed.
+
+        With ``expect_last_received_at`` only a study still receiving whose latest instance
+        is that one moves (the judgement of a node that read it so, see
+        :meth:`WorkStore.dispatch_stable_study`).
+        """
         with self.transaction() as c:
-            row = c.execute("SELECT state FROM studies WHERE study_uid=?", (study_uid,)).fetchone()
+            self.lock_key(c, study_uid)
+            row = c.execute("SELECT state, last_received_at FROM studies WHERE study_uid=?",
+                            (study_uid,)).fetchone()
             if row is None or row["state"] == state:
-                return
+                return False
+            if expect_last_received_at is not None and (
+                    row["state"] != RECEIVING or row["last_received_at"] != expect_last_received_at):
+                return False
             c.execute(
                 "UPDATE studies SET state=?, reason=?, updated_at=? WHERE study_uid=?",
                 (state, reason, time.time(), study_uid),
             )
             self.transition(c, "study", study_uid, row["state"], state, reason or "")
+        return True
 
     def mark_purged(self, study_uid: str) -> None:
         """Record that a study's spooled files were removed (retention)."""

@@ -1,11 +1,20 @@
-"""Jobs, results and deliveries in the state database, with their transitions."""
+"""Jobs, results and deliveries in the state database, with their transitions.
+
+In a cluster (several nodes on one PostgreSQL database, ``owner`` set) every claim is
+exclusive: a job is claimed with ``SELECT ... FOR UPDATE SKIP LOCKED`` and a delivery
+by a conditional update, and the claimer holds it under a lease (``lease_owner``,
+``lease_until``) that it renews while it works. A node that dies leaves its jobs and
+deliveries to the others once the lease has expired (:meth:`WorkStore.requeue_expired`).
+Without an owner (the embedded default) there are no leases: one node owns everything.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import sqlite3
+import logging
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from dicom_node.errors import ActionRefused
 from dicom_node.net import statuses
@@ -21,17 +30,29 @@ from dicom_node.storage.state import (
     SUPERSEDED,
     TERMINAL_DELIVERY,
     TERMINAL_JOB,
+    RECEIVING,
+    Conn,
     ResultRecord,
     StateDB,
     dumps_timings,
 )
 
+log = logging.getLogger(__name__)
+
 
 class WorkStore:
-    """Durable queue of analysis jobs and result deliveries."""
+    """Durable queue of analysis jobs and result deliveries.
 
-    def __init__(self, db: StateDB) -> None:
+    ``owner`` (a cluster's node id) makes claims leased for ``lease_seconds``.
+    """
+
+    def __init__(self, db: StateDB, owner: str | None = None, lease_seconds: float = 30.0) -> None:
         self.db = db
+        self.owner = owner
+        self.lease_seconds = lease_seconds
+
+    def _lease_until(self, now: float) -> float | None:
+        return None if self.owner is None else now + self.lease_seconds
 
     # ---- jobs -----------------------------------------------------------------
 
@@ -41,23 +62,41 @@ class WorkStore:
         Older unfinished jobs and deliveries of the study are superseded.
         Returns the new revision number (0 for the first analysis).
         """
+        revision = self._dispatch(study_uid, routes, None)
+        assert revision is not None
+        return revision
+
+    def dispatch_stable_study(self, study_uid: str, routes: Sequence[tuple[str, str]],
+                              last_received_at: float) -> int | None:
+        """:meth:`dispatch_study` for a study judged stable from its row as read: only
+        while it is still receiving and its latest instance is still the one at
+        ``last_received_at``. None when it changed meanwhile: another node dispatched it
+        (exactly one does), or a new instance arrived and it is not stable any more."""
+        return self._dispatch(study_uid, routes, last_received_at)
+
+    def _dispatch(self, study_uid: str, routes: Sequence[tuple[str, str]],
+                  expect_last_received_at: float | None) -> int | None:
         now = time.time()
         with self.db.transaction() as c:
+            self.db.lock_key(c, study_uid)
             row = c.execute(
-                "SELECT state, revision FROM studies WHERE study_uid=?", (study_uid,)
+                "SELECT state, revision, last_received_at FROM studies WHERE study_uid=?", (study_uid,)
             ).fetchone()
+            if expect_last_received_at is not None and (
+                    row is None or row["state"] != RECEIVING or row["last_received_at"] != expect_last_received_at):
+                return None
             done_before = c.execute(
                 "SELECT COUNT(*) AS n FROM jobs WHERE study_uid=?", (study_uid,)
             ).fetchone()["n"]
             revision = int(row["revision"]) + 1 if done_before else int(row["revision"])
             self._supersede_older(c, study_uid, revision)
             for route, plugin in routes:
-                cur = c.execute(
+                job_id = c.execute(
                     """INSERT INTO jobs(study_uid, route, plugin, revision, state, created_at)
-                       VALUES (?,?,?,?,?,?)""",
+                       VALUES (?,?,?,?,?,?) RETURNING id""",
                     (study_uid, route, plugin, revision, QUEUED, now),
-                )
-                StateDB.transition(c, "job", str(cur.lastrowid), None, QUEUED, f"route {route}")
+                ).fetchone()["id"]
+                StateDB.transition(c, "job", str(job_id), None, QUEUED, f"route {route}")
             c.execute(
                 "UPDATE studies SET state=?, revision=?, reason=NULL, updated_at=? WHERE study_uid=?",
                 (PROCESSING, revision, now, study_uid),
@@ -66,7 +105,7 @@ class WorkStore:
         return revision
 
     @staticmethod
-    def _supersede_older(c: sqlite3.Connection, study_uid: str, revision: int) -> None:
+    def _supersede_older(c: Conn, study_uid: str, revision: int) -> None:
         jobs = c.execute(
             "SELECT id, state FROM jobs WHERE study_uid=? AND revision<? AND state IN (?,?)",
             (study_uid, revision, QUEUED, RUNNING),
@@ -84,19 +123,52 @@ class WorkStore:
             StateDB.transition(c, "delivery", str(d["id"]), PENDING, SUPERSEDED, "newer results")
 
     def requeue_interrupted(self) -> int:
-        """On start: jobs that were running when the node stopped go back to the queue."""
+        """On start: jobs that were running when the node stopped go back to the queue
+        (in a cluster only this node's own: the others' are theirs until their leases expire)."""
         with self.db.transaction() as c:
-            rows = c.execute("SELECT id FROM jobs WHERE state=?", (RUNNING,)).fetchall()
+            if self.owner is None:
+                rows = c.execute("SELECT id FROM jobs WHERE state=?", (RUNNING,)).fetchall()
+            else:
+                rows = c.execute(f"SELECT id FROM jobs WHERE state=? AND lease_owner=?{self.db.skip_locked}",
+                                 (RUNNING, self.owner)).fetchall()
             for r in rows:
-                c.execute("UPDATE jobs SET state=? WHERE id=?", (QUEUED, r["id"]))
+                c.execute("UPDATE jobs SET state=?, lease_owner=NULL, lease_until=NULL WHERE id=?", (QUEUED, r["id"]))
                 StateDB.transition(c, "job", str(r["id"]), RUNNING, QUEUED, "node restarted")
+        return len(rows)
+
+    def renew_job_leases(self, job_ids: Sequence[int], now: float | None = None) -> int:
+        """Extend this node's leases on the running jobs ``job_ids``; how many it still holds."""
+        until = self._lease_until(time.time() if now is None else now)
+        if until is None or not job_ids:
+            return 0
+        marks = ",".join("?" * len(job_ids))
+        with self.db.transaction() as c:
+            cur = c.execute(f"UPDATE jobs SET lease_until=? WHERE id IN ({marks}) AND state=? AND lease_owner=?",
+                            (until, *job_ids, RUNNING, self.owner))
+            return int(cur.rowcount)
+
+    def requeue_expired(self, now: float | None = None) -> int:
+        """Running jobs whose node's lease expired (it died or lost the database) go back to
+        the queue, their attempt counted; deliveries need nothing: an expired lease is
+        free to claim. Returns how many jobs were requeued."""
+        now = time.time() if now is None else now
+        with self.db.transaction() as c:
+            rows = c.execute(
+                f"""SELECT id, lease_owner FROM jobs WHERE state=? AND lease_until IS NOT NULL AND lease_until<?
+                    ORDER BY id{self.db.skip_locked}""", (RUNNING, now)).fetchall()
+            for r in rows:
+                c.execute("UPDATE jobs SET state=?, lease_owner=NULL, lease_until=NULL WHERE id=?", (QUEUED, r["id"]))
+                StateDB.transition(c, "job", str(r["id"]), RUNNING, QUEUED, f"lease of node {r['lease_owner']} expired")
+        if rows:
+            log.warning("%d running jobs of other nodes requeued: their leases expired", len(rows))
         return len(rows)
 
     def requeue_job(self, job_id: int, reason: str) -> bool:
         """Give a running job back to the queue without counting the attempt (its run
         was ended for a cause outside the job); False when it is no longer running."""
         with self.db.transaction() as c:
-            cur = c.execute("UPDATE jobs SET state=?, attempts=MAX(attempts-1, 0) WHERE id=? AND state=?",
+            cur = c.execute("""UPDATE jobs SET state=?, attempts=CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END,
+                                   lease_owner=NULL, lease_until=NULL WHERE id=? AND state=?""",
                             (QUEUED, job_id, RUNNING))
             if cur.rowcount:
                 StateDB.transition(c, "job", str(job_id), RUNNING, QUEUED, reason)
@@ -105,17 +177,18 @@ class WorkStore:
     def claim_job(self) -> JobRow | None:
         """Take the oldest queued job and mark it running; the job as it is now."""
         now = time.time()
+        until = self._lease_until(now)
         with self.db.transaction() as c:
             row = c.execute(
-                "SELECT * FROM jobs WHERE state=? ORDER BY id LIMIT 1", (QUEUED,)
+                f"SELECT * FROM jobs WHERE state=? ORDER BY id LIMIT 1{self.db.skip_locked}", (QUEUED,)
             ).fetchone()
             if row is None:
                 return None
             c.execute(
-                "UPDATE jobs SET state=?, started_at=?, attempts=attempts+1 WHERE id=?",
-                (RUNNING, now, row["id"]),
+                "UPDATE jobs SET state=?, started_at=?, attempts=attempts+1, lease_owner=?, lease_until=? WHERE id=?",
+                (RUNNING, now, self.owner, until, row["id"]),
             )
-            StateDB.transition(c, "job", str(row["id"]), QUEUED, RUNNING)
+            StateDB.transition(c, "job", str(row["id"]), QUEUED, RUNNING, f"node {self.owner}" if self.owner else "")
             job = JobRow.from_row(row)
         return dataclasses.replace(job, state=RUNNING, started_at=now, attempts=job.attempts + 1)
 
@@ -141,40 +214,49 @@ class WorkStore:
         now = time.time()
         with self.db.transaction() as c:
             job = c.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+            self.db.lock_key(c, job["study_uid"])  # as a dispatch that supersedes it does
+            job = c.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
             for r in results:
                 c.execute(
-                    "INSERT OR REPLACE INTO results VALUES (?,?,?,?,?,?)",
+                    """INSERT INTO results VALUES (?,?,?,?,?,?) ON CONFLICT (sop_instance_uid) DO UPDATE SET
+                           job_id=excluded.job_id, series_uid=excluded.series_uid,
+                           sop_class_uid=excluded.sop_class_uid, kind=excluded.kind, path=excluded.path""",
                     (r.sop_instance_uid, job_id, r.series_uid, r.sop_class_uid, r.kind, str(r.path)),
                 )
-            if job["state"] != RUNNING:
+            if job["state"] != RUNNING or not self._holds(job):
                 return False
             c.execute(
-                "UPDATE jobs SET state=?, finished_at=?, timings=?, reason=? WHERE id=?",
+                "UPDATE jobs SET state=?, finished_at=?, timings=?, reason=?, lease_until=NULL WHERE id=?",
                 (DONE, now, dumps_timings(timings), note or None, job_id),
             )
             StateDB.transition(c, "job", str(job_id), RUNNING, DONE, note or f"{len(results)} result objects")
             for dest in destinations if results else ():
-                cur = c.execute(
+                delivery_id = c.execute(
                     """INSERT INTO deliveries(job_id, destination, state, next_attempt_at,
-                           deadline_at, created_at, updated_at) VALUES (?,?,?,?,?,?,?)""",
+                           deadline_at, created_at, updated_at) VALUES (?,?,?,?,?,?,?) RETURNING id""",
                     (job_id, dest, PENDING, now, now + deadline_seconds, now, now),
-                )
+                ).fetchone()["id"]
                 for r in results:
                     c.execute(
-                        "INSERT INTO delivery_items VALUES (?,?,NULL)", (cur.lastrowid, r.sop_instance_uid)
+                        "INSERT INTO delivery_items VALUES (?,?,NULL)", (delivery_id, r.sop_instance_uid)
                     )
-                StateDB.transition(c, "delivery", str(cur.lastrowid), None, PENDING, f"to {dest}")
+                StateDB.transition(c, "delivery", str(delivery_id), None, PENDING, f"to {dest}")
             self._refresh_study(c, job["study_uid"], note)
         return True
+
+    def _holds(self, job: Any) -> bool:
+        """Whether this node still holds a running job (always, without leases): one whose
+        lease expired and that another node took is that node's to finish."""
+        return self.owner is None or job["lease_owner"] == self.owner
 
     def fail_job(self, job_id: int, reason: str, timings: dict[str, float] | None = None) -> None:
         """Mark a running job failed with its reason."""
         with self.db.transaction() as c:
             job = c.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
-            if job is None or job["state"] != RUNNING:
+            if job is None or job["state"] != RUNNING or not self._holds(job):
                 return
             c.execute(
-                "UPDATE jobs SET state=?, reason=?, finished_at=?, timings=? WHERE id=?",
+                "UPDATE jobs SET state=?, reason=?, finished_at=?, timings=?, lease_until=NULL WHERE id=?",
                 (FAILED, reason, time.time(), dumps_timings(timings or {}), job_id),
             )
             StateDB.transition(c, "job", str(job_id), RUNNING, FAILED, reason)
@@ -183,12 +265,26 @@ class WorkStore:
     # ---- deliveries -------------------------------------------------------------
 
     def due_deliveries(self, now: float) -> list[DeliveryRow]:
-        """Pending deliveries whose next attempt is due."""
+        """Pending deliveries whose next attempt is due (and that no live node holds)."""
         rows = self.db.query(
-            "SELECT * FROM deliveries WHERE state=? AND next_attempt_at<=? ORDER BY next_attempt_at",
-            (PENDING, now),
+            """SELECT * FROM deliveries WHERE state=? AND next_attempt_at<=?
+               AND (lease_until IS NULL OR lease_until<?) ORDER BY next_attempt_at""",
+            (PENDING, now, now),
         )
         return [DeliveryRow.from_row(row) for row in rows]
+
+    def claim_delivery(self, delivery_id: int, now: float | None = None) -> bool:
+        """Take a due delivery for this node's next attempt; False when another node holds
+        it or it is no longer pending. Without an owner (one node) always True."""
+        if self.owner is None:
+            return True
+        now = time.time() if now is None else now
+        with self.db.transaction() as c:
+            cur = c.execute(
+                """UPDATE deliveries SET lease_owner=?, lease_until=? WHERE id=? AND state=?
+                   AND (lease_until IS NULL OR lease_until<? OR lease_owner=?)""",
+                (self.owner, self._lease_until(now), delivery_id, PENDING, now, self.owner))
+            return bool(cur.rowcount)
 
     def unconfirmed_items(self, delivery_id: int) -> list[DeliveryItem]:
         """Result instances of a delivery not yet confirmed by the destination: no
@@ -212,13 +308,16 @@ class WorkStore:
                 "UPDATE delivery_items SET status=? WHERE delivery_id=? AND sop_instance_uid=?",
                 (status, delivery_id, sop_uid),
             )
+            if self.owner is not None:  # still sending: the lease goes on
+                c.execute("UPDATE deliveries SET lease_until=? WHERE id=? AND lease_owner=?",
+                          (self._lease_until(time.time()), delivery_id, self.owner))
 
     def retry_delivery(self, delivery_id: int, next_at: float, error: str) -> None:
         """Keep a delivery pending and schedule the next attempt."""
         with self.db.transaction() as c:
             c.execute(
                 """UPDATE deliveries SET attempts=attempts+1, next_attempt_at=?, last_error=?,
-                       updated_at=? WHERE id=? AND state=?""",
+                       updated_at=?, lease_owner=NULL, lease_until=NULL WHERE id=? AND state=?""",
                 (next_at, error, time.time(), delivery_id, PENDING),
             )
             StateDB.transition(c, "delivery", str(delivery_id), PENDING, PENDING, f"retry: {error}")
@@ -232,7 +331,8 @@ class WorkStore:
             if row is None or row["state"] != PENDING:
                 return
             c.execute(
-                "UPDATE deliveries SET state=?, attempts=attempts+1, last_error=?, updated_at=? WHERE id=?",
+                """UPDATE deliveries SET state=?, attempts=attempts+1, last_error=?, updated_at=?,
+                       lease_owner=NULL, lease_until=NULL WHERE id=?""",
                 (state, error, time.time(), delivery_id),
             )
             StateDB.transition(c, "delivery", str(delivery_id), PENDING, state, error or "")
@@ -314,7 +414,7 @@ class WorkStore:
     # ---- study completion -----------------------------------------------------
 
     @staticmethod
-    def _refresh_study(c: sqlite3.Connection, study_uid: str, note: str = "") -> None:
+    def _refresh_study(c: Conn, study_uid: str, note: str = "") -> None:
         study = c.execute("SELECT state, revision FROM studies WHERE study_uid=?", (study_uid,)).fetchone()
         if study is None or study["state"] != PROCESSING:
             return

@@ -1,0 +1,86 @@
+"""A real PostgreSQL server for the tests, started in a temporary folder on a free
+loopback port and stopped afterwards (no mocks).
+
+PostgreSQL refuses to run as root: as root the server runs as the ``postgres`` user
+that Debian's ``postgresql`` package creates (``scripts/setup.sh`` installs it). A
+missing server fails the test that needs it (CI installs it), it never skips.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.support import free_port
+
+USER = "dicomnode"
+PASSWORD = "pg-test-secret-4711"  # checked never to appear in messages
+
+
+def _tool(name: str) -> str:
+    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None)
+    assert found, f"PostgreSQL's {name} is not installed: run scripts/setup.sh (it installs Debian's postgresql)"
+    return found
+
+
+@dataclass
+class PostgresServer:
+    """``initdb`` + ``pg_ctl start`` in a temporary folder; :meth:`stop` removes it all."""
+
+    port: int = field(default_factory=free_port)
+    root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="dicom-node-pg-")))
+
+    def _as_owner(self, *args: str) -> subprocess.CompletedProcess[str]:
+        cmd = list(args)
+        if os.geteuid() == 0:  # the server refuses root: run it as postgres
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+
+    def start(self) -> "PostgresServer":
+        if os.geteuid() == 0:
+            try:
+                owner = pwd.getpwnam("postgres")
+            except KeyError:
+                raise AssertionError("no postgres user: install Debian's postgresql (scripts/setup.sh)") from None
+            os.chown(self.root, owner.pw_uid, owner.pw_gid)
+        pwfile = self.root / "pw"
+        pwfile.write_text(PASSWORD + "\n")
+        if os.geteuid() == 0:
+            os.chown(pwfile, pwd.getpwnam("postgres").pw_uid, -1)
+        out = self._as_owner(_tool("initdb"), "-D", str(self.root / "data"), "-U", USER, "--pwfile", str(pwfile),
+                             "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--no-sync")
+        assert out.returncode == 0, f"initdb failed: {out.stderr}"
+        opts = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off "
+                "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
+        out = self._as_owner(_tool("pg_ctl"), "-D", str(self.root / "data"), "-l", str(self.root / "log"),
+                             "-o", opts, "-w", "-t", "60", "start")
+        assert out.returncode == 0, f"PostgreSQL did not start: {out.stderr}\n{self.log()}"
+        return self
+
+    def log(self) -> str:
+        path = self.root / "log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def url(self, database: str = "postgres", password: str = PASSWORD) -> str:
+        return f"postgresql://{USER}:{password}@127.0.0.1:{self.port}/{database}"
+
+    def new_database(self) -> str:
+        """A fresh, empty database; its URL."""
+        import psycopg
+
+        name = f"t_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return self.url(name)
+
+    def stop(self) -> None:
+        if (self.root / "data" / "postmaster.pid").exists():
+            self._as_owner(_tool("pg_ctl"), "-D", str(self.root / "data"), "-m", "fast", "-w", "stop")
+        shutil.rmtree(self.root, ignore_errors=True)
