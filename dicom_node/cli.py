@@ -230,7 +230,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = load_config(Path(args.path))
     print(f"{args.path}: schema OK ({len(config.routes)} routes, {len(config.destinations)} destinations)")
     names = preflight.plugin_names(config)
-    checks = [*names, preflight.storage(config.node.storage_dir)]
+    checks = [*names, preflight.storage(config.node.storage_dir), *preflight.cluster(config)]
     if not args.no_ports:
         checks += preflight.ports(config)
     if args.echo:

@@ -10,6 +10,7 @@ import difflib
 import os
 import re
 import socket
+import types
 import typing
 from importlib import resources
 from pathlib import Path
@@ -406,6 +407,15 @@ class Config(_Strict):
         return self.node.storage_dir / "state.sqlite3"
 
 
+def _unoptional(annotation: Any) -> Any:
+    """``X`` from ``X | None`` (an optional section such as ``cluster``)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        kept = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(kept) == 1:
+            return kept[0]
+    return annotation
+
+
 def _section_keys(loc: tuple[Any, ...]) -> list[str]:
     """The keys the schema allows beside ``loc``'s last part (e.g. ``node.max_asociations``
     -> the fields of ``node``); empty where the section is free-form (``match``, ``options``)."""
@@ -416,7 +426,7 @@ def _section_keys(loc: tuple[Any, ...]) -> list[str]:
         field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
         if field is None:
             return []
-        model = field.annotation
+        model = _unoptional(field.annotation)
         while typing.get_origin(model) in (list, dict):  # skip the index or the mapping key
             model = typing.get_args(model)[-1]
             if parts:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from dicom_node.config import Config
+from dicom_node.config import Config, redact_url
 
 EXIT_OK, EXIT_CONFIG, EXIT_ENVIRONMENT = 0, 2, 3
 
@@ -85,9 +85,10 @@ def _reason(exc: OSError) -> str:
     return exc.strerror or type(exc).__name__
 
 
-def storage(path: Path) -> Check:
-    """``node.storage_dir`` exists as a folder (or can be created) and takes a file."""
-    subject = f"node.storage_dir {path}"
+def storage(path: Path, key: str = "node.storage_dir") -> Check:
+    """``node.storage_dir`` (or the folder of ``key``) exists as a folder (or can be
+    created) and takes a file."""
+    subject = f"{key} {path}"
     path = Path(os.path.abspath(path))
     missing: list[Path] = []
     existing = path
@@ -163,6 +164,93 @@ def destinations(config: Config) -> list[Check]:
     return checks
 
 
+def cluster(config: Config, broker: bool = True) -> list[Check]:
+    """With a ``cluster:`` section: the database answers, the shared spool takes a file,
+    and (``broker``) the broker answers. No message repeats a password."""
+    settings = config.cluster
+    if settings is None:
+        return []
+    checks = [cluster_database(settings.database, settings.connect_timeout_seconds),
+              storage(settings.spool, "cluster.spool")]
+    if broker and settings.broker is not None:
+        checks.append(cluster_broker(settings.broker, settings.connect_timeout_seconds))
+    return checks
+
+
+def cluster_database(url: str, timeout_s: float) -> Check:
+    """The PostgreSQL server at ``url`` accepts our login, and the node can use its schema
+    there: tables this node's version made (or older ones it migrates), or none yet and
+    the right to create them. Nothing is changed."""
+    import psycopg
+
+    from dicom_node.storage.postgres import describe_error
+    from dicom_node.storage.schema import postgres_migrations
+
+    subject = f"cluster.database {redact_url(url)}"
+    newest = len(postgres_migrations())
+    try:
+        with psycopg.connect(url, connect_timeout=max(1, round(timeout_s)), autocommit=True) as conn:
+            server = str(conn.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
+            made = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()[0]  # type: ignore[index]
+            version = int(conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+                          .fetchone()[0]) if made else 0  # type: ignore[index]
+            may_create = bool(conn.execute("SELECT has_schema_privilege(current_schema(), 'CREATE')")
+                              .fetchone()[0])  # type: ignore[index]
+    except psycopg.Error as exc:
+        return Check(subject, False, f"cannot connect: {describe_error(exc, url)}")
+    if version > newest:
+        return Check(subject, False, f"schema version {version} is newer than this node's {newest}: upgrade the node")
+    if version < newest and not may_create:
+        return Check(subject, False, f"schema version {version} of {newest}, and this user may not create tables "
+                                     "to bring it up to date")
+    state = "up to date" if version == newest else "migrated at the first start" if version else \
+        "empty: the first node to start creates the tables"
+    return Check(subject, True, f"PostgreSQL {server}, schema version {version} of {newest}, {state}")
+
+
+def cluster_broker(url: str, timeout_s: float) -> Check:
+    """The broker answers: Redis replies PONG to PING (after AUTH when the URL has a
+    password), RabbitMQ answers the AMQP protocol header."""
+    import ssl
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(url)
+    subject = f"cluster.broker {redact_url(url)}"
+    redis = parts.scheme in ("redis", "rediss")
+    port = parts.port or (6379 if redis else 5672)
+    try:
+        with socket.create_connection((parts.hostname or "", port), timeout=timeout_s) as raw:
+            sock: socket.socket = raw
+            if parts.scheme in ("rediss", "amqps"):
+                sock = ssl.create_default_context().wrap_socket(raw, server_hostname=parts.hostname)
+            if not redis:
+                sock.sendall(b"AMQP\x00\x00\x09\x01")
+                answer = sock.recv(8)
+                ok = answer[:1] == b"\x01"  # a Connection.Start method frame
+                return Check(subject, ok, "AMQP 0-9-1 answers" if ok else "not an AMQP 0-9-1 server")
+            if parts.password is not None:
+                words = [b"AUTH"] + ([unquote(parts.username).encode()] if parts.username else []) + \
+                    [unquote(parts.password).encode()]
+                sock.sendall(_resp(words))
+                if not sock.recv(256).startswith(b"+OK"):
+                    return Check(subject, False, "Redis refused the URL's credentials")
+            sock.sendall(_resp([b"PING"]))
+            answer = sock.recv(256)
+    except OSError as exc:
+        return Check(subject, False, f"cannot connect: {_reason(exc)}")
+    if answer.startswith(b"+PONG"):
+        return Check(subject, True, "Redis answers PING")
+    if answer.startswith(b"-NOAUTH"):
+        return Check(subject, False, "Redis wants a password: put it in the URL (redis://:PASSWORD@host:port/0)")
+    return Check(subject, False, "no PONG to PING: not a Redis server, or it refused us")
+
+
+def _resp(words: list[bytes]) -> bytes:
+    """A Redis command in RESP."""
+    return b"*%d\r\n" % len(words) + b"".join(b"$%d\r\n%s\r\n" % (len(w), w) for w in words)
+
+
 def before_serve(config: Config) -> list[Check]:
-    """What ``serve`` checks before it loads a model: plugin names, storage, ports."""
-    return [*plugin_names(config), storage(config.node.storage_dir), *ports(config)]
+    """What ``serve`` checks before it loads a model: plugin names, storage, ports, and in a
+    cluster the database and the shared spool."""
+    return [*plugin_names(config), storage(config.node.storage_dir), *ports(config), *cluster(config, broker=False)]

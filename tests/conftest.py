@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from phantoms.ct_writer import SeriesLayout, StudyIdentity, simple_ct_volume, write_ct_series
-from tests.pg_support import PostgresServer
+from tests.servers import PostgresServer
 
 
 @pytest.fixture(scope="session")
@@ -21,7 +21,7 @@ def ct150(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresServer]:
-    """A real PostgreSQL server for the session (tests/pg_support.py); each test takes a
+    """A real PostgreSQL server for the session (tests.servers.py); each test takes a
     fresh database with ``postgres.new_database()``."""
     server = PostgresServer().start()
     yield server

@@ -1,5 +1,5 @@
 """The state database in PostgreSQL (dicom_node/storage/postgres.py), against a real
-server the tests start (tests/pg_support.py): the same interface as SQLite, versioned
+server the tests start (tests.servers.py): the same interface as SQLite, versioned
 migrations, and the guarantees several nodes on one database need: instances arriving
 through different nodes make one study, exactly one node dispatches a stable study and
 claims each job and delivery, and a node killed with ``kill -9`` holds its job only
@@ -24,7 +24,7 @@ from dicom_node.storage.postgres import PostgresStateDB
 from dicom_node.storage.schema import postgres_migrations
 from dicom_node.storage.state import InstanceRecord, ResultRecord
 from dicom_node.storage.work import WorkStore
-from tests.pg_support import PASSWORD, PostgresServer
+from tests.servers import PASSWORD, PostgresServer
 from tests.support import REPO
 
 STUDY = "1.2.826.0.1.3680043.2.1125.77.1"

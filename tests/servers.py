@@ -1,9 +1,10 @@
-"""A real PostgreSQL server for the tests, started in a temporary folder on a free
-loopback port and stopped afterwards (no mocks).
+"""Real PostgreSQL and Redis servers for the scale-out tests, started in a temporary
+folder on a free loopback port and stopped afterwards (no mocks).
 
 PostgreSQL refuses to run as root: as root the server runs as the ``postgres`` user
-that Debian's ``postgresql`` package creates (``scripts/setup.sh`` installs it). A
-missing server fails the test that needs it (CI installs it), it never skips.
+that Debian's ``postgresql`` package creates (``scripts/setup.sh`` installs it and
+``redis-server``). A missing server fails the test that needs it (CI installs it), it
+never skips.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support import free_port
+from tests.support import free_port, tcp_listening, wait_for
 
 USER = "dicomnode"
 PASSWORD = "pg-test-secret-4711"  # checked never to appear in messages
@@ -84,3 +85,29 @@ class PostgresServer:
         if (self.root / "data" / "postmaster.pid").exists():
             self._as_owner(_tool("pg_ctl"), "-D", str(self.root / "data"), "-m", "fast", "-w", "stop")
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+@dataclass
+class RedisServer:
+    """``redis-server`` on a free loopback port, with a password, nothing saved to disk."""
+
+    port: int = field(default_factory=free_port)
+    password: str = "redis-test-secret-0815"
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> "RedisServer":
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server is not installed: run scripts/setup.sh (it installs Debian's redis-server)"
+        self.proc = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--requirepass", self.password, "--daemonize", "no"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: tcp_listening(self.port), 20, "redis-server to listen")
+        return self
+
+    def url(self, password: str | None = None) -> str:
+        return f"redis://:{self.password if password is None else password}@127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
