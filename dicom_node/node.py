@@ -16,6 +16,7 @@ from dicom_node.assembly import Assembler
 from dicom_node.audit import AuditLog, config_hash
 from dicom_node.config import Config
 from dicom_node.delivery import Deliverer
+from dicom_node.errors import StorageError
 from dicom_node.jobs import JobRunner
 from dicom_node.metrics import Metrics
 from dicom_node.ops_http import OpsServer
@@ -221,6 +222,11 @@ class Node:
         for thread in self._threads:
             thread.join(timeout=30)
         self.runner.stop()
+        if self.node_id is not None:  # in a cluster another node may take them now, not after the lease
+            try:
+                self.work.requeue_interrupted("node stopped")
+            except StorageError as exc:
+                log.warning("jobs of this node not given back (other nodes take them after the lease): %s", exc)
         self.db.close()
         log.info("stopped")
 

@@ -47,14 +47,15 @@ def study(tmp_path: Path) -> list[Path]:
     return write_ct_series(dense_phantom(40), tmp_path / "study", PATIENT, SeriesLayout(pixel_spacing_mm=(1.0, 1.0)))
 
 
-def _node(tmp_path: Path, name: str, database: str, dest_port: int, delay: float = 0.0) -> NodeProcess:
+def _node(tmp_path: Path, name: str, database: str, dest_port: int, delay: float = 0.0,
+          listeners: int = 1) -> NodeProcess:
     plugins: dict[str, Any] = {"dense": {**FAKE_PLUGIN["dense"], "options": {"threshold": 300, "delay": delay}}}
     cfg = node_config(tmp_path / name / "var", free_port(),
                       destinations={"dest": {"ae_title": "DEST", "host": "127.0.0.1", "port": dest_port}},
                       routes=dense_route(["dest"]), plugins=plugins,
                       cluster={"database": database, "spool": str(tmp_path / "shared"), "node_id": name,
                                "lease_seconds": LEASE_S})
-    cfg["node"]["listener_processes"] = 1
+    cfg["node"]["listener_processes"] = listeners  # >1: acceptor processes, each on the database
     return NodeProcess(cfg, tmp_path / name)
 
 
@@ -85,7 +86,7 @@ def _kill_host(node: NodeProcess) -> None:
 def test_one_study_through_two_nodes_is_one_study_one_job_one_delivery(
         tmp_path: Path, postgres: PostgresServer, dest: StoreSCP, study: list[Path]) -> None:
     database = postgres.new_database()
-    nodes = [_node(tmp_path, "gw-a", database, dest.port), _node(tmp_path, "gw-b", database, dest.port)]
+    nodes = [_node(tmp_path, "gw-a", database, dest.port, listeners=2), _node(tmp_path, "gw-b", database, dest.port)]
     try:
         for node in nodes:
             node.start()

@@ -294,3 +294,54 @@ def test_a_restarted_server_is_reconnected(postgres: PostgresServer, url: str) -
     assert db.study(STUDY) is not None and db.ping()  # the next call connects again
     assert db.register_instance(_record(1)) == "new" and db.is_stored("1.2.3.9.1")
     db.close()
+
+
+def test_a_live_node_keeps_its_job_by_renewing_the_lease(url: str) -> None:
+    db = PostgresStateDB(url)
+    db.register_instance(_record(0))
+    mine, other = WorkStore(db, "a", lease_seconds=2), WorkStore(db, "b", lease_seconds=2)
+    mine.dispatch_study(STUDY, [("r", "p")])
+    job = mine.claim_job()
+    assert job is not None
+    now = time.time()
+    assert mine.renew_job_leases([job.id], now + 1.5) == 1  # held until now + 3.5
+    assert other.renew_job_leases([job.id], now + 1.5) == 0  # not b's to renew
+    assert other.requeue_expired(now + 3) == 0
+    assert other.requeue_expired(now + 4) == 1
+    assert mine.renew_job_leases([job.id]) == 0  # gone: a takes note, b may claim it
+    assert other.claim_job() is not None
+    assert other.requeue_interrupted("node stopped") == 1  # a stopping node gives its own back at once
+    assert mine.claim_job() is not None
+    db.close()
+
+
+HOLD_STUDY_LOCK = """
+import sys, time
+from dicom_node.storage.postgres import PostgresStateDB
+db = PostgresStateDB(sys.argv[1], lease_s=float(sys.argv[2]))
+with db.transaction() as c:
+    db.lock_key(c, sys.argv[3])
+    print("locked", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_hung_node_holds_no_lock_longer_than_its_lease(url: str) -> None:
+    """A node stopped (SIGSTOP: its connection stays open, as with a hung host) inside a
+    transaction that locks a study: the server ends its session after the lease, and the
+    other nodes' instances of that study go through."""
+    db = PostgresStateDB(url, lease_s=30)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    hung = subprocess.Popen([sys.executable, "-c", HOLD_STUDY_LOCK, url, "2", STUDY], stdout=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        assert hung.stdout is not None and hung.stdout.readline().strip() == "locked"
+        hung.send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        assert db.register_instance(_record(0)) == "new"  # waits for the lock, then goes through
+        waited = time.monotonic() - started
+        assert 1.0 <= waited < 15, waited
+    finally:
+        hung.kill()
+        hung.wait()
+    db.close()

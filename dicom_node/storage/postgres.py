@@ -78,10 +78,12 @@ class PostgresStateDB(StateDB):
     skip_locked = " FOR UPDATE SKIP LOCKED"
     clustered = True
 
-    def __init__(self, url: str, connect_timeout_s: float = 10.0, busy_timeout_s: float = 30.0) -> None:
+    def __init__(self, url: str, connect_timeout_s: float = 10.0, lease_s: float = 30.0) -> None:
         self.url = url
+        self.lease_s = lease_s
+        busy_timeout_s = lease_s
         self.where = redact_url(url)
-        self.busy_timeout_s = busy_timeout_s
+        self.busy_timeout_s = busy_timeout_s  # how long a lock is waited for
         self.connect_timeout_s = connect_timeout_s
         self._lock = threading.RLock()
         self._reader_lock = threading.Lock()
@@ -96,14 +98,21 @@ class PostgresStateDB(StateDB):
         return f"PostgresStateDB({self.where})"
 
     def _connect(self) -> psycopg.Connection[Row]:
+        lease_ms = max(1000, int(self.lease_s * 1000))
         try:
+            # a node that hangs or vanishes inside a transaction holds its locks no longer than
+            # a lease: the server ends such a session (and the kernel's keepalives a dead peer's)
             conn = psycopg.connect(self.url, autocommit=True, row_factory=dict_row,
                                    connect_timeout=max(1, round(self.connect_timeout_s)),
-                                   application_name="dicom-node")
+                                   application_name="dicom-node", keepalives=1,
+                                   keepalives_idle=max(1, int(self.lease_s / 3)), keepalives_interval=2,
+                                   keepalives_count=3, tcp_user_timeout=lease_ms)
+            for name, value in (("lock_timeout", f"{int(self.busy_timeout_s * 1000)}ms"),
+                                ("idle_in_transaction_session_timeout", f"{lease_ms}ms")):
+                conn.execute("SELECT set_config(%s, %s, false)", (name, value))
         except psycopg.Error as exc:
             raise StorageError(f"cannot reach the state database {self.where}: "
                                f"{describe_error(exc, self.url)}") from exc
-        conn.execute("SELECT set_config(%s, %s, false)", ("lock_timeout", f"{int(self.busy_timeout_s * 1000)}ms"))
         return conn
 
     def _connection(self) -> psycopg.Connection[Row]:

@@ -91,7 +91,8 @@ def open_state_db(config: Config) -> StateDB:
         return StateDB(config.database_path)
     from dicom_node.storage.postgres import PostgresStateDB
 
-    return PostgresStateDB(config.cluster.database, connect_timeout_s=config.cluster.connect_timeout_seconds)
+    return PostgresStateDB(config.cluster.database, connect_timeout_s=config.cluster.connect_timeout_seconds,
+                           lease_s=config.cluster.lease_seconds)
 
 
 class StateDB:
@@ -423,8 +424,10 @@ class StateDB:
         with self.transaction() as c:
             now = time.time()
             c.execute("UPDATE instances SET purged=1 WHERE study_uid=?", (study_uid,))
-            c.execute("UPDATE studies SET purged_at=?, updated_at=? WHERE study_uid=?", (now, now, study_uid))
-            self.transition(c, "study", study_uid, None, "purged", "spooled files removed")
+            cur = c.execute("UPDATE studies SET purged_at=?, updated_at=? WHERE study_uid=? AND purged_at IS NULL",
+                            (now, now, study_uid))
+            if cur.rowcount:  # once, though several nodes apply the retention policy
+                self.transition(c, "study", study_uid, None, "purged", "spooled files removed")
 
     def studies_to_purge(self, now: float, ignored_days: float | None, delivered_days: float | None) -> list[str]:
         """Studies whose spooled files the retention policy says to remove."""

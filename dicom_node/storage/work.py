@@ -122,9 +122,10 @@ class WorkStore:
             c.execute("UPDATE deliveries SET state=?, updated_at=? WHERE id=?", (SUPERSEDED, time.time(), d["id"]))
             StateDB.transition(c, "delivery", str(d["id"]), PENDING, SUPERSEDED, "newer results")
 
-    def requeue_interrupted(self) -> int:
+    def requeue_interrupted(self, reason: str = "node restarted") -> int:
         """On start: jobs that were running when the node stopped go back to the queue
-        (in a cluster only this node's own: the others' are theirs until their leases expire)."""
+        (in a cluster only this node's own: the others' are theirs until their leases expire;
+        a cluster node also gives its own back as it stops)."""
         with self.db.transaction() as c:
             if self.owner is None:
                 rows = c.execute("SELECT id FROM jobs WHERE state=?", (RUNNING,)).fetchall()
@@ -133,7 +134,7 @@ class WorkStore:
                                  (RUNNING, self.owner)).fetchall()
             for r in rows:
                 c.execute("UPDATE jobs SET state=?, lease_owner=NULL, lease_until=NULL WHERE id=?", (QUEUED, r["id"]))
-                StateDB.transition(c, "job", str(r["id"]), RUNNING, QUEUED, "node restarted")
+                StateDB.transition(c, "job", str(r["id"]), RUNNING, QUEUED, reason)
         return len(rows)
 
     def renew_job_leases(self, job_ids: Sequence[int], now: float | None = None) -> int:
