@@ -2,7 +2,8 @@
 the tests), one shared spool folder, dcmtk's storescu as the PACS and storescp as the
 destination. One study sent half through each node is one study, analysed by one job
 and delivered once; a node killed with ``kill -9`` in the middle of a job leaves it to
-the other node once its lease expires, and the results are still delivered once."""
+the other node once its lease expires, and the results are still delivered once; a node
+killed in the middle of a C-STORE stream loses nothing it acknowledged."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from pydicom import dcmread
 
@@ -29,6 +31,7 @@ from tests.support import (
     free_port,
     node_config,
     storescu,
+    wait_for,
 )
 
 PATIENT = StudyIdentity(patient_name="CLUSTER^SECRET", patient_id="MRN-CLUSTER-SECRET")
@@ -146,3 +149,53 @@ def test_a_node_killed_mid_job_leaves_it_to_the_other_after_its_lease(
         if doomed.proc is not None and doomed.proc.poll() is None:
             _kill_host(doomed)
         survivor.stop()
+
+
+def test_an_ingest_node_killed_mid_stream_loses_nothing_it_acknowledged(
+        tmp_path: Path, postgres: PostgresServer, ct150: list[Path]) -> None:
+    """kill -9 of a node while storescu streams to it: every instance that got Success is
+    registered (once) and in the shared spool; the PACS sends the rest through the other
+    node, and the study is whole."""
+    database = postgres.new_database()
+    keep = {"routes": [], "retention": {"ignored_days": None}}  # no analysis: ingest only
+
+    def ingest_node(name: str) -> NodeProcess:
+        cfg = node_config(tmp_path / name / "var", free_port(), **keep,
+                          cluster={"database": database, "spool": str(tmp_path / "shared"), "node_id": name,
+                                   "lease_seconds": LEASE_S})
+        cfg["node"]["listener_processes"] = 1
+        return NodeProcess(cfg, tmp_path / name)
+
+    doomed, other = ingest_node("gw-doomed").start(), ingest_node("gw-other").start()
+    def registered() -> int:
+        with psycopg.connect(database) as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM instances").fetchone()[0])  # type: ignore[index]
+
+    try:
+        out: dict[str, str] = {}
+
+        def send() -> None:
+            result = storescu(doomed.port, ct150)
+            out["text"] = result.stdout + result.stderr
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        wait_for(lambda: registered() >= 20, 120, "20 instances registered")
+        _kill_host(doomed)
+        sender.join(120)
+        acked = acknowledged_files(out["text"])
+        assert 20 <= len(acked) < len(ct150)
+        with psycopg.connect(database) as conn:
+            paths = {r[0]: r[1] for r in conn.execute("SELECT sop_instance_uid, path FROM instances")}
+        for name in acked:
+            uid = str(dcmread(name, stop_before_pixels=True).SOPInstanceUID)
+            assert uid in paths and Path(paths[uid]).is_file(), uid
+        # the PACS retries the whole study through the other node: duplicates are Success, nothing twice
+        assert storescu(other.port, ct150).returncode == 0
+        with psycopg.connect(database) as conn:
+            [(study_count, instances)] = conn.execute("SELECT COUNT(*), SUM(instance_count) FROM studies").fetchall()
+        assert (study_count, instances, registered()) == (1, len(ct150), len(ct150))
+    finally:
+        if doomed.proc is not None and doomed.proc.poll() is None:
+            _kill_host(doomed)
+        other.stop()
