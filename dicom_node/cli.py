@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dicom_node.config import Config, load_config, with_overrides
+from dicom_node.config import Config, load_config, redact_url, with_overrides
 from dicom_node.errors import ConfigError, DeliveryError, NodeError, PluginError, StorageError
 from dicom_node.logs import setup_logging
 
@@ -92,8 +92,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.debug("start-up failed", exc_info=True)
         print(f"error: {_start_failure(exc)}", file=sys.stderr)
         return preflight.EXIT_ENVIRONMENT
-    log.info("dicom-node ready: AE %s port %d, storage %s", config.node.ae_title, node.port,
-             config.node.storage_dir)
+    cluster = "" if config.cluster is None else (
+        f"; cluster node {config.node_id}, state {redact_url(config.cluster.database)}, spool {config.cluster.spool}")
+    log.info("dicom-node ready: AE %s port %d, storage %s%s", config.node.ae_title, node.port,
+             config.node.storage_dir, cluster)
     stop.wait()
     node.stop()
     return 0

@@ -59,9 +59,10 @@ def collect(db: StateDB, limit: int = 50, only: StatusFilter = StatusFilter()) -
         (*params, limit))
     where, params = _where([(of_accession, only.accession), ("state=?", only.state),
                             ("COALESCE(finished_at, started_at, created_at)>=?", only.since)])
+    node = ", lease_owner AS node" if db.clustered else ""  # in a cluster: the node that ran it (last)
     jobs = db.query(
         f"""SELECT id, study_uid, route, plugin, revision, state, attempts, reason, timings,
-                  created_at, started_at, finished_at FROM jobs{where} ORDER BY id DESC LIMIT ?""",
+                  created_at, started_at, finished_at{node} FROM jobs{where} ORDER BY id DESC LIMIT ?""",
         (*params, limit))
     for job in jobs:
         job["timings"] = json.loads(job["timings"]) if job["timings"] else {}
@@ -69,7 +70,7 @@ def collect(db: StateDB, limit: int = 50, only: StatusFilter = StatusFilter()) -
                             ("d.updated_at>=?", only.since)])
     deliveries = db.query(
         f"""SELECT d.id, d.job_id, j.study_uid, d.destination, d.state, d.attempts, d.next_attempt_at,
-                  d.last_error, d.created_at, d.updated_at FROM deliveries d
+                  d.last_error, d.created_at, d.updated_at{node.replace("lease", "d.lease")} FROM deliveries d
            JOIN jobs j ON j.id = d.job_id{where} ORDER BY d.id DESC LIMIT ?""", (*params, limit))
     shown = [job["id"] for job in jobs]
     results = db.query(
@@ -116,13 +117,21 @@ def render(data: dict[str, Any]) -> str:
     deliveries = [[str(d["id"]), str(d["job_id"]), d["destination"], d["state"], str(d["attempts"]),
                    _when(d["next_attempt_at"]) if d["state"] == "pending" else _when(d["updated_at"]),
                    d["last_error"] or ""] for d in data["deliveries"]]
+    job_headers = ["id", "study", "route", "state", "tries", "time", "stages", "reason"]
+    delivery_headers = ["id", "job", "destination", "state", "tries", "next/last", "last error"]
+    if any("node" in row for row in (*data["jobs"], *data["deliveries"])):  # a cluster: which node
+        job_headers.insert(4, "node")
+        delivery_headers.insert(4, "node")
+        for row, job in zip(jobs, data["jobs"]):
+            row.insert(4, job.get("node") or "-")
+        for row, delivery in zip(deliveries, data["deliveries"]):
+            row.insert(4, delivery.get("node") or "-")
     return "\n\n".join([
         _node_line(data.get("node")) + "\n" + summary,
         "STUDIES\n" + _table(["study", "accession", "state", "rev", "instances", "last received", "reason"],
                              studies),
-        "JOBS\n" + _table(["id", "study", "route", "state", "tries", "time", "stages", "reason"], jobs),
-        "DELIVERIES\n" + _table(["id", "job", "destination", "state", "tries", "next/last", "last error"],
-                                deliveries),
+        "JOBS\n" + _table(job_headers, jobs),
+        "DELIVERIES\n" + _table(delivery_headers, deliveries),
         "RESULTS\n" + _table(["job", "kind", "series", "SOP instance"],
                              [[str(r["job_id"]), r["kind"], r["series_uid"], r["sop_instance_uid"]]
                               for r in data.get("results", [])]),

@@ -112,9 +112,11 @@ def test_one_study_through_two_nodes_is_one_study_one_job_one_delivery(
         [row] = status["studies"]
         assert (row["instance_count"], row["revision"]) == (len(study), 0)
         [job] = status["jobs"]
-        assert job["state"] == "done" and job["attempts"] == 1
+        assert job["state"] == "done" and job["attempts"] == 1 and job["node"] in ("gw-a", "gw-b")
         [delivery] = status["deliveries"]
-        assert delivery["state"] == "done"
+        assert delivery["state"] == "done" and delivery["node"] in ("gw-a", "gw-b")
+        text = nodes[1].cli("status", "--config", str(nodes[1].config_path)).stdout
+        assert "node" in text.split("JOBS\n", 1)[1].splitlines()[0] and job["node"] in text
         assert _received_by_modality(dest) == {"SEG": 1, "SR": 1, "OT": 3, "KO": 1}
         shared = tmp_path / "shared"
         assert len(list((shared / "spool" / row["study_uid"]).glob("*.dcm"))) == len(study)
@@ -140,7 +142,7 @@ def test_a_node_killed_mid_job_leaves_it_to_the_other_after_its_lease(
         survivor.start()
         status = survivor.wait_for(_done, timeout=120, what="the study done by the survivor")
         [job] = status["jobs"]
-        assert job["state"] == "done" and job["attempts"] == 2
+        assert job["state"] == "done" and job["attempts"] == 2 and job["node"] == "gw-survivor"
         [delivery] = status["deliveries"]
         assert delivery["state"] == "done"
         assert _received_by_modality(dest) == {"SEG": 1, "SR": 1, "OT": 3, "KO": 1}

@@ -6,6 +6,8 @@ by a conditional update, and the claimer holds it under a lease (``lease_owner``
 ``lease_until``) that it renews while it works. A node that dies leaves its jobs and
 deliveries to the others once the lease has expired (:meth:`WorkStore.requeue_expired`).
 Without an owner (the embedded default) there are no leases: one node owns everything.
+A finished job and a delivery between attempts keep ``lease_owner``: the node that ran
+it last (``status`` shows it), with ``lease_until`` cleared.
 """
 
 from __future__ import annotations
@@ -318,7 +320,7 @@ class WorkStore:
         with self.db.transaction() as c:
             c.execute(
                 """UPDATE deliveries SET attempts=attempts+1, next_attempt_at=?, last_error=?,
-                       updated_at=?, lease_owner=NULL, lease_until=NULL WHERE id=? AND state=?""",
+                       updated_at=?, lease_until=NULL WHERE id=? AND state=?""",
                 (next_at, error, time.time(), delivery_id, PENDING),
             )
             StateDB.transition(c, "delivery", str(delivery_id), PENDING, PENDING, f"retry: {error}")
@@ -333,7 +335,7 @@ class WorkStore:
                 return
             c.execute(
                 """UPDATE deliveries SET state=?, attempts=attempts+1, last_error=?, updated_at=?,
-                       lease_owner=NULL, lease_until=NULL WHERE id=?""",
+                       lease_until=NULL WHERE id=?""",
                 (state, error, time.time(), delivery_id),
             )
             StateDB.transition(c, "delivery", str(delivery_id), PENDING, state, error or "")
