@@ -20,6 +20,7 @@ from models.lung_nodules.candidates import (
     patches,
     quantised,
     score,
+    screened_score,
 )
 from models.lung_nodules.transforms import ClassifyCandidatesd, elongation, lung_region
 from plugin.finding_scores import SCORES_KEY
@@ -273,3 +274,64 @@ def test_the_tube_rule_is_looser_for_a_mass_sized_component() -> None:
     out = transform.merge(prob, cands, np.zeros(cands.count), SPACING, region)
     assert out[mass].min() == np.float32(0.9)
     assert out[vessels].max() == 0.0 and out[tube].max() == 0.0
+
+
+class _Sided(torch.nn.Module):
+    """A stand-in classifier: the brighter the patch, the surer, and surer still when its
+    first half along X is the brighter one (so the eight views differ)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[2] // 2
+        first, second = x[:, :, :half].mean(dim=(1, 2, 3, 4)), x[:, :, half:].mean(dim=(1, 2, 3, 4))
+        return (40.0 * ((first + second) / 2 - 0.3) + 20.0 * (first - second))[:, None]
+
+
+def test_screened_scores_are_every_views_mean_where_they_count() -> None:
+    """A candidate whose mean reaches ``accept``, or one asked for exactly, gets the
+    mean of all eight views; any other stays below ``accept``, after fewer views."""
+    rng = np.random.default_rng(4)
+    level = rng.uniform(0, 100, size=200)
+    batch = (level[:, None, None, None] + rng.uniform(0, 20, size=(200, *PATCH))).astype(np.uint8)
+    batch[:, : PATCH[0] // 2] += rng.integers(0, 60, size=200, dtype=np.uint8)[:, None, None, None]
+    net = _Sided()
+    full = score(net, batch)
+    exact = np.zeros(len(batch), dtype=bool)
+    exact[::7] = True
+    screened, views = screened_score(net, batch, 0.7, exact)
+    counted = exact | (full >= 0.7)
+    hopeless = ~counted & (full < 0.2)
+    assert 20 < (full >= 0.7).sum() and hopeless.sum() > 40 and (~counted & ~hopeless).any()
+    assert np.allclose(screened[counted], full[counted], atol=1e-6)
+    assert (screened[~counted] < 0.7).all()
+    assert views <= 8 * len(batch) - 5 * int(hopeless.sum())  # the hopeless stop after 3 views
+    assert views >= 8 * int(counted.sum())
+
+
+def test_the_screened_detector_merges_as_scoring_every_view() -> None:
+    """The bundle's transform (screened scores) gives the same prediction and finding
+    scores as with every view of every candidate scored."""
+
+    class EveryView(ClassifyCandidatesd):
+        def score_candidates(self, image, cands, probs, device):  # type: ignore[no-untyped-def]
+            return super().score_candidates(image, cands, None, device)
+
+    image = _chest(3)
+    _ball(image, (45, 60, 40), 4.5)
+    _ball(image, (120, 50, 30), 3.5)
+    _tube(image, 62, 40, 2.8, slice(49, 72))
+    _tube(image, 80, 20, 3.0, slice(92, 136))
+    prob = np.zeros_like(image)
+    prob[118:123, 48:53, 28:33] = 0.9  # the network marks the second nodule
+    prob[100:104, 78:82, 18:22] = 0.7  # and a piece of vessel
+    affine = torch.diag(torch.tensor([*SPACING, 1.0], dtype=torch.float64))
+    outs = []
+    for kind in (ClassifyCandidatesd, EveryView):
+        transform = kind(keys="pred", weights=WEIGHTS, min_inside=0.6, max_elongation=2.0)
+        data = {"image": MetaTensor(torch.from_numpy(image.copy())[None], affine=affine),
+                "pred": MetaTensor(torch.from_numpy(prob.copy())[None], affine=affine)}
+        outs.append((transform(data), transform.profile))
+    (screened, profile), (every, every_profile) = outs
+    assert np.array_equal(np.asarray(screened["pred"]), np.asarray(every["pred"]))
+    assert screened[SCORES_KEY] == every[SCORES_KEY]
+    assert profile["candidates_count"] == every_profile["candidates_count"] > 0
+    assert profile["views"] <= every_profile["views"] == 8 * every_profile["candidates_count"]

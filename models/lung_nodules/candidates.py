@@ -299,3 +299,35 @@ def score(net: torch.nn.Module, patch_u8: np.ndarray, batch: int | None = None,
                 view = torch.flip(x, dims=axes) if axes else x
                 total[start:start + len(x)] += torch.sigmoid(net(view))[:, 0].double()
     return (total / len(views)).cpu().numpy().astype(np.float32)
+
+
+def screened_score(net: torch.nn.Module, patch_u8: np.ndarray, accept: float, exact: np.ndarray,
+                   batch: int | None = None) -> tuple[np.ndarray, int]:
+    """:func:`score` with mirrored views where the mean can matter; returns (scores, views
+    evaluated). A candidate in ``exact`` (bool per patch) gets all eight views, as does
+    one whose mean may still reach ``accept``; every other one stops once the views still
+    to come, each at most 1, cannot lift its mean to ``accept`` (at the earliest after
+    three views: on a real chest most candidates are vessels that score about 0 on
+    every view), and gets the mean of the views it had, which stays below ``accept``.
+    The scores that reach ``accept`` or are ``exact`` are :func:`score`'s (same views in
+    the same order; batches differ, so to float rounding, as for the batch size)."""
+    device = module_device(net)
+    batch = batch or (CPU_BATCH if device.type == "cpu" else GPU_BATCH)
+    total = np.zeros(len(patch_u8), dtype=np.float64)
+    out = np.zeros(len(patch_u8), dtype=np.float32)
+    live = np.arange(len(patch_u8))
+    runs = 0
+    with torch.inference_mode():
+        for done, axes in enumerate(MIRRORS, start=1):
+            for start in range(0, len(live), batch):
+                chunk = live[start:start + batch]
+                x = torch.from_numpy(patch_u8[chunk]).to(device).float().div_(255.0)[:, None]
+                view = torch.flip(x, dims=axes) if axes else x
+                total[chunk] += torch.sigmoid(net(view))[:, 0].double().cpu().numpy()
+            runs += len(live)
+            hopeless = total[live] + (len(MIRRORS) - done) < accept * len(MIRRORS) - 1e-6
+            stop = live[hopeless & ~exact[live]]
+            out[stop] = total[stop] / done
+            live = np.setdiff1d(live, stop, assume_unique=True)
+    out[live] = total[live] / len(MIRRORS)
+    return out, runs

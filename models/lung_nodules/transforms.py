@@ -14,6 +14,7 @@ lungs (abdomen, mediastinum, chest wall) and never moves or reshapes a kept find
 
 from __future__ import annotations
 
+import time
 from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from monai.transforms import MapTransform
 from scipy import ndimage
 
 from models.lung_nodules.candidates import (
+    MIRRORS,
     PATCH,
     Candidates,
     find_candidates,
@@ -35,6 +37,7 @@ from models.lung_nodules.candidates import (
     patches,
     quantised,
     score,
+    screened_score,
 )
 from plugin.finding_scores import SCORES_KEY
 
@@ -199,6 +202,19 @@ class KeepInLungsd(MapTransform):
         return d
 
 
+class _Clock:
+    """Wall-clock laps (seconds) of a transform's steps, summed by name."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = self.laps.get(name, 0.0) + now - self._last
+        self._last = now
+
+
 def _spacing(pred: torch.Tensor) -> np.ndarray:
     return np.asarray(affine_to_spacing(np.asarray(getattr(pred, "affine", np.eye(4)), dtype=np.float64), r=3))
 
@@ -283,25 +299,35 @@ class ClassifyCandidatesd(MapTransform):
         self.accept, self.veto, self.mirrored = accept, veto, mirrored
         self.min_inside, self.max_elongation = min_inside, max_elongation
         self.threshold, self.step = threshold, step
+        self.profile: dict[str, float] = {}  # the last call's step times (s), candidates and views scored
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         """The merged prediction under each key, and under ``finding_scores`` the score
-        of each finding with a point inside it (see :meth:`finding_scores`)."""
+        of each finding with a point inside it (see :meth:`finding_scores`). What it cost
+        is left in :attr:`profile`."""
         d = dict(data)
+        clock = _Clock()
         tensor = torch.as_tensor(d[self.image_key]).detach()
         image = np.asarray(tensor.cpu()[0], dtype=np.float32)
         spacing = _spacing(d[self.image_key])
         region = lung_region(image, step=self.step)
-        cands, scores = self.scored_candidates(image, spacing, region, tensor.device)
-        for key in self.key_iterator(d):
+        clock.lap("lung_gate")
+        probs = {key: torch.as_tensor(d[key]).detach().cpu()[0].numpy() for key in self.key_iterator(d)}
+        cands = find_candidates(image, spacing, region, self.step, device=tensor.device)
+        clock.lap("candidates")
+        scores, views = self.score_candidates(image, cands, list(probs.values()), tensor.device)
+        clock.lap("classifier")
+        for key, prob in probs.items():
             pred = d[key]
-            prob = torch.as_tensor(pred).detach().cpu()[0].numpy()
             merged = self.merge(prob, cands, scores, spacing, region, image)
             d[key] = _as_pred(merged, pred)
+            clock.lap("merge")
             if isinstance(pred, MetaTensor):
                 affine = np.asarray(pred.affine, dtype=np.float64)
                 d[SCORES_KEY] = [(tuple((affine @ np.append(point, 1.0))[:3].tolist()), value)
                                  for point, value in self.finding_scores(prob, merged, cands, scores)]
+                clock.lap("finding_scores")
+        self.profile = {**clock.laps, "candidates_count": float(cands.count), "views": float(views)}
         return d
 
     def finding_scores(self, prob: np.ndarray, merged: np.ndarray, cands: Candidates,
@@ -331,13 +357,30 @@ class ClassifyCandidatesd(MapTransform):
 
     def scored_candidates(self, image: np.ndarray, spacing: np.ndarray, region: np.ndarray,
                           device: torch.device | None = None) -> tuple[Candidates, np.ndarray]:
-        """The candidates of ``image`` and the classifier's score of each; the depth map
-        and the classifier run on ``device`` (the image's: the plugin's device), the CPU by default."""
+        """The candidates of ``image`` and the classifier's score of each (every view of
+        every candidate); the depth map and the classifier run on ``device`` (the
+        image's: the plugin's device), the CPU by default."""
         device = device or torch.device("cpu")
         cands = find_candidates(image, spacing, region, self.step, device=device)
+        return cands, self.score_candidates(image, cands, None, device)[0]
+
+    def score_candidates(self, image: np.ndarray, cands: Candidates, probs: list[np.ndarray] | None,
+                         device: torch.device) -> tuple[np.ndarray, int]:
+        """The classifier's score of each candidate and the views it took. With the
+        predictions ``probs``, the mirrored mean is screened (:func:`candidates.screened_score`):
+        a candidate whose core touches a predicted component (where the veto and a
+        finding's score read it) gets every view; any other matters only if it reaches
+        ``accept`` and stops once it cannot. Same merge and finding scores as scoring
+        every view; without ``probs`` every view of every candidate is scored."""
         if module_device(self.net) != device:
             self.net.to(device)
-        return cands, score(self.net, patches(quantised(image), cands.centres), mirrored=self.mirrored)
+        found = patches(quantised(image), cands.centres)
+        if not self.mirrored or probs is None:
+            return score(self.net, found, mirrored=self.mirrored), len(found) * (len(MIRRORS) if self.mirrored else 1)
+        exact = np.zeros(cands.count + 1, dtype=bool)
+        for prob in probs:
+            exact[cands.cores[(prob[cands.box] > self.threshold) & (cands.cores > 0)]] = True
+        return screened_score(self.net, found, self.accept, exact[1:])
 
     @staticmethod
     def wider_than_a_patch(components: np.ndarray, count: int) -> np.ndarray:
