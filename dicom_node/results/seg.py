@@ -91,11 +91,12 @@ def segment_frames(findings: Findings) -> np.ndarray:
     dtype = np.uint8 if len(findings.findings) < 256 else np.uint16
     x, y, z = label_map.shape
     frames = np.zeros((z, y, x), dtype=dtype)
-    counts = np.zeros(len(lookup), dtype=np.int64)
-    # Only slices that hold a label are touched: one pass to find them, then per slice.
-    for k in np.flatnonzero(label_map.any(axis=(0, 1))):
-        frames[k] = lookup[label_map[:, :, k].T]
-        counts += np.bincount(label_map[:, :, k].ravel(), minlength=len(lookup))[: len(lookup)]
+    # Only slices that hold a label are touched: one pass to find them, then one
+    # gather of those slices (no per-slice Python loop).
+    held = np.flatnonzero(label_map.any(axis=(0, 1)))
+    slab = label_map[:, :, held]
+    frames[held] = lookup[slab].astype(dtype, copy=False).transpose(2, 1, 0)
+    counts = np.bincount(slab.ravel(), minlength=len(lookup))[: len(lookup)]
     for finding in findings.findings:
         if counts[finding.label] == 0:
             raise EncodeError(f"{finding.name} (label {finding.label}) has no voxels")
