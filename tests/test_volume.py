@@ -374,6 +374,33 @@ def test_undecodable_pixel_data(tmp_path: Path) -> None:
         build_volume(paths)
 
 
+def test_threads_decode_what_one_thread_decodes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slices decoded in parallel threads give the same voxels and headers, in slice order."""
+    from dicom_node.series import volume as volume_module
+
+    paths = _write(tmp_path, _hu(slices=40))
+    random.Random(3).shuffle(paths)
+    built = {}
+    for threads in (1, 4):
+        monkeypatch.setattr(volume_module, "_decode_threads", lambda n=threads: n)
+        built[threads] = build_volume(paths)
+    one, many = built[1], built[4]
+    assert np.array_equal(one.image.numpy(), many.image.numpy())
+    np.testing.assert_array_equal(_zyx(many), _hu(slices=40))
+    assert [h.SOPInstanceUID for h in many.source_headers] == [s.sop_instance_uid for s in many.slices]
+    assert [s.sop_instance_uid for s in one.slices] == [s.sop_instance_uid for s in many.slices]
+
+
+def test_with_threads_the_first_bad_slice_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dicom_node.series import volume as volume_module
+
+    monkeypatch.setattr(volume_module, "_decode_threads", lambda: 4)
+    paths = _write(tmp_path)
+    _edit(paths[9:10] + paths[3:4], lambda ds, i: setattr(ds, "PixelData", ds.PixelData[:100]))
+    with pytest.raises(SeriesError, match="slice 3: cannot decode pixel data"):
+        build_volume(paths)
+
+
 def test_tensor_shares_the_filled_buffer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The MetaTensor wraps the one preallocated buffer; nothing is copied."""
     from dicom_node.series import volume as volume_module
