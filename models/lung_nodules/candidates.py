@@ -85,15 +85,23 @@ def find_candidates(image: np.ndarray, spacing: np.ndarray, lungs: np.ndarray,
     (mm); ``lungs`` is a lung gate on every ``step``-th voxel
     (:func:`transforms.lung_region`). The depth map is computed on ``device`` where it
     is a CUDA device (:func:`depth_map`)."""
-    soft_all = image > SOFT_SCALED
-    soft_all &= lungs[np.ix_(*[np.arange(n) // step for n in image.shape])]
-    found = ndimage.find_objects(soft_all.astype(np.uint8))
+    gate = ndimage.find_objects(lungs.astype(np.uint8))  # soft tissue is looked for only in the lungs' box
+    found = None
+    if gate:
+        near = tuple(slice(s.start * step, min(s.stop * step, n)) for s, n in zip(gate[0], image.shape))
+        soft_near = image[near] > SOFT_SCALED
+        soft_near &= lungs[np.ix_(*[np.arange(s.start, s.stop) // step for s in near])]
+        found = ndimage.find_objects(soft_near.astype(np.uint8))
     if not found:
         empty = np.zeros((0, 0, 0), dtype=bool)
         return Candidates((slice(0, 0),) * 3, empty, empty.astype(np.int32), 0,
                           np.zeros((0, 3), dtype=np.int64), np.zeros(0))
-    box = tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(found[0], image.shape))
-    soft = soft_all[box]
+    tight = [slice(s.start + o.start, s.stop + o.start) for s, o in zip(found[0], near)]
+    box = tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(tight, image.shape))
+    soft = np.zeros(tuple(s.stop - s.start for s in box), dtype=bool)  # the 1-voxel margin may leave ``near``
+    inner = tuple(slice(max(b.start, o.start), min(b.stop, o.stop)) for b, o in zip(box, near))
+    soft[tuple(slice(i.start - b.start, i.stop - b.start) for i, b in zip(inner, box))] = \
+        soft_near[tuple(slice(i.start - o.start, i.stop - o.start) for i, o in zip(inner, near))]
     padded = np.pad(soft, 1)  # outside the box is not soft tissue
     depth = depth_map(padded, spacing, device)[1:-1, 1:-1, 1:-1]
     cores, count = ndimage.label(depth >= CORE_RADIUS_MM, structure=STRUCTURE)
