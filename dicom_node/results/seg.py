@@ -79,7 +79,9 @@ def segment_frames(findings: Findings) -> np.ndarray:
     memory at one byte per voxel however many findings there are).
     """
     label_map = np.asarray(findings.label_map)
-    if not np.issubdtype(label_map.dtype, np.integer) or label_map.min() < 0:
+    if not np.issubdtype(label_map.dtype, np.integer) or (
+        np.issubdtype(label_map.dtype, np.signedinteger) and label_map.min() < 0
+    ):
         raise EncodeError("label map must hold non-negative integers")
     lookup = np.zeros(int(label_map.max()) + 1, dtype=np.uint16)
     for number, finding in enumerate(findings.findings, start=1):
@@ -96,7 +98,7 @@ def segment_frames(findings: Findings) -> np.ndarray:
     held = np.flatnonzero(label_map.any(axis=(0, 1)))
     slab = label_map[:, :, held]
     frames[held] = lookup[slab].astype(dtype, copy=False).transpose(2, 1, 0)
-    counts = np.bincount(slab.ravel(), minlength=len(lookup))[: len(lookup)]
+    counts = np.bincount(slab[slab != 0], minlength=len(lookup))[: len(lookup)]
     for finding in findings.findings:
         if counts[finding.label] == 0:
             raise EncodeError(f"{finding.name} (label {finding.label}) has no voxels")
