@@ -128,6 +128,7 @@ def evaluate_real(root: Path, out: Path, bundle: Path | None = None) -> int:
             LOG.info(f"  {shown.name:9s} score {score}  long {finding.long_axis.length_mm:5.1f} mm  short "
                      f"{finding.short_axis.length_mm:5.1f} mm  volume {finding.volume_mm3:8.0f} mm3  HU {hu}  "
                      f"LPS ({where}) image {finding.key_slice + 1}"
+                     + ("" if finding.composition == "solid" else f"  {finding.composition}")
                      + ("" if tumour is None else f"  in annotated tumour: {'yes' if tumour else 'no'}"))
         if reported:  # the key images the node would send, stacked
             png = write_preview(encode_key_images(volume, findings, plugin.info, series_number=9003),

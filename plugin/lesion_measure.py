@@ -38,6 +38,21 @@ model's resampled grid:
   lesion has no core, ``C`` is at least :data:`SOLID_REFERENCE_HU` (a solid nodule):
   its central voxels are diluted by partial volume and would inflate ``f``.
   Without ``half_maximum`` the volume is the voxel count times the voxel volume.
+* **Composition** (with ``half_maximum``): a lesion with a fifth or more of its core
+  below :data:`SUBSOLID_BELOW_HU` is *subsolid* (a solid nodule's core has next to
+  none: its noise would have to reach 8 standard deviations). Its level ``C`` is then
+  the ground glass's: the most frequent value (histogram peak) of its core voxels below
+  that value, so the half-maximum edge and the partial-volume fractions follow the
+  ground glass around it and the whole lesion is measured (its denser voxels count 1),
+  not its solid part alone. The **solid component** is the part of the refined mask
+  above ``(C + SOLID_REFERENCE_HU) / 2`` (and at least :data:`SUBSOLID_BELOW_HU`), its
+  parts of fewer than three voxels dropped as noise; the lesion is "part_solid" when
+  that component holds at least :data:`SOLID_COMPONENT_MIN_MM3` (a 3 mm ball),
+  "ground_glass" otherwise. A vessel running through ground glass counts as solid: the
+  convention cannot tell them apart. A lesion without a core (too small or thin; on
+  5 mm slices most nodules under about 20 mm) is taken as solid: partial volume alone
+  would make a solid nodule read as ground glass. The pleural cut of a subsolid lesion
+  looks for the wall at a solid lesion's half maximum (ground glass is not wall).
 """
 
 from __future__ import annotations
@@ -59,6 +74,11 @@ SHELL_MM = 1.5
 BACKGROUND_RING_MM = (2.0, 4.0)
 PASSES = 2
 GROW_WHEN_ABOVE = 0.5
+SUBSOLID_BELOW_HU = -300.0
+SUBSOLID_SHARE = 0.2
+MODE_MIN_VOXELS = 50
+SOLID_COMPONENT_MIN_MM3 = math.pi / 6.0 * 3.0**3
+COMPOSITIONS = ("solid", "part_solid", "ground_glass")
 
 
 @dataclass(frozen=True)
@@ -81,6 +101,8 @@ class LesionMeasure:
     attenuation: Attenuation
     half_maximum: bool  # the mask follows the half-maximum edge (False: the model's mask)
     background_hu: float | None = None
+    composition: str = "solid"  # one of COMPOSITIONS (see the module conventions)
+    solid_mask: np.ndarray | None = None  # a subsolid lesion's solid component, same shape as mask
 
 
 def ellipsoid(radii: tuple[int, int, int]) -> np.ndarray:
@@ -156,15 +178,18 @@ def measure_lesion(
     background = _background(hu, mask, blocked, spacing)
     if background is None:
         return as_is
-    level = _lesion_level(hu, mask, spacing)
-    beyond = None if level - background < MIN_CONTRAST_HU else beyond_pleura(hu, mask, spacing, (background + level) / 2.0)
+    subsolid = _subsolid(hu, mask, spacing)
+    level = _lesion_level(hu, mask, spacing, subsolid)
+    # the wall is found at a solid lesion's half maximum: ground glass is not wall
+    wall_level = max(level, SOLID_REFERENCE_HU) if subsolid else level
+    beyond = None if level - background < MIN_CONTRAST_HU else beyond_pleura(hu, mask, spacing, (background + wall_level) / 2.0)
     if beyond is not None:
         blocked = blocked | beyond
     # one voxel of growth, diagonals included: an attached vessel is not followed
     allowed = ndimage.binary_dilation(mask, structure=np.ones((3, 3, 3), dtype=bool)) & ~blocked
     refined = mask & ~blocked
     for index in range(PASSES):
-        level = _lesion_level(hu, refined, spacing)
+        level = _lesion_level(hu, refined, spacing, subsolid)
         if level - background < MIN_CONTRAST_HU:
             return as_is
         half = (background + level) / 2.0
@@ -174,9 +199,30 @@ def measure_lesion(
         if not above.any():
             break
         refined = _touching(above, mask)
-    level = _lesion_level(hu, refined, spacing)
+    level = _lesion_level(hu, refined, spacing, subsolid)
     volume = _partial_volume(hu, refined, blocked, spacing, background, level)
-    return LesionMeasure(refined, volume, attenuation(hu, refined, spacing), True, background)
+    composition, solid = "solid", None
+    if subsolid:
+        solid = solid_component(hu, refined, level)
+        big_enough = float(solid.sum()) * float(np.prod(spacing)) >= SOLID_COMPONENT_MIN_MM3
+        composition = "part_solid" if big_enough else "ground_glass"
+    return LesionMeasure(refined, volume, attenuation(hu, refined, spacing), True, background,
+                         composition, solid)
+
+
+def solid_component(hu: np.ndarray, mask: np.ndarray, ground_glass_hu: float) -> np.ndarray:
+    """The solid part of a subsolid lesion's ``mask``: its voxels above the half way
+    from the ground glass to a solid nodule (:data:`SOLID_REFERENCE_HU`), at least
+    :data:`SUBSOLID_BELOW_HU`, without 26-connected parts of fewer than three voxels."""
+    threshold = max((ground_glass_hu + SOLID_REFERENCE_HU) / 2.0, SUBSOLID_BELOW_HU)
+    dense = mask & (hu > threshold)
+    labels, n = ndimage.label(dense, structure=np.ones((3, 3, 3), dtype=bool))
+    if n == 0:
+        return dense
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    keep = sizes >= 3
+    keep[0] = False
+    return np.asarray(keep[labels])
 
 
 def _background(
@@ -191,8 +237,38 @@ def _background(
     return float(np.median(hu[ring]))
 
 
-def _lesion_level(hu: np.ndarray, mask: np.ndarray, spacing: tuple[float, float, float]) -> float:
-    """The lesion's own HU: its core mean, or at least the solid reference without a core."""
+def _subsolid(hu: np.ndarray, mask: np.ndarray, spacing: tuple[float, float, float]) -> bool:
+    """Whether the lesion has a core of which at least :data:`SUBSOLID_SHARE` lies below
+    :data:`SUBSOLID_BELOW_HU`."""
+    inner = core(mask, spacing)
+    return bool(inner.any()) and float(np.mean(hu[inner] < SUBSOLID_BELOW_HU)) >= SUBSOLID_SHARE
+
+
+def _mode(values: np.ndarray) -> float:
+    """The most frequent value (HU) of ``values``: the peak of their histogram in 10 HU
+    bins, smoothed over 20 HU; the median for fewer than :data:`MODE_MIN_VOXELS` values.
+    On thick slices a part-solid lesion's core mixes ground glass and solid tissue in
+    each voxel; the peak stays at the ground glass, where the median moves."""
+    if values.size < MODE_MIN_VOXELS:
+        return float(np.median(values))
+    low, high = float(values.min()), float(values.max())
+    bins = max(1, int(np.ceil((high - low) / 10.0)))
+    counts, edges = np.histogram(values, bins=bins, range=(low, low + 10.0 * bins))
+    smooth = ndimage.gaussian_filter1d(counts.astype(np.float64), sigma=2.0, mode="constant")
+    peak = int(np.argmax(smooth))
+    return float((edges[peak] + edges[peak + 1]) / 2.0)
+
+
+def _lesion_level(hu: np.ndarray, mask: np.ndarray, spacing: tuple[float, float, float],
+                  subsolid: bool = False) -> float:
+    """The lesion's own HU: its core mean, or at least the solid reference without a
+    core; for a subsolid lesion its ground glass's (the most frequent value of the core
+    voxels below :data:`SUBSOLID_BELOW_HU`)."""
+    if subsolid:
+        inner = core(mask, spacing)
+        glass = hu[inner & (hu < SUBSOLID_BELOW_HU)] if inner.any() else hu[mask & (hu < SUBSOLID_BELOW_HU)]
+        if glass.size:
+            return _mode(glass)
     att = attenuation(hu, mask, spacing)
     return att.mean if att.from_core else max(att.mean, SOLID_REFERENCE_HU)
 

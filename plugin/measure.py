@@ -31,6 +31,9 @@ Conventions
 * Attenuation of a finding (mean, standard deviation, maximum HU): over its core, the
   voxels at least 1 mm inside its boundary (:mod:`plugin.lesion_measure`); of a
   structure (an organ): over all its voxels.
+* Composition ("solid", "part_solid", "ground_glass") and a part-solid finding's solid
+  component (:mod:`plugin.lesion_measure`): its volume (voxel count) and its long axis on
+  its own axial slice of largest extent.
 * A finding whose long axis reaches the label's ``mass.min_long_axis_mm`` is named and
   coded as the mass (e.g. "Mass 1", SCT 4147007) instead of the label's type.
 """
@@ -86,6 +89,8 @@ class _Component:
     centroid_index: np.ndarray  # (x, y, z) mean voxel index
     volume_mm3: float
     attenuation: Attenuation
+    composition: str = "solid"
+    solid_mask: np.ndarray | None = None  # a part-solid lesion's solid component, like ``mask``
 
 
 def measure_findings(
@@ -113,7 +118,7 @@ def measure_findings(
     per_name: dict[str, int] = {}
     for value, comp in enumerate(components, start=1):
         out[comp.box][comp.mask] = value
-        finding = _finding(value, comp.spec.name, comp, affine, spacing)
+        finding = _finding(value, comp.spec.name, comp, affine, spacing, float(np.prod(spacing3)))
         _name_by_size(finding, comp.spec, per_name)
         findings.append(finding)
     summary = ", ".join(f"{f.name} {f.volume_mm3:.0f} mm3" for f in findings) or "no findings"
@@ -183,6 +188,7 @@ def _measured(
     by :func:`plugin.lesion_measure.measure_lesion` (its mask refined to the
     half-maximum edge when the label asks for it)."""
     voxel_mm3 = float(np.prod(spacing))
+    composition, solid = "solid", None
     if spec.role == "structure":
         values = hu[box][mask].astype(np.float64)
         att = Attenuation(float(values.mean()), float(values.std()), float(values.max()),
@@ -203,10 +209,13 @@ def _measured(
         box = tuple(slice(g.start + t.start, g.start + t.stop) for g, t in zip(grown, tight))  # type: ignore[assignment]
         mask = result.mask[tight]
         att, volume = result.attenuation, result.volume_mm3
+        composition = result.composition
+        if composition == "part_solid" and result.solid_mask is not None:
+            solid = result.solid_mask[tight]
     count = int(mask.sum())
     offset = np.array([s.start for s in box], dtype=np.float64)
     centroid = _mean_index(mask, count) + offset
-    return _Component(value, spec, box, mask, count, centroid, volume, att)
+    return _Component(value, spec, box, mask, count, centroid, volume, att, composition, solid)
 
 
 def _mean_index(mask: np.ndarray, count: int) -> np.ndarray:
@@ -288,6 +297,7 @@ def _finding(
     comp: _Component,
     affine: np.ndarray,
     spacing: tuple[float, float],
+    voxel_mm3: float,
 ) -> Finding:
     x0, y0, z0 = (s.start for s in comp.box)
     areas = comp.mask.sum(axis=(0, 1))
@@ -318,7 +328,17 @@ def _finding(
         short_axis=short_axis,
         contours=contours,
         role=comp.spec.role,
+        composition=comp.composition,
+        solid_volume_mm3=None if comp.solid_mask is None else float(comp.solid_mask.sum()) * voxel_mm3,
+        solid_long_axis_mm=None if comp.solid_mask is None else _solid_long_axis(comp.solid_mask, spacing),
     )
+
+
+def _solid_long_axis(solid: np.ndarray, spacing: tuple[float, float]) -> float:
+    """The long axis (mm) of a solid component on its axial slice of largest extent."""
+    areas = solid.sum(axis=(0, 1))
+    polygons = outlines(solid[:, :, int(np.argmax(areas))])
+    return axes(polygons, spacing)[0].length_mm
 
 
 def outlines(mask2d: np.ndarray) -> list[np.ndarray]:

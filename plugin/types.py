@@ -132,6 +132,12 @@ class Finding:
     max_hu: float = 0.0
     attenuation_from_core: bool = True
     score: float | None = None  # the model's confidence 0..1, where the model gives one
+    # "solid", "part_solid" or "ground_glass" (plugin.lesion_measure, for a label measured at
+    # its half-maximum edge; "solid" otherwise); a part-solid finding's solid component:
+    # its volume and its long axis on its own axial slice of largest extent
+    composition: str = "solid"
+    solid_volume_mm3: float | None = None
+    solid_long_axis_mm: float | None = None
 
 
 @dataclass

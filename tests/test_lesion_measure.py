@@ -18,7 +18,7 @@ from plugin.lesion_measure import attenuation, core, measure_lesion
 from plugin.manifest import parse_manifest
 from plugin.measure import axes, measure_findings, outlines
 from plugin.pleural_cut import beyond_pleura
-from tests.lesion_phantoms import render_ellipsoid
+from tests.lesion_phantoms import RenderedLesion, render_ellipsoid
 
 ANISOTROPIC = (0.6, 0.85)  # pixel spacing (x, y) mm
 SLICES = (0.625, 1.25, 2.5, 5.0)
@@ -234,3 +234,59 @@ def test_findings_from_30_mm_are_reported_as_masses_and_measured_on_the_source_g
     assert abs(mass.mean_hu - 35.0) <= 5.0 and mass.attenuation_from_core
     assert 38.0 <= mass.long_axis.length_mm <= 42.0
     assert set(np.unique(result.label_map)) == {0, 1, 2}
+
+
+def _subsolid(diameter: float, solid_diameter: float, slice_mm: float, *, glass_hu: float = -550.0,
+              seed: int = 0) -> RenderedLesion:
+    """A ground-glass sphere, with a concentric solid core (0 HU) of ``solid_diameter``."""
+    spacing = (*ANISOTROPIC, slice_mm)
+    offset = (0.3, -0.2, 0.4)
+    lesion = render_ellipsoid((diameter / 2,) * 3, spacing, lesion_hu=glass_hu, offset_voxels=offset,
+                              noise_hu=20.0, seed=seed)
+    if solid_diameter:
+        margin = 8.0 + (diameter - solid_diameter) / 2  # the same box as the ground glass's
+        occupancy = render_ellipsoid((solid_diameter / 2,) * 3, spacing, lesion_hu=1.0, background_hu=0.0,
+                                     offset_voxels=offset, margin_mm=margin)
+        assert occupancy.hu.shape == lesion.hu.shape
+        lesion.hu = lesion.hu + occupancy.hu * (0.0 - glass_hu)
+    return lesion
+
+
+@pytest.mark.parametrize("slice_mm", SLICES)
+def test_ground_glass_nodules_are_measured_whole(slice_mm: float) -> None:
+    """A -550 HU nodule: the half maximum of a solid one (about -400 HU) would lose most
+    of it. Measured at the ground glass's own half maximum, it is whole."""
+    # on 5 mm slices a nodule under about 20 mm has no core (or a core of one slice that
+    # partial volume fills): it is taken as solid (a limit the model README states)
+    diameters = (8.0, 12.0, 20.0) if slice_mm < 5.0 else (20.0,)
+    for i, diameter in enumerate(diameters):
+        lesion = _subsolid(diameter, 0.0, slice_mm, seed=i)
+        result = measure_lesion(lesion.hu, lesion.truth, lesion.spacing, half_maximum=True)
+        assert result.composition == "ground_glass", (diameter, result.composition)
+        assert abs(result.volume_mm3 / lesion.volume_mm3 - 1.0) <= 0.08, (diameter, result.volume_mm3)
+        assert abs(result.attenuation.mean + 550.0) <= 15.0, (diameter, result.attenuation)
+        assert result.solid_mask is not None and not result.solid_mask.any()
+
+
+@pytest.mark.parametrize("slice_mm", SLICES)
+def test_part_solid_nodules_are_measured_whole_with_their_solid_component(slice_mm: float) -> None:
+    """The whole nodule's volume (ground glass and solid core), and the solid core's long
+    axis as its own measurement (the size Lung-RADS grades a part-solid nodule by)."""
+    specs = parse_manifest(MANIFEST).labels
+    sizes = ((16.0, 8.0), (24.0, 10.0), (20.0, 12.0)) if slice_mm < 5.0 else ((24.0, 10.0), (20.0, 12.0))
+    for i, (diameter, solid) in enumerate(sizes):
+        lesion = _subsolid(diameter, solid, slice_mm, seed=i)
+        result = measure_lesion(lesion.hu, lesion.truth, lesion.spacing, half_maximum=True)
+        assert result.composition == "part_solid", (diameter, slice_mm)
+        assert abs(result.volume_mm3 / lesion.volume_mm3 - 1.0) <= 0.08, (diameter, result.volume_mm3)
+        finding = measure_findings(lesion.truth.astype(np.uint8), lesion.hu, np.diag([*lesion.spacing, 1.0]),
+                                   specs).findings[0]
+        assert finding.composition == "part_solid" and finding.solid_long_axis_mm is not None
+        assert finding.solid_volume_mm3 is not None and finding.solid_volume_mm3 < 0.5 * finding.volume_mm3
+        assert abs(finding.solid_long_axis_mm - solid) <= 2.0, (diameter, solid, finding.solid_long_axis_mm)
+
+
+def test_a_solid_nodule_has_no_solid_component_of_its_own() -> None:
+    lesion = render_ellipsoid((6.0, 6.0, 6.0), (0.7, 0.7, 1.25), noise_hu=30.0)
+    result = measure_lesion(lesion.hu, lesion.truth, lesion.spacing, half_maximum=True)
+    assert result.composition == "solid" and result.solid_mask is None

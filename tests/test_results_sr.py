@@ -16,7 +16,7 @@ from dicom_node.errors import EncodeError
 from dicom_node.results import encode_sr
 from dicom_node.results.common import node_version
 from dicom_node.results.readback import read_findings
-from dicom_node.results.sr import MEASUREMENT_CONVENTIONS
+from dicom_node.results.sr import MEASUREMENT_CONVENTIONS, SUBSOLID_CONVENTION
 from tests.support import REAL_CT
 
 from tests import results_support as rs
@@ -200,6 +200,28 @@ def test_a_finding_without_a_core_gets_no_attenuation(case: tuple, tmp_path: Pat
     assert any(t.startswith(f"Attenuation not measured for {thin.name}:") for t in texts), texts
     errors, output = rs.dciodvfy_errors(path)
     assert not errors, output
+
+
+def test_subsolid_findings_state_their_composition_and_solid_component(case: tuple, tmp_path: Path) -> None:
+    """A part-solid nodule's solid component and a ground-glass nodule are named in the
+    report's comments, with the convention; a solid one is not."""
+    volume, findings, _ = case
+    first, second = findings.findings
+    part_solid = dataclasses.replace(first, composition="part_solid", solid_volume_mm3=81.6,
+                                     solid_long_axis_mm=6.24)
+    glass = dataclasses.replace(second, composition="ground_glass")
+    path = tmp_path / "sr.dcm"
+    changed = dataclasses.replace(findings, findings=[part_solid, glass])
+    path.write_bytes(rs.to_bytes(encode_sr(volume, changed, rs.INFO, series_number=9003)))
+    texts = _comments(pydicom.dcmread(path))
+    assert f"{part_solid.name}: part-solid, solid component long axis 6.2 mm, volume 82 mm3." in texts
+    assert f"{glass.name}: ground glass (no solid component)." in texts
+    assert SUBSOLID_CONVENTION in texts
+    _, _, solid_path = case
+    assert SUBSOLID_CONVENTION not in _comments(pydicom.dcmread(solid_path))
+    errors, output = rs.dciodvfy_errors(path)
+    assert not errors, output
+    _assert_dsrdump_clean(path)
 
 
 def test_states_not_for_diagnostic_use_and_summary(case: tuple) -> None:

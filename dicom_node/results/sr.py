@@ -25,7 +25,7 @@ from pydicom.sr.coding import Code
 from dicom_node.errors import EncodeError
 from dicom_node.identity import NODE_MANUFACTURER
 from dicom_node.results import common, sr_content
-from plugin.types import Findings, PluginInfo, Volume
+from plugin.types import Finding, Findings, PluginInfo, Volume
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +150,21 @@ MEASUREMENT_CONVENTIONS = (
     "boundary; volume from the mask (where the model's manifest asks for it: moved to the "
     "half-maximum edge and corrected for partial volume)."
 )
+SUBSOLID_CONVENTION = (
+    "Subsolid findings (a fifth of the core or more below -300 HU) are measured whole, ground glass "
+    "included: the edge is the ground glass's half maximum. Their solid component is the "
+    "part above half way from the ground glass to soft tissue."
+)
+
+
+def composition_text(finding: Finding) -> str | None:
+    """The report's line on a subsolid finding's composition; None for a solid one."""
+    if finding.composition == "ground_glass":
+        return f"{finding.name}: ground glass (no solid component)."
+    if finding.composition == "part_solid" and finding.solid_long_axis_mm is not None:
+        return (f"{finding.name}: part-solid, solid component long axis "
+                f"{finding.solid_long_axis_mm:.1f} mm, volume {finding.solid_volume_mm3 or 0.0:.0f} mm3.")
+    return None
 
 
 def comments(findings: Findings, info: PluginInfo, absent: Code) -> list[str]:
@@ -168,8 +183,12 @@ def comments(findings: Findings, info: PluginInfo, absent: Code) -> list[str]:
             f"Attenuation not measured for {', '.join(thin)}: thinner than three slices, so "
             "every voxel is diluted by partial volume (a solid nodule would read as ground glass)."
         )
+    subsolid = [text for text in map(composition_text, findings.findings) if text]
+    texts.extend(subsolid)
     if findings.findings and any(f.role != "structure" for f in findings.findings):
         texts.append(MEASUREMENT_CONVENTIONS)
+    if subsolid:
+        texts.append(SUBSOLID_CONVENTION)
     if not findings.count:
         texts.append(f"Analysis completed: no {absent.meaning.lower()} detected.")
     return texts

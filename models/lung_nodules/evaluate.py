@@ -7,7 +7,7 @@
 Run from the repository root. Real CT series are evaluated by ``python -m bench.real_ct``
 (it runs the node's own series selection and encoders, which a model never imports).
 
-The phantoms come from seeds that training never uses (training: below 1000). Seeds
+The phantoms come from seeds that training never uses (training: below 9000). Seeds
 9000-9999 are the validation set (used to choose postprocessing settings); seeds
 10000 and up are the held-out test set, reported in the README and never tuned on. Each is run
 through the bundle in memory the way the generic MONAI bundle plugin runs it (see
@@ -86,8 +86,11 @@ class ScanResult:
     # (diameter mm, found, reported as a mass) per nodule of 30 mm or more
     masses: list[tuple[float, bool, bool]] = field(default_factory=list)
     noise_hu: float = 0.0  # the phantom's noise (standard deviation, HU)
-    # (diameter mm, density, found, reported mean HU or None) per nodule >= 6 mm under 30 mm
-    densities: list[tuple[float, str, bool, float | None]] = field(default_factory=list)
+    # per nodule >= 6 mm under 30 mm: (diameter mm, density, found, reported mean HU or None,
+    # reported composition or None, reported / true volume - 1 or None (spherical, not
+    # juxtapleural), reported - true solid-component long axis mm or None (part-solid))
+    densities: list[tuple[float, str, bool, float | None, str | None, float | None, float | None]] = field(
+        default_factory=list)
 
 
 def min_volume_mm3(bundle_root: Path = BUNDLE_ROOT) -> float:
@@ -194,8 +197,10 @@ def score(phantom: ChestPhantom, pred_zyx: np.ndarray, min_mm3: float,
 
 def _score_densities(phantom: ChestPhantom, labels_zyx: np.ndarray, gt: np.ndarray,
                      findings: Findings, res: ScanResult) -> None:
-    """Per nodule of 6-30 mm: its density, found, and the mean attenuation the report
-    gives it (the largest finding overlapping it; None where not measured)."""
+    """Per nodule of 6-30 mm: its density, found, and what the report gives the largest
+    finding overlapping it: mean attenuation (None where not measured), composition,
+    volume error (spherical nodules off the pleura) and the solid component's long-axis
+    error (part-solid nodules)."""
     by_label = {f.label: f for f in findings.findings}
     for nod in phantom.nodules:
         if not MIN_DIAMETER_MM <= nod.diameter_mm < 30.0:
@@ -206,7 +211,14 @@ def _score_densities(phantom: ChestPhantom, labels_zyx: np.ndarray, gt: np.ndarr
         hits = [by_label[h] for h in set(np.unique(labels_zyx[gt == component]).tolist()) - {0} if h in by_label]
         best = max(hits, key=lambda f: f.volume_mm3, default=None)
         hu = round(best.mean_hu, 1) if best is not None and best.attenuation_from_core else None
-        res.densities.append((round(nod.diameter_mm, 1), nod.density, bool(hits), hu))
+        composition = volume = solid_axis = None
+        if best is not None:
+            composition = best.composition
+            if nod.kind == "spherical" and not nod.juxtapleural:
+                volume = round(best.volume_mm3 / (np.pi / 6.0 * nod.diameter_mm**3) - 1.0, 4)
+            if nod.solid_diameter_mm is not None and best.solid_long_axis_mm is not None:
+                solid_axis = round(best.solid_long_axis_mm - nod.solid_diameter_mm, 2)
+        res.densities.append((round(nod.diameter_mm, 1), nod.density, bool(hits), hu, composition, volume, solid_axis))
 
 
 def _score_masses(phantom: ChestPhantom, labels_zyx: np.ndarray, gt: np.ndarray,
@@ -368,6 +380,16 @@ def _measurement_summary(results: list[ScanResult]) -> dict[str, float]:
             density_summary[f"{density}_found"] = sum(d[2] for d in rows)
             reported = [d[3] for d in rows if d[2] and d[3] is not None]
             density_summary[f"{density}_median_reported_hu"] = round(float(np.median(reported)), 1) if reported else float("nan")
+            found = [d for d in rows if d[2]]
+            density_summary[f"{density}_composition_right"] = sum(d[4] == density for d in found)
+            volumes = np.array([d[5] for d in found if d[5] is not None])
+            if volumes.size:
+                density_summary[f"{density}_median_volume_error"] = round(float(np.median(volumes)), 3)
+                density_summary[f"{density}_volume_within_20_percent"] = round(float(np.mean(np.abs(volumes) <= 0.2)), 3)
+            solid = np.array([d[6] for d in found if d[6] is not None])
+            if solid.size:
+                density_summary[f"{density}_median_solid_axis_error_mm"] = round(float(np.median(solid)), 2)
+                density_summary[f"{density}_solid_axis_within_2mm"] = round(float(np.mean(np.abs(solid) <= 2.0)), 3)
     masses = [m for r in results for m in r.masses]
     mass_summary: dict[str, float] = {"masses": len(masses), "masses_found": sum(m[1] for m in masses),
                     "masses_named_mass": sum(m[2] for m in masses)} if masses else {}
