@@ -1,4 +1,4 @@
-"""Command line: ``dicom-node serve | echo | send | status | check-config``."""
+"""Command line: ``dicom-node serve | worker | echo | send | status | check-config``."""
 
 from __future__ import annotations
 
@@ -99,6 +99,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stop.wait()
     node.stop()
     return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Run a Celery analysis worker of a cluster (``cluster.broker``) until SIGTERM."""
+    config = _config_from(args)
+    setup_logging(config.logging.level, config.logging.json_format)
+    plugins = [p.strip() for p in args.plugins.split(",") if p.strip()] if args.plugins else config.routed_plugins()
+    from dicom_node.celery_jobs import run_worker
+
+    return run_worker(config, plugins, args.concurrency, args.name)
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
@@ -339,6 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ae-title", help="the node's AE title (overrides node.ae_title)")
     serve.add_argument("--storage-dir", help="state, spool and results folder (overrides node.storage_dir)")
     serve.set_defaults(func=cmd_serve)
+    worker = with_config(sub.add_parser("worker", help="run a cluster's analysis worker: takes jobs from the "
+                                        "broker (cluster.broker) for its plugins"))
+    worker.add_argument("--plugins", help="comma-separated plugin names whose queues it takes (default: "
+                        "every plugin a route names)")
+    worker.add_argument("--concurrency", type=int, default=1, help="analysis processes (default 1)")
+    worker.add_argument("--name", help="this worker's name in status and leases (default: <host>-worker-<pid>)")
+    worker.set_defaults(func=cmd_worker)
     echo = with_config(sub.add_parser("echo", help="C-ECHO a destination (name or AE@host:port)"))
     echo.add_argument("dest", help="a destination name from the configuration, or AE@host:port")
     echo.add_argument("--calling-ae", help="calling AE title (default: the node's)")

@@ -228,6 +228,9 @@ class PluginSpec(_Strict):
 
     factory: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
+    # a cluster's Celery workers (dicom-node worker): a job running longer is stopped and failed
+    # with this reason; its worker process is ended 30 s later if the plugin does not stop
+    time_limit_seconds: float | None = Field(default=None, gt=0)
 
 
 class DeliverySettings(_Strict):
@@ -320,6 +323,12 @@ class ClusterSettings(_Strict):
     node_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,64}$")
     lease_seconds: float = Field(default=30.0, ge=2, le=3600)  # a dead node's jobs and deliveries wait this long
     connect_timeout_seconds: float = Field(default=10.0, gt=0)
+    # with a broker: a queued job whose message no worker took is sent again after this long
+    # (a broker that restarted without persistence lost it; a duplicate message is dropped)
+    resend_seconds: float = Field(default=60.0, ge=1)
+    # with a broker: a job whose runs ended without a result this many times (its worker died:
+    # crash, out of memory, killed, over the hard time limit) is failed, not run again
+    max_attempts: int = Field(default=3, ge=1, le=100)
 
     @field_validator("database")
     @classmethod

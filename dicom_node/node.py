@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydicom import dcmread
 
@@ -27,6 +27,9 @@ from dicom_node.receive.scp import StorageSCP
 from dicom_node.storage.spool import Spool
 from dicom_node.storage.state import open_state_db
 from dicom_node.storage.work import WorkStore
+
+if TYPE_CHECKING:
+    from dicom_node.celery_jobs import CeleryDispatcher
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +67,20 @@ class Node:
         else:
             self.scp = StorageSCP(config, self.ingestor, self.metrics, self.audit)
         self.assembler = Assembler(config, self.db, self.work, self.spool, self.audit)
-        self.runner = JobRunner(config, self.db, self.work, self.metrics, self.audit)
+        self.runner: JobRunner | CeleryDispatcher = self._runner()
         self.deliverer = Deliverer(config, self.work, self.metrics, self.audit)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.plugins_loaded = False
         self.ops: OpsServer | None = None
+
+    def _runner(self) -> "JobRunner | CeleryDispatcher":
+        """Local analysis workers; in a cluster with a broker, Celery workers instead."""
+        if self.config.cluster is None or self.config.cluster.broker is None:
+            return JobRunner(self.config, self.db, self.work, self.metrics, self.audit)
+        from dicom_node.celery_jobs import CeleryDispatcher
+
+        return CeleryDispatcher(self.config, self.work)
 
     def validate_plugins(self) -> None:
         """Load every plugin a route names, in an analysis worker, so that a broken one

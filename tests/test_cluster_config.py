@@ -81,7 +81,7 @@ def test_check_config_reaches_database_spool_and_broker(tmp_path: Path, postgres
     code, text = _check_config(tmp_path, {"database": url, "spool": str(tmp_path / "shared"), "broker": redis.url()})
     assert code == 0, text
     assert "cluster.database postgresql://dicomnode:***@127.0.0.1" in text
-    assert "schema version 0 of 6, empty: the first node to start creates the tables" in text
+    assert "schema version 0 of 7, empty: the first node to start creates the tables" in text
     assert f"cluster.spool {tmp_path / 'shared'}: OK (can be created)" in text
     assert f"cluster.broker redis://:***@127.0.0.1:{redis.port}/0: OK (Redis answers PING)" in text
     assert PASSWORD not in text and redis.password not in text

@@ -64,6 +64,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at REAL,
     lease_owner TEXT,
     lease_until REAL,
+    sent_at REAL,
     UNIQUE (study_uid, route, revision)
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
@@ -119,6 +120,7 @@ ADDED_COLUMNS = (
     ("jobs", "lease_until", "REAL"),
     ("deliveries", "lease_owner", "TEXT"),
     ("deliveries", "lease_until", "REAL"),
+    ("jobs", "sent_at", "REAL"),  # a queued job's latest message to the Celery broker (cluster.broker)
 )
 
 

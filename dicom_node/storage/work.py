@@ -41,6 +41,8 @@ from dicom_node.storage.state import (
 
 log = logging.getLogger(__name__)
 
+_REQUEUE = "UPDATE jobs SET state=?, lease_owner=NULL, lease_until=NULL, sent_at=NULL WHERE id=?"
+
 
 class WorkStore:
     """Durable queue of analysis jobs and result deliveries.
@@ -135,7 +137,7 @@ class WorkStore:
                 rows = c.execute(f"SELECT id FROM jobs WHERE state=? AND lease_owner=?{self.db.skip_locked}",
                                  (RUNNING, self.owner)).fetchall()
             for r in rows:
-                c.execute("UPDATE jobs SET state=?, lease_owner=NULL, lease_until=NULL WHERE id=?", (QUEUED, r["id"]))
+                c.execute(_REQUEUE, (QUEUED, r["id"]))
                 StateDB.transition(c, "job", str(r["id"]), RUNNING, QUEUED, reason)
         return len(rows)
 
@@ -160,7 +162,7 @@ class WorkStore:
                 f"""SELECT id, lease_owner FROM jobs WHERE state=? AND lease_until IS NOT NULL AND lease_until<?
                     ORDER BY id{self.db.skip_locked}""", (RUNNING, now)).fetchall()
             for r in rows:
-                c.execute("UPDATE jobs SET state=?, lease_owner=NULL, lease_until=NULL WHERE id=?", (QUEUED, r["id"]))
+                c.execute(_REQUEUE, (QUEUED, r["id"]))
                 StateDB.transition(c, "job", str(r["id"]), RUNNING, QUEUED, f"lease of node {r['lease_owner']} expired")
         if rows:
             log.warning("%d running jobs of other nodes requeued: their leases expired", len(rows))
@@ -171,7 +173,7 @@ class WorkStore:
         was ended for a cause outside the job); False when it is no longer running."""
         with self.db.transaction() as c:
             cur = c.execute("""UPDATE jobs SET state=?, attempts=CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END,
-                                   lease_owner=NULL, lease_until=NULL WHERE id=? AND state=?""",
+                                   lease_owner=NULL, lease_until=NULL, sent_at=NULL WHERE id=? AND state=?""",
                             (QUEUED, job_id, RUNNING))
             if cur.rowcount:
                 StateDB.transition(c, "job", str(job_id), RUNNING, QUEUED, reason)
@@ -194,6 +196,54 @@ class WorkStore:
             StateDB.transition(c, "job", str(row["id"]), QUEUED, RUNNING, f"node {self.owner}" if self.owner else "")
             job = JobRow.from_row(row)
         return dataclasses.replace(job, state=RUNNING, started_at=now, attempts=job.attempts + 1)
+
+    def claim_job_id(self, job_id: int, max_attempts: int) -> JobRow | None:
+        """Take the queued job ``job_id`` (a Celery worker, given its id by the broker) and
+        mark it running under this owner's lease; None when it is not queued (another
+        worker has it, it is done, or the message was a duplicate). A job already tried
+        ``max_attempts`` times (each run ended without a result: its worker died) is failed
+        with that reason instead, and None returned."""
+        now = time.time()
+        with self.db.transaction() as c:
+            row = c.execute(f"SELECT * FROM jobs WHERE id=? AND state=?{self.db.skip_locked}",
+                            (job_id, QUEUED)).fetchone()
+            if row is None:
+                return None
+            if row["attempts"] >= max_attempts:
+                reason = (f"not run again: its {row['attempts']} runs ended without a result (the worker "
+                          "process died: crash, out of memory, killed, or over the plugin's time limit)")
+                c.execute("UPDATE jobs SET state=?, reason=?, finished_at=?, sent_at=NULL WHERE id=?",
+                          (FAILED, reason, now, job_id))
+                StateDB.transition(c, "job", str(job_id), QUEUED, FAILED, reason)
+                self._refresh_study(c, row["study_uid"])
+                log.error("job %d failed: %s", job_id, reason)
+                return None
+            c.execute("""UPDATE jobs SET state=?, started_at=?, attempts=attempts+1, lease_owner=?, lease_until=?,
+                             sent_at=NULL WHERE id=?""", (RUNNING, now, self.owner, self._lease_until(now), job_id))
+            StateDB.transition(c, "job", str(job_id), QUEUED, RUNNING, f"worker {self.owner}")
+            job = JobRow.from_row(row)
+        return dataclasses.replace(job, state=RUNNING, started_at=now, attempts=job.attempts + 1)
+
+    def jobs_to_send(self, resend_seconds: float, limit: int = 100) -> list[tuple[int, str]]:
+        """Queued jobs to put on the broker now, marked sent: never sent, or sent more than
+        ``resend_seconds`` ago and still not taken (the broker may have lost the message).
+        ``(job id, plugin)``, oldest first; several nodes calling this at once share them out."""
+        now = time.time()
+        with self.db.transaction() as c:
+            rows = c.execute(
+                f"""SELECT id, plugin FROM jobs WHERE state=? AND (sent_at IS NULL OR sent_at<?)
+                    ORDER BY id LIMIT {int(limit)}{self.db.skip_locked}""", (QUEUED, now - resend_seconds)).fetchall()
+            for r in rows:
+                c.execute("UPDATE jobs SET sent_at=? WHERE id=?", (now, r["id"]))
+        return [(int(r["id"]), str(r["plugin"])) for r in rows]
+
+    def unsend(self, job_ids: Sequence[int]) -> None:
+        """Jobs whose message did not reach the broker: to be sent at the next chance."""
+        if not job_ids:
+            return
+        marks = ",".join("?" * len(job_ids))
+        with self.db.transaction() as c:
+            c.execute(f"UPDATE jobs SET sent_at=NULL WHERE id IN ({marks}) AND state=?", (*job_ids, QUEUED))
 
     def study_jobs(self, study_uid: str) -> list[JobRow]:
         """Every job of a study, every revision, oldest first."""
@@ -219,6 +269,8 @@ class WorkStore:
             job = c.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
             self.db.lock_key(c, job["study_uid"])  # as a dispatch that supersedes it does
             job = c.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if not self._holds(job):  # its lease expired: the run that took it over records its results
+                return False
             for r in results:
                 c.execute(
                     """INSERT INTO results VALUES (?,?,?,?,?,?) ON CONFLICT (sop_instance_uid) DO UPDATE SET
@@ -226,7 +278,7 @@ class WorkStore:
                            sop_class_uid=excluded.sop_class_uid, kind=excluded.kind, path=excluded.path""",
                     (r.sop_instance_uid, job_id, r.series_uid, r.sop_class_uid, r.kind, str(r.path)),
                 )
-            if job["state"] != RUNNING or not self._holds(job):
+            if job["state"] != RUNNING:
                 return False
             c.execute(
                 "UPDATE jobs SET state=?, finished_at=?, timings=?, reason=?, lease_until=NULL WHERE id=?",

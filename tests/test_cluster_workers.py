@@ -1,0 +1,242 @@
+"""Analysis through Celery: a ``dicom-node serve`` gateway and ``dicom-node worker``
+processes on a real PostgreSQL server and a real Redis broker (both started by the tests),
+one shared spool folder, dcmtk's storescu as the PACS and storescp as the destination.
+
+- two workers, one killed with ``kill -9`` (with its processes) in the middle of a job:
+  the job completes on the other, one result series of each kind, delivered once;
+- the broker restarted (without persistence: its queued messages are lost) while 20 jobs
+  are queued: all 20 complete, none run twice.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import yaml
+from pydicom import dcmread
+
+from phantoms.ct_writer import SeriesLayout, StudyIdentity, write_ct_series
+from tests.servers import PASSWORD, PostgresServer, RedisServer
+from tests.support import (
+    FAKE_PLUGIN,
+    REPO,
+    NodeProcess,
+    StoreSCP,
+    dense_phantom,
+    dense_route,
+    descendants,
+    free_port,
+    node_config,
+    storescu,
+    wait_for,
+)
+
+PATIENT = StudyIdentity(patient_name="CELERY^SECRET", patient_id="MRN-CELERY-SECRET")
+LEASE_S = 4.0
+
+
+@dataclass
+class WorkerProcess:
+    """``dicom-node worker`` in a subprocess, as on a GPU host."""
+
+    config_path: Path
+    name: str
+    workdir: Path
+    concurrency: int = 1
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log_path = self.workdir / f"{self.name}.log"
+
+    def start(self, timeout: float = 120.0) -> "WorkerProcess":
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "dicom_node", "worker", "--config", str(self.config_path), "--name",
+                 self.name, "--concurrency", str(self.concurrency)],
+                stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        wait_for(lambda: self.log().count("warmed up") >= self.concurrency or self._exited(), timeout,
+                 f"worker {self.name} warmed up")
+        assert self.proc.poll() is None, f"worker {self.name} exited:\n{self.log()}"
+        return self
+
+    def _exited(self) -> bool:
+        return self.proc is not None and self.proc.poll() is not None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill_host(self) -> None:
+        """``kill -9`` the worker and every process below it, as when its host dies."""
+        assert self.proc is not None
+        below = descendants(self.proc.pid)
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        for pid in below:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        below = descendants(self.proc.pid)
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.kill_host()
+            raise AssertionError(f"worker {self.name} did not stop on SIGTERM") from None
+        for pid in below:  # a worker process the warm shutdown left behind
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture
+def redis() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def dest(tmp_path: Path) -> Iterator[StoreSCP]:
+    scp = StoreSCP(free_port(), tmp_path / "received").start()
+    yield scp
+    scp.stop()
+
+
+def _gateway(tmp_path: Path, database: str, broker: str, dest_port: int, delay: float,
+             routes: list[dict[str, Any]] | None = None, resend_s: float = 60.0) -> NodeProcess:
+    plugins: dict[str, Any] = {"dense": {**FAKE_PLUGIN["dense"], "options": {"threshold": 300, "delay": delay}}}
+    cfg = node_config(tmp_path / "gw" / "var", free_port(),
+                      destinations={"dest": {"ae_title": "DEST", "host": "127.0.0.1", "port": dest_port}},
+                      routes=routes or dense_route(["dest"]), plugins=plugins,
+                      cluster={"database": database, "spool": str(tmp_path / "shared"), "broker": broker,
+                               "node_id": "gw", "lease_seconds": LEASE_S, "resend_seconds": resend_s})
+    cfg["node"]["listener_processes"] = 1
+    return NodeProcess(cfg, tmp_path / "gw")
+
+
+def _workers(tmp_path: Path, gateway: NodeProcess, names: list[str]) -> list[WorkerProcess]:
+    """Workers with the gateway's configuration (their own storage folder, as on other hosts)."""
+    workers = []
+    for name in names:
+        cfg = {**gateway.config, "node": {**gateway.config["node"], "storage_dir": str(tmp_path / name / "var")}}
+        (tmp_path / name).mkdir(parents=True, exist_ok=True)
+        path = tmp_path / name / "config.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        workers.append(WorkerProcess(path, name, tmp_path / name))
+    return workers
+
+
+def _done(status: dict[str, Any]) -> bool:
+    return any(s["state"] in ("done", "failed") for s in status["studies"])
+
+
+def _received_by_modality(dest: StoreSCP) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for path in dest.files():
+        modality = str(dcmread(path, stop_before_pixels=True).Modality)
+        counts[modality] = counts.get(modality, 0) + 1
+    return counts
+
+
+def _query(database: str, sql: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(database) as conn:
+        return conn.execute(sql).fetchall()  # type: ignore[arg-type]
+
+
+def test_a_worker_killed_mid_job_leaves_it_to_the_other_worker(
+        tmp_path: Path, postgres: PostgresServer, redis: RedisServer, dest: StoreSCP) -> None:
+    database = postgres.new_database()
+    study = write_ct_series(dense_phantom(24, size=96), tmp_path / "study", PATIENT,
+                            SeriesLayout(pixel_spacing_mm=(1.0, 1.0)))
+    gateway = _gateway(tmp_path, database, redis.url(), dest.port, delay=6.0)
+    workers: list[WorkerProcess] = []
+    try:
+        gateway.start()
+        workers = _workers(tmp_path, gateway, ["w-a", "w-b"])
+        for worker in workers:
+            worker.start()
+        assert storescu(gateway.port, study).returncode == 0
+        status = gateway.wait_for(lambda s: any(j["state"] == "running" for j in s["jobs"]), timeout=120,
+                                  what="the job running on a worker")
+        [job] = status["jobs"]
+        doomed = next(w for w in workers if w.name == job["node"])
+        survivor = next(w for w in workers if w is not doomed)
+        doomed.kill_host()
+        status = gateway.wait_for(_done, timeout=120, what="the study done by the other worker")
+        [job] = status["jobs"]
+        assert (job["state"], job["attempts"], job["node"]) == ("done", 2, survivor.name), status
+        [delivery] = status["deliveries"]
+        assert delivery["state"] == "done" and delivery["attempts"] == 1
+        assert _received_by_modality(dest) == {"SEG": 1, "SR": 1, "OT": 3, "KO": 1}
+        # one result series of each kind recorded, all of them the survivor's run
+        assert sorted(_query(database, "SELECT kind, COUNT(DISTINCT series_uid) FROM results GROUP BY kind")) == [
+            ("KOS", 1), ("SC", 1), ("SEG", 1), ("SR", 1)]
+        history = [r[0] for r in _query(database, "SELECT detail FROM transitions WHERE kind='job' ORDER BY id")]
+        assert history == ["route dense-ct", "worker w-a" if doomed.name == "w-a" else "worker w-b",
+                           f"lease of node {doomed.name} expired", f"worker {survivor.name}", "6 result objects"]
+        for text in (gateway.log(), survivor.log()):
+            assert "SECRET" not in text and PASSWORD not in text and redis.password not in text
+    finally:
+        for worker in workers:
+            if worker.proc is not None and worker.proc.poll() is None:
+                worker.kill_host()
+        gateway.stop()
+
+
+def test_a_broker_restart_during_a_queue_of_20_jobs_loses_none_and_runs_none_twice(
+        tmp_path: Path, postgres: PostgresServer, redis: RedisServer, dest: StoreSCP) -> None:
+    database = postgres.new_database()
+    study = write_ct_series(dense_phantom(12, size=64), tmp_path / "study", PATIENT,
+                            SeriesLayout(pixel_spacing_mm=(1.0, 1.0)))
+    routes = [{"name": f"r{n:02d}", "match": {"Modality": "^CT$"}, "plugin": "dense", "stable_seconds": 1.0,
+               "destinations": ["dest"], "outputs": ["sr"]} for n in range(20)]
+    gateway = _gateway(tmp_path, database, redis.url(), dest.port, delay=0.5, routes=routes, resend_s=3.0)
+    workers: list[WorkerProcess] = []
+    try:
+        gateway.start()
+        workers = _workers(tmp_path, gateway, ["w-a", "w-b"])
+        for worker in workers:
+            worker.start()
+        assert storescu(gateway.port, study).returncode == 0
+
+        def finished() -> int:
+            return int(_query(database, "SELECT COUNT(*) FROM jobs WHERE state='done'")[0][0])
+
+        wait_for(lambda: finished() >= 3, 120, "3 jobs done")
+        assert finished() < 15, "the queue ran out before the broker restart"
+        redis.stop()
+        time.sleep(1.0)
+        redis.start()
+        status = gateway.wait_for(_done, timeout=180, what="all 20 jobs done")
+        jobs = status["jobs"]
+        assert len(jobs) == 20 and {j["state"] for j in jobs} == {"done"}, jobs
+        assert {j["attempts"] for j in jobs} == {1}, "a job ran twice"
+        runs = _query(database, "SELECT key, COUNT(*) FROM transitions WHERE kind='job' AND to_state='running' "
+                                "GROUP BY key")
+        assert len(runs) == 20 and {n for _, n in runs} == {1}
+        assert len(status["deliveries"]) == 20 and {d["state"] for d in status["deliveries"]} == {"done"}
+        assert _received_by_modality(dest) == {"SR": 20}
+        assert {j["node"] for j in jobs} <= {"w-a", "w-b"}
+        assert "broker" in gateway.log() and redis.password not in gateway.log()
+    finally:
+        for worker in workers:
+            worker.stop()
+        gateway.stop()
