@@ -263,18 +263,25 @@ def _run_claimed(runner: JobRunner, job: JobRow) -> None:
         try:
             result = run_job_safely(spec)
         except SoftTimeLimitExceeded:
-            result = JobFailed("stopped: over the plugin's time limit (plugins.<name>.time_limit_seconds)")
+            result = _over_time(runner.config, job.plugin)
     finally:
         stop.set()
         keeper.join()
     if isinstance(result, JobFailed) and result.reason.startswith("unexpected SoftTimeLimitExceeded"):
-        result = JobFailed("stopped: over the plugin's time limit (plugins.<name>.time_limit_seconds)")
+        result = _over_time(runner.config, job.plugin)
     if isinstance(result, JobFailed):
         runner.work.fail_job(job.id, result.reason)
         runner._audit(job, "failed", reason=result.reason)
         log.error("job %d failed after %.1f s: %s", job.id, time.monotonic() - started, result.reason)
         return
     runner._record(job, result, time.monotonic() - started)
+
+
+def _over_time(config: Config, plugin: str) -> JobFailed:
+    spec = config.plugins.get(plugin)
+    limit = spec.time_limit_seconds if spec is not None else None
+    return JobFailed(f"stopped: over the plugin's time limit of {limit:g} s (plugins.{plugin}.time_limit_seconds)"
+                     if limit else "stopped: over the plugin's time limit")
 
 
 def _keep_lease(work: WorkStore, job_id: int, stop: threading.Event) -> None:

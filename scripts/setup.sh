@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up a fresh machine: Debian packages (dcmtk, dicom3tools, orthanc, orthanc-dicomweb, systemd, postgresql,
-# redis-server) and a Python virtual environment in .venv with the project installed. Safe to run again.
+# redis-server, haproxy) and a Python virtual environment in .venv with the project installed. Safe to run again.
 #
 #   bash scripts/setup.sh               the node (torch 2.13.0, CPU build)
 #   bash scripts/setup.sh --detection   plus detection bundles (lung_nodule_ct_detection):
@@ -24,6 +24,7 @@ command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)  # the service 
 # scale-out (docs/scale-out.md): the tests start their own PostgreSQL and Redis servers
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)  # the load-balancer example's test
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing Debian packages: ${missing[*]}"
   $SUDO apt-get update -qq

@@ -53,6 +53,7 @@ class WorkerProcess:
     name: str
     workdir: Path
     concurrency: int = 1
+    plugins: str | None = None
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path = field(init=False)
 
@@ -64,7 +65,8 @@ class WorkerProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "dicom_node", "worker", "--config", str(self.config_path), "--name",
-                 self.name, "--concurrency", str(self.concurrency)],
+                 self.name, "--concurrency", str(self.concurrency),
+                 *(["--plugins", self.plugins] if self.plugins else [])],
                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
         wait_for(lambda: self.log().count("warmed up") >= self.concurrency or self._exited(), timeout,
                  f"worker {self.name} warmed up")
@@ -132,7 +134,8 @@ def _gateway(tmp_path: Path, database: str, broker: str, dest_port: int, delay: 
     return NodeProcess(cfg, tmp_path / "gw")
 
 
-def _workers(tmp_path: Path, gateway: NodeProcess, names: list[str]) -> list[WorkerProcess]:
+def _workers(tmp_path: Path, gateway: NodeProcess, names: list[str],
+             plugins: list[str | None] | None = None) -> list[WorkerProcess]:
     """Workers with the gateway's configuration (their own storage folder, as on other hosts)."""
     workers = []
     for name in names:
@@ -140,7 +143,8 @@ def _workers(tmp_path: Path, gateway: NodeProcess, names: list[str]) -> list[Wor
         (tmp_path / name).mkdir(parents=True, exist_ok=True)
         path = tmp_path / name / "config.yaml"
         path.write_text(yaml.safe_dump(cfg))
-        workers.append(WorkerProcess(path, name, tmp_path / name))
+        workers.append(WorkerProcess(path, name, tmp_path / name,
+                                     plugins=plugins[len(workers)] if plugins else None))
     return workers
 
 
@@ -236,6 +240,47 @@ def test_a_broker_restart_during_a_queue_of_20_jobs_loses_none_and_runs_none_twi
         assert _received_by_modality(dest) == {"SR": 20}
         assert {j["node"] for j in jobs} <= {"w-a", "w-b"}
         assert "broker" in gateway.log() and redis.password not in gateway.log()
+    finally:
+        for worker in workers:
+            worker.stop()
+        gateway.stop()
+
+
+def test_a_job_that_keeps_killing_workers_and_one_over_its_time_limit_fail_with_their_reasons(
+        tmp_path: Path, postgres: PostgresServer, redis: RedisServer, dest: StoreSCP) -> None:
+    """Two plugins, each on its own queue and worker: one kills its worker process at
+    every run (failed after cluster.max_attempts runs), one runs past its
+    time_limit_seconds (stopped and failed at once)."""
+    database = postgres.new_database()
+    study = write_ct_series(dense_phantom(12, size=64), tmp_path / "study", PATIENT,
+                            SeriesLayout(pixel_spacing_mm=(1.0, 1.0)))
+    routes = [{"name": name, "match": {"Modality": "^CT$"}, "plugin": name, "stable_seconds": 1.0,
+               "destinations": ["dest"]} for name in ("crashy", "slow")]
+    gateway = _gateway(tmp_path, database, redis.url(), dest.port, delay=0.0, routes=routes, resend_s=3.0)
+    gateway.config["plugins"] = {
+        "crashy": {"factory": FAKE_PLUGIN["dense"]["factory"], "options": {"crash": True}},
+        "slow": {"factory": FAKE_PLUGIN["dense"]["factory"], "options": {"delay": 60}, "time_limit_seconds": 2},
+    }
+    gateway.config["cluster"]["max_attempts"] = 2
+    workers: list[WorkerProcess] = []
+    try:
+        gateway.start()
+        workers = _workers(tmp_path, gateway, ["w-crashy", "w-slow"], plugins=["crashy", "slow"])
+        for worker in workers:
+            worker.start()
+        assert storescu(gateway.port, study).returncode == 0
+        status = gateway.wait_for(_done, timeout=120, what="the study failed")
+        jobs = {j["route"]: j for j in status["jobs"]}
+        assert jobs["crashy"]["state"] == "failed" and jobs["crashy"]["attempts"] == 2
+        assert "its 2 runs ended without a result" in jobs["crashy"]["reason"]
+        assert jobs["slow"]["state"] == "failed" and jobs["slow"]["attempts"] == 1
+        assert jobs["slow"]["node"] == "w-slow"
+        assert "over the plugin's time limit of 2 s" in jobs["slow"]["reason"]
+        [study_row] = status["studies"]
+        assert study_row["state"] == "failed" and "time limit" in study_row["reason"]
+        assert status["deliveries"] == [] and dest.files() == []
+        text = gateway.cli("status", "--config", str(gateway.config_path)).stdout
+        assert "its 2 runs ended without a result" in text
     finally:
         for worker in workers:
             worker.stop()
