@@ -111,3 +111,58 @@ class RedisServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
+
+
+@dataclass
+class HAProxyServer:
+    """Debian's ``haproxy`` in the foreground, with the shipped example
+    (``config/haproxy/haproxy.cfg``) as its configuration: its listening address and its
+    servers replaced by loopback ones, a stats socket added to see the health checks."""
+
+    servers: dict[str, tuple[int, int]]  # name -> (DICOM port, HTTP port)
+    port: int = field(default_factory=free_port)
+    root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="dicom-node-haproxy-")))
+    proc: subprocess.Popen[bytes] | None = None
+
+    def config(self) -> str:
+        example = (Path(__file__).resolve().parent.parent / "config" / "haproxy" / "haproxy.cfg").read_text()
+        lines = [line for line in example.splitlines() if not line.strip().startswith("server ")]
+        text = "\n".join(lines).replace("bind :11112", f"bind 127.0.0.1:{self.port}")
+        text = text.replace("global\n", f"global\n    stats socket {self.root}/stats.sock mode 600 level admin\n", 1)
+        assert f"bind 127.0.0.1:{self.port}" in text and "stats socket" in text
+        servers = "".join(f"    server {name} 127.0.0.1:{dicom} check port {http}\n"
+                          for name, (dicom, http) in self.servers.items())
+        return text + "\n" + servers
+
+    def start(self) -> "HAProxyServer":
+        binary = shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
+        assert binary, "haproxy is not installed: run scripts/setup.sh (it installs Debian's haproxy)"
+        path = self.root / "haproxy.cfg"
+        path.write_text(self.config())
+        with open(self.root / "log", "ab") as log:
+            self.proc = subprocess.Popen([binary, "-db", "-f", str(path)], stdout=log, stderr=subprocess.STDOUT)
+        wait_for(lambda: tcp_listening(self.port), 20, "haproxy to listen")
+        return self
+
+    def server_states(self) -> dict[str, str]:
+        """Each server's state as haproxy sees it (UP, DOWN, ...)."""
+        import socket
+
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(self.root / "stats.sock"))
+            sock.sendall(b"show stat\n")
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        rows = [line.split(",") for line in data.decode().splitlines() if line and not line.startswith("#")]
+        return {row[1]: row[17] for row in rows if row[1] in self.servers}
+
+    def log(self) -> str:
+        path = self.root / "log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        shutil.rmtree(self.root, ignore_errors=True)
