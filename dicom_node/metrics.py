@@ -37,6 +37,14 @@ class Metrics:
             "dicomnode_items", "Studies, jobs and deliveries by state", ["kind", "state"],
             registry=self.registry,
         )
+        self.cluster_queue = Gauge(
+            "dicomnode_cluster_queue_jobs", "A cluster's jobs queued or running, per plugin queue",
+            ["plugin", "state"], registry=self.registry,
+        )
+        self.cluster_worker = Gauge(
+            "dicomnode_cluster_worker_jobs", "A cluster's jobs per node or worker that ran them last, by state",
+            ["worker", "state"], registry=self.registry,
+        )
         self.queue_depth = Gauge(
             "dicomnode_queue_depth", "Jobs queued or running plus deliveries pending", registry=self.registry
         )
@@ -72,6 +80,17 @@ class Metrics:
                     self.states.labels(kind, state).set(n)
         jobs, deliveries = counts.get("jobs", {}), counts.get("deliveries", {})
         self.queue_depth.set(jobs.get("queued", 0) + jobs.get("running", 0) + deliveries.get("pending", 0))
+
+    def refresh_cluster(self, view: dict[str, list[dict[str, Any]]]) -> None:
+        """Update the cluster gauges (a cluster only): jobs per plugin queue and state, and
+        per node or worker (the one that ran them last) and state."""
+        with self._scrape_lock:
+            self.cluster_queue.clear()
+            self.cluster_worker.clear()
+            for row in view["queues"]:
+                self.cluster_queue.labels(row["plugin"], row["state"]).set(row["n"])
+            for row in view["workers"]:
+                self.cluster_worker.labels(row["worker"], row["state"]).set(row["n"])
 
     def association(self, outcome: str) -> None:
         """Count an accepted or rejected association."""

@@ -192,6 +192,8 @@ class Node:
             self.metrics.add_listener_totals(self.acceptors.listener_totals())
         if self.db.ping():
             self.metrics.refresh(self.db.counts())
+            if self.db.clustered:
+                self.metrics.refresh_cluster(self.db.cluster_view())
         return self.metrics.registry
 
     def _spawn(self, name: str, target: Callable[[], None]) -> None:

@@ -77,8 +77,11 @@ def collect(db: StateDB, limit: int = 50, only: StatusFilter = StatusFilter()) -
         f"""SELECT job_id, kind, series_uid, sop_instance_uid, sop_class_uid FROM results
             WHERE job_id IN ({",".join("?" * len(shown))}) ORDER BY job_id DESC, kind""",
         tuple(shown)) if shown else []
-    return {"counts": db.counts(), "studies": studies, "jobs": jobs, "deliveries": deliveries,
+    data = {"counts": db.counts(), "studies": studies, "jobs": jobs, "deliveries": deliveries,
             "results": results}
+    if db.clustered:
+        data["cluster"] = db.cluster_view()
+    return data
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
@@ -98,6 +101,23 @@ def _node_line(node: dict[str, Any] | None) -> str:
     workers = f"; analysis workers {node['analysis_workers']}" if node.get("analysis_workers") else ""
     return (f"node: running, {state}; free disk {node.get('free_disk_mb')} MiB, "
             f"{node.get('jobs_running')} jobs running{workers}")
+
+
+def _cluster_section(view: dict[str, list[dict[str, Any]]]) -> str:
+    """Per-plugin queues and per-node/worker jobs (a cluster only)."""
+    def pivot(rows: list[dict[str, Any]], key: str) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for r in rows:
+            out.setdefault(str(r[key]), {})[str(r["state"])] = int(r["n"])
+        return out
+
+    queues = [[plugin, str(c.get("queued", 0)), str(c.get("running", 0))]
+              for plugin, c in pivot(view["queues"], "plugin").items()]
+    workers = [[name, str(c.get("running", 0)), str(c.get("done", 0)), str(c.get("failed", 0))]
+               for name, c in pivot(view["workers"], "worker").items()]
+    return ("CLUSTER QUEUES (jobs per plugin)\n" + _table(["plugin", "queued", "running"], queues) + "\n\n"
+            "CLUSTER WORKERS (jobs by the node or worker that ran them last)\n"
+            + _table(["node/worker", "running", "done", "failed"], workers))
 
 
 def render(data: dict[str, Any]) -> str:
@@ -126,8 +146,9 @@ def render(data: dict[str, Any]) -> str:
             row.insert(4, job.get("node") or "-")
         for row, delivery in zip(deliveries, data["deliveries"]):
             row.insert(4, delivery.get("node") or "-")
+    cluster = [_cluster_section(data["cluster"])] if data.get("cluster") else []
     return "\n\n".join([
-        _node_line(data.get("node")) + "\n" + summary,
+        _node_line(data.get("node")) + "\n" + summary, *cluster,
         "STUDIES\n" + _table(["study", "accession", "state", "rev", "instances", "last received", "reason"],
                              studies),
         "JOBS\n" + _table(job_headers, jobs),

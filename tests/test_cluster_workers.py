@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,6 +241,17 @@ def test_a_broker_restart_during_a_queue_of_20_jobs_loses_none_and_runs_none_twi
         assert _received_by_modality(dest) == {"SR": 20}
         assert {j["node"] for j in jobs} <= {"w-a", "w-b"}
         assert "broker" in gateway.log() and redis.password not in gateway.log()
+        # the cluster view: per-plugin queue and per-worker jobs, in status and /metrics
+        view = status["cluster"]
+        assert view["queues"] == [] and sum(r["n"] for r in view["workers"] if r["state"] == "done") == 20
+        assert {r["worker"] for r in view["workers"]} == {j["node"] for j in jobs}
+        text = gateway.cli("status", "--config", str(gateway.config_path)).stdout
+        assert "CLUSTER QUEUES" in text and "CLUSTER WORKERS" in text
+        with urllib.request.urlopen(f"http://127.0.0.1:{gateway.config['http']['port']}/metrics", timeout=10) as rsp:
+            metrics = rsp.read().decode()
+        done = [float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                if line.startswith("dicomnode_cluster_worker_jobs{") and 'state="done"' in line]
+        assert sum(done) == 20, metrics
     finally:
         for worker in workers:
             worker.stop()

@@ -452,6 +452,15 @@ class StateDB:
             out[table] = {r["state"]: r["n"] for r in rows}
         return out
 
+    def cluster_view(self) -> dict[str, list[dict[str, Any]]]:
+        """A cluster's work as the database holds it: jobs queued and running per plugin (its
+        queue), and jobs per node or worker that ran them last (``lease_owner``) by state."""
+        queues = self.query("""SELECT plugin, state, COUNT(*) AS n FROM jobs WHERE state IN ('queued', 'running')
+                               GROUP BY plugin, state ORDER BY plugin, state""")
+        workers = self.query("""SELECT lease_owner AS worker, state, COUNT(*) AS n FROM jobs
+                                WHERE lease_owner IS NOT NULL GROUP BY lease_owner, state ORDER BY lease_owner, state""")
+        return {"queues": queues, "workers": workers}
+
 
 def dumps_timings(timings: dict[str, float]) -> str:
     """Serialise stage timings for the jobs table."""
