@@ -26,6 +26,8 @@ import shutil
 import socket
 import threading
 import time
+from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,9 +40,10 @@ from kombu.transport.virtual.base import QoS as VirtualQoS
 
 from dicom_node.audit import AuditLog
 from dicom_node.config import Config, redact_url
-from dicom_node.errors import ConfigError, StorageError
+from dicom_node.errors import ConfigError, PluginError, StorageError
 from dicom_node.jobs import PLUGIN_LOAD_TIMEOUT_S, JobRunner
-from dicom_node.pipeline import JobFailed, JobOutcome, run_job_safely, warm_up
+from dicom_node.pipeline import JobFailed, JobOutcome, load_plugin_infos, run_job_safely, warm_up
+from dicom_node.workers import WorkerPool
 from dicom_node.storage.rows import JobRow
 from dicom_node.storage.state import StateDB, open_state_db
 from dicom_node.storage.work import WorkStore
@@ -296,6 +299,26 @@ def _keep_lease(work: WorkStore, job_id: int, stop: threading.Event) -> None:
             log.warning("job %d: lease not renewed: %s", job_id, exc)
 
 
+def validate_plugins(config: Config, specs: list[tuple[str, str | None, dict[str, Any]]]) -> dict[str, PluginInfo]:
+    """Load the plugins once in a spawned process, as ``serve`` does, so that a worker host
+    that cannot load one refuses to start (PluginError with the reason) instead of failing
+    every job it takes."""
+    pool = WorkerPool(1, (config.jobs.torch_threads, config.logging.level, config.logging.json_format, os.getpid()))
+    try:
+        infos: dict[str, PluginInfo] = pool.submit(load_plugin_infos, specs).result(timeout=PLUGIN_LOAD_TIMEOUT_S)
+    except PluginError:
+        raise
+    except BrokenProcessPool as exc:
+        raise PluginError("the process loading the plugins died (crash or out of memory)") from exc
+    except FutureTimeout as exc:
+        raise PluginError(f"the plugins did not load within {PLUGIN_LOAD_TIMEOUT_S:g} s") from exc
+    except Exception as exc:  # whatever a plugin's import or constructor raised, in one line
+        raise PluginError(f"cannot load the plugins: {type(exc).__name__}: {exc}") from exc
+    finally:
+        pool.stop()
+    return infos
+
+
 def default_worker_name() -> str:
     """A worker's name, unique per process: ``<host>-worker-<pid>``."""
     return f"{socket.gethostname()}-worker-{os.getpid()}"
@@ -314,6 +337,8 @@ def run_worker(config: Config, plugins: list[str], concurrency: int, name: str |
         raise ConfigError("no plugins to take jobs for: no route names one, and --plugins names none")
     name = name or default_worker_name()
     _CONTEXT = _WorkerContext(config, plugins, name)
+    for plugin, info in validate_plugins(config, _CONTEXT.specs()).items():
+        log.info("plugin %s: %s %s validated (in a separate process)", plugin, info.name, info.version)
     worker_process_init.connect(_warm_process, weak=False)
     app = make_app(config)
     queues = [queue_name(p) for p in plugins]

@@ -297,3 +297,26 @@ def test_a_job_that_keeps_killing_workers_and_one_over_its_time_limit_fail_with_
         for worker in workers:
             worker.stop()
         gateway.stop()
+
+
+def test_a_worker_refuses_to_start_without_a_broker_an_unknown_plugin_or_one_that_cannot_load(tmp_path: Path) -> None:
+    """Checked before any broker or database connection: each refusal is one line."""
+    cluster = {"database": "postgresql://u:pw-secret@127.0.0.1:1/x", "spool": str(tmp_path / "shared")}
+    cfg = node_config(tmp_path / "var", free_port(), routes=dense_route([]), cluster=cluster,
+                      plugins={"dense": {"factory": "tests.fake_plugins:no_such_factory"}})
+    path = tmp_path / "config.yaml"
+
+    def worker(config: dict[str, Any], *extra: str) -> subprocess.CompletedProcess[str]:
+        path.write_text(yaml.safe_dump(config))
+        return subprocess.run([sys.executable, "-m", "dicom_node", "worker", "--config", str(path), *extra],
+                              capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                              timeout=120, check=False)
+
+    out = worker(cfg)
+    assert out.returncode == 2 and "needs cluster.broker" in out.stderr, out.stderr
+    cfg["cluster"]["broker"] = f"redis://:pw-secret@127.0.0.1:{free_port()}/0"
+    out = worker(cfg, "--plugins", "dense,other")
+    assert out.returncode == 2 and "--plugins: other not routed or configured" in out.stderr, out.stderr
+    out = worker(cfg)
+    assert out.returncode == 1 and "no_such_factory" in out.stderr, out.stderr
+    assert "pw-secret" not in out.stderr + out.stdout
