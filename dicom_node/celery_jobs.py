@@ -204,6 +204,7 @@ class _WorkerContext:
     config: Config
     plugins: list[str]
     name: str
+    concurrency: int = 1
     _pid: int = -1
     _runner: JobRunner | None = field(default=None, repr=False)
 
@@ -212,10 +213,20 @@ class _WorkerContext:
         if self._runner is None or self._pid != os.getpid():
             assert self.config.cluster is not None
             db: StateDB = open_state_db(self.config)
-            work = WorkStore(db, self.name, self.config.cluster.lease_seconds)
+            work = WorkStore(db, self.owner(), self.config.cluster.lease_seconds)
             self._runner = JobRunner(self.config, db, work, audit=AuditLog(self.config.audit_path))
             self._pid = os.getpid()
         return self._runner
+
+    def owner(self) -> str:
+        """The lease owner of this process: the worker's name, with the process's slot
+        (``gpu-1.2``) when it runs several, so that a stalled process never finishes a job
+        that another process of the same worker took over."""
+        if self.concurrency == 1:
+            return self.name
+        from billiard.process import current_process
+
+        return f"{self.name}.{getattr(current_process(), 'index', os.getpid())}"
 
     def specs(self) -> list[tuple[str, str | None, dict[str, Any]]]:
         return [(name, *self.config.plugin_factory(name)) for name in self.plugins]
@@ -333,10 +344,12 @@ def run_worker(config: Config, plugins: list[str], concurrency: int, name: str |
     if unknown:
         raise ConfigError(f"--plugins: {', '.join(unknown)} not routed or configured "
                           f"(known: {', '.join(sorted(known)) or 'none'})")
+    if concurrency < 1:
+        raise ConfigError("--concurrency must be 1 or more")
     if not plugins:
         raise ConfigError("no plugins to take jobs for: no route names one, and --plugins names none")
     name = name or default_worker_name()
-    _CONTEXT = _WorkerContext(config, plugins, name)
+    _CONTEXT = _WorkerContext(config, plugins, name, concurrency)
     for plugin, info in validate_plugins(config, _CONTEXT.specs()).items():
         log.info("plugin %s: %s %s validated (in a separate process)", plugin, info.name, info.version)
     worker_process_init.connect(_warm_process, weak=False)
