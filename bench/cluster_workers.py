@@ -51,7 +51,9 @@ def _gateway(root: Path, database: str, broker: str, dest_port: int, jobs: int, 
 
 def run_once(workers: int, jobs: int, sleep_s: float, postgres: PostgresServer) -> dict[str, Any]:
     """One round: a fresh database, broker, gateway and ``workers`` workers."""
-    root = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
+    out = Path(__file__).resolve().parent / "out"
+    out.mkdir(exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="cluster-", dir=out))  # removed after the round
     redis = RedisServer().start()
     dest = StoreSCP(free_port(), root / "received").start()
     database = postgres.new_database()
