@@ -130,6 +130,8 @@ class CeleryDispatcher:
         self.plugin_infos: dict[str, PluginInfo] = {}
         self._leases_kept = 0.0
         self._broker_down = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
         with self.app.connection_for_write() as conn:
             self._send_errors: tuple[type[BaseException], ...] = (
                 KombuError, OSError, *conn.connection_errors, *conn.channel_errors)
@@ -152,6 +154,21 @@ class CeleryDispatcher:
         return 0
 
     def tick(self) -> None:
+        """Called by the node's assembly loop: make sure the dispatch thread runs (it is
+        started here, and again should it have died). Sending runs in its own thread so
+        that a broker out of reach never holds up the judging of stable studies."""
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._loop, name="celery-dispatch", daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.config.assembly.poll_seconds):
+            try:
+                self.dispatch_once()
+            except StorageError as exc:
+                log.warning("dispatch to the broker paused: %s", exc)
+
+    def dispatch_once(self) -> None:
         """Requeue the jobs of dead workers (about three times per lease), then send the
         queued jobs that are due."""
         now = time.time()
@@ -189,7 +206,10 @@ class CeleryDispatcher:
                 "time_limit": spec.time_limit_seconds + HARD_LIMIT_GRACE_S}
 
     def stop(self) -> None:
-        """Close the broker connections."""
+        """Stop the dispatch thread and close the broker connections."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
         self.app.close()
 
 
