@@ -106,9 +106,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
     config = _config_from(args)
     setup_logging(config.logging.level, config.logging.json_format)
     plugins = [p.strip() for p in args.plugins.split(",") if p.strip()] if args.plugins else config.routed_plugins()
+    from dicom_node import preflight
     from dicom_node.celery_jobs import run_worker
 
-    return run_worker(config, plugins, args.concurrency, args.name)
+    try:
+        return run_worker(config, plugins, args.concurrency, args.name)
+    except PluginError as exc:  # a plugin that cannot load on this host: an environment error
+        print(f"error: {exc}", file=sys.stderr)
+        return preflight.EXIT_ENVIRONMENT
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
@@ -297,8 +302,8 @@ embedded default configuration when omitted)."""
 
 EPILOG = """\
 exit codes: 0 ok, 1 an operation failed (e.g. a peer refused), 2 configuration error,
-3 environment error (serve, check-config: a folder, a port, a destination, or a plugin
-or its model that cannot load).
+3 environment error (serve, worker, check-config: a folder, a port, a destination, or a
+plugin or its model that cannot load).
 Each command has its own --help, e.g. "dicom-node send --help"."""
 
 

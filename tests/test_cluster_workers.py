@@ -320,5 +320,5 @@ def test_a_worker_refuses_to_start_without_a_broker_an_unknown_plugin_or_one_tha
     out = worker(cfg, "--plugins", "dense,other")
     assert out.returncode == 2 and "--plugins: other not routed or configured" in out.stderr, out.stderr
     out = worker(cfg)
-    assert out.returncode == 1 and "no_such_factory" in out.stderr, out.stderr
+    assert out.returncode == 3 and "no_such_factory" in out.stderr, out.stderr
     assert "pw-secret" not in out.stderr + out.stdout
