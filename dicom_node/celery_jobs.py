@@ -28,6 +28,7 @@ import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,8 @@ from celery.signals import worker_process_init
 from celery.worker.request import Request
 from kombu.exceptions import KombuError
 from kombu.transport.virtual.base import QoS as VirtualQoS
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from dicom_node.audit import AuditLog
 from dicom_node.config import Config, redact_url
@@ -350,12 +353,62 @@ def validate_plugins(config: Config, specs: list[tuple[str, str | None, dict[str
     return infos
 
 
+class WorkerMetrics:
+    """A worker's own ``/metrics`` (Prometheus): its jobs by state (the runs it made last)
+    and its plugins' jobs queued and running, read from the database at each scrape with
+    a short-lived connection (the worker's main process keeps none: its analysis
+    processes are forked from it)."""
+
+    def __init__(self, config: Config, name: str, plugins: list[str]) -> None:
+        assert config.cluster is not None
+        self.cluster = config.cluster
+        self.name = name
+        self.plugins = plugins
+
+    def collect(self) -> Iterator[Metric]:
+        """The gauges, as of now (prometheus_client's collector protocol)."""
+        import psycopg
+
+        jobs = GaugeMetricFamily("dicomnode_worker_jobs", "This worker's jobs by state (the last run of each)",
+                                 labels=["worker", "state"])
+        queue = GaugeMetricFamily("dicomnode_worker_queue_jobs", "Jobs of this worker's plugins queued or running",
+                                  labels=["plugin", "state"])
+        up = GaugeMetricFamily("dicomnode_worker_database_up", "Whether the state database answered this scrape")
+        try:
+            with psycopg.connect(self.cluster.database, connect_timeout=max(1, round(self.cluster.connect_timeout_seconds)),
+                                 application_name="dicom-node-worker-metrics") as conn:
+                for state, n in conn.execute(
+                        "SELECT state, COUNT(*) FROM jobs WHERE lease_owner = %s OR starts_with(lease_owner, %s) "
+                        "GROUP BY state", (self.name, self.name + ".")):
+                    jobs.add_metric([self.name, state], n)
+                for plugin, state, n in conn.execute(
+                        "SELECT plugin, state, COUNT(*) FROM jobs WHERE plugin = ANY(%s) AND state IN ('queued', 'running') "
+                        "GROUP BY plugin, state", (self.plugins,)):
+                    queue.add_metric([plugin, state], n)
+            up.add_metric([], 1)
+        except psycopg.Error as exc:
+            log.warning("worker metrics: the state database did not answer: %s", type(exc).__name__)
+            up.add_metric([], 0)
+        yield from (jobs, queue, up)
+
+
+def serve_metrics(config: Config, name: str, plugins: list[str], port: int) -> int:
+    """Start the worker's ``/metrics`` on ``http.host``:``port``; the port bound."""
+    registry = CollectorRegistry()
+    registry.register(WorkerMetrics(config, name, plugins))
+    server, _ = start_http_server(port, addr=config.http.host, registry=registry)
+    bound = int(server.server_port)
+    log.info("worker metrics on http://%s:%d/metrics", config.http.host, bound)
+    return bound
+
+
 def default_worker_name() -> str:
     """A worker's name, unique per process: ``<host>-worker-<pid>``."""
     return f"{socket.gethostname()}-worker-{os.getpid()}"
 
 
-def run_worker(config: Config, plugins: list[str], concurrency: int, name: str | None = None) -> int:
+def run_worker(config: Config, plugins: list[str], concurrency: int, name: str | None = None,
+               metrics_port: int | None = None) -> int:
     """Run a Celery worker for ``plugins`` until stopped (SIGTERM: warm shutdown); its exit code."""
     global _CONTEXT
     _broker(config)
@@ -372,6 +425,8 @@ def run_worker(config: Config, plugins: list[str], concurrency: int, name: str |
     _CONTEXT = _WorkerContext(config, plugins, name, concurrency)
     for plugin, info in validate_plugins(config, _CONTEXT.specs()).items():
         log.info("plugin %s: %s %s validated (in a separate process)", plugin, info.name, info.version)
+    if metrics_port is not None:
+        serve_metrics(config, name, plugins, metrics_port)
     worker_process_init.connect(_warm_process, weak=False)
     app = make_app(config)
     queues = [queue_name(p) for p in plugins]

@@ -110,7 +110,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from dicom_node.celery_jobs import run_worker
 
     try:
-        return run_worker(config, plugins, args.concurrency, args.name)
+        return run_worker(config, plugins, args.concurrency, args.name, args.metrics_port)
     except PluginError as exc:  # a plugin that cannot load on this host: an environment error
         print(f"error: {exc}", file=sys.stderr)
         return preflight.EXIT_ENVIRONMENT
@@ -360,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "every plugin a route names)")
     worker.add_argument("--concurrency", type=int, default=1, help="analysis processes (default 1)")
     worker.add_argument("--name", help="this worker's name in status and leases (default: <host>-worker-<pid>)")
+    worker.add_argument("--metrics-port", type=int, help="serve this worker's Prometheus /metrics on this port "
+                        "(at http.host; default: none)")
     worker.set_defaults(func=cmd_worker)
     echo = with_config(sub.add_parser("echo", help="C-ECHO a destination (name or AE@host:port)"))
     echo.add_argument("dest", help="a destination name from the configuration, or AE@host:port")

@@ -56,6 +56,7 @@ class WorkerProcess:
     workdir: Path
     concurrency: int = 1
     plugins: str | None = None
+    metrics_port: int | None = None
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path = field(init=False)
 
@@ -68,7 +69,8 @@ class WorkerProcess:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "dicom_node", "worker", "--config", str(self.config_path), "--name",
                  self.name, "--concurrency", str(self.concurrency),
-                 *(["--plugins", self.plugins] if self.plugins else [])],
+                 *(["--plugins", self.plugins] if self.plugins else []),
+                 *(["--metrics-port", str(self.metrics_port)] if self.metrics_port else [])],
                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
         wait_for(lambda: self.log().count("warmed up") >= self.concurrency or self._exited(), timeout,
                  f"worker {self.name} warmed up")
@@ -178,6 +180,7 @@ def test_a_worker_killed_mid_job_leaves_it_to_the_other_worker(
         gateway.start()
         workers = _workers(tmp_path, gateway, ["w-a", "w-b"])
         for worker in workers:
+            worker.metrics_port = free_port()  # each worker's own /metrics
             worker.start()
         assert storescu(gateway.port, study).returncode == 0
         status = gateway.wait_for(lambda s: any(j["state"] == "running" for j in s["jobs"]), timeout=120,
@@ -198,6 +201,10 @@ def test_a_worker_killed_mid_job_leaves_it_to_the_other_worker(
         history = [r[0] for r in _query(database, "SELECT detail FROM transitions WHERE kind='job' ORDER BY id")]
         assert history == ["route dense-ct", "worker w-a" if doomed.name == "w-a" else "worker w-b",
                            f"lease of node {doomed.name} expired", f"worker {survivor.name}", "6 result objects"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{survivor.metrics_port}/metrics", timeout=10) as rsp:
+            metrics = rsp.read().decode()
+        assert f'dicomnode_worker_jobs{{state="done",worker="{survivor.name}"}} 1.0' in metrics, metrics
+        assert "dicomnode_worker_database_up 1.0" in metrics
         for text in (gateway.log(), survivor.log()):
             assert "SECRET" not in text and PASSWORD not in text and redis.password not in text
     finally:
