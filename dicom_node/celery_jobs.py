@@ -26,8 +26,6 @@ import shutil
 import socket
 import threading
 import time
-from concurrent.futures import TimeoutError as FutureTimeout
-from concurrent.futures.process import BrokenProcessPool
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,8 +41,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from dicom_node.audit import AuditLog
 from dicom_node.config import Config, redact_url
-from dicom_node.errors import ConfigError, PluginError, StorageError
-from dicom_node.jobs import PLUGIN_LOAD_TIMEOUT_S, JobRunner
+from dicom_node.errors import ConfigError, StorageError
+from dicom_node.jobs import PLUGIN_LOAD_TIMEOUT_S, JobRunner, loaded_plugin_infos
 from dicom_node.pipeline import JobFailed, JobOutcome, load_plugin_infos, run_job_safely, warm_up
 from dicom_node.workers import WorkerPool
 from dicom_node.storage.rows import JobRow
@@ -339,15 +337,8 @@ def validate_plugins(config: Config, specs: list[tuple[str, str | None, dict[str
     every job it takes."""
     pool = WorkerPool(1, (config.jobs.torch_threads, config.logging.level, config.logging.json_format, os.getpid()))
     try:
-        infos: dict[str, PluginInfo] = pool.submit(load_plugin_infos, specs).result(timeout=PLUGIN_LOAD_TIMEOUT_S)
-    except PluginError:
-        raise
-    except BrokenProcessPool as exc:
-        raise PluginError("the process loading the plugins died (crash or out of memory)") from exc
-    except FutureTimeout as exc:
-        raise PluginError(f"the plugins did not load within {PLUGIN_LOAD_TIMEOUT_S:g} s") from exc
-    except Exception as exc:  # whatever a plugin's import or constructor raised, in one line
-        raise PluginError(f"cannot load the plugins: {type(exc).__name__}: {exc}") from exc
+        infos = loaded_plugin_infos(pool.submit(load_plugin_infos, specs), PLUGIN_LOAD_TIMEOUT_S,
+                                    "the spawned process")
     finally:
         pool.stop()
     return infos

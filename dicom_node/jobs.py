@@ -42,6 +42,22 @@ PLUGIN_LOAD_TIMEOUT_S = 600.0  # model loading, CUDA's start-up included
 MAX_BREAKS = 3  # a job in flight in this many pool breaks, its own worker never the one ended, fails
 
 
+def loaded_plugin_infos(future: Future[dict[str, PluginInfo]], timeout_s: float,
+                        loader: str) -> dict[str, PluginInfo]:
+    """What a worker process (``loader``, for the message) returned from
+    ``load_plugin_infos``, or PluginError with one line saying why it could not load them."""
+    try:
+        return future.result(timeout=timeout_s)
+    except PluginError:
+        raise
+    except BrokenProcessPool as exc:
+        raise PluginError(f"{loader} died while loading the plugins (crash or out of memory)") from exc
+    except FutureTimeout as exc:
+        raise PluginError(f"the plugins did not load within {timeout_s:g} s") from exc
+    except Exception as exc:  # whatever a plugin's import or constructor raised, in one line
+        raise PluginError(f"cannot load the plugins: {type(exc).__name__}: {exc}") from exc
+
+
 class JobRunner:
     """Dispatches jobs to a process pool, at most ``max_concurrent_analyses`` at once."""
 
@@ -85,16 +101,7 @@ class JobRunner:
         if not specs:
             return {}
         future = self._get_pool().submit(load_plugin_infos, specs)
-        try:
-            infos: dict[str, PluginInfo] = future.result(timeout=timeout_s)
-        except PluginError:
-            raise
-        except BrokenProcessPool as exc:
-            raise PluginError("the analysis worker died while loading the plugins (crash or out of memory)") from exc
-        except FutureTimeout as exc:
-            raise PluginError(f"the plugins did not load within {timeout_s:g} s") from exc
-        except Exception as exc:  # whatever a plugin's import or constructor raised, in one line
-            raise PluginError(f"cannot load the plugins: {type(exc).__name__}: {exc}") from exc
+        infos = loaded_plugin_infos(future, timeout_s, "the analysis worker")
         self.plugin_infos.update(infos)
         return infos
 
