@@ -43,7 +43,7 @@ def _gateway(root: Path, database: str, broker: str, dest_port: int, jobs: int, 
                       routes=routes,
                       plugins={"sleepy": {"factory": "tests.fake_plugins:create",
                                           "options": {"threshold": 300, "delay": sleep_s}}},
-                      cluster={"database": database, "spool": str(root / "shared"), "broker": broker,
+                      cluster={"database": database, "spool": str(root / "cluster-spool"), "broker": broker,
                                "node_id": "gw", "lease_seconds": 30, "resend_seconds": 600})
     cfg["node"]["listener_processes"] = 1
     return NodeProcess(cfg, root / "gw")

@@ -78,14 +78,14 @@ def _check_config(tmp_path: Path, cluster: dict[str, Any]) -> tuple[int, str]:
 def test_check_config_reaches_database_spool_and_broker(tmp_path: Path, postgres: PostgresServer,
                                                         redis: RedisServer) -> None:
     url = postgres.new_database()
-    code, text = _check_config(tmp_path, {"database": url, "spool": str(tmp_path / "shared"), "broker": redis.url()})
+    code, text = _check_config(tmp_path, {"database": url, "spool": str(tmp_path / "cluster-spool"), "broker": redis.url()})
     assert code == 0, text
     assert "cluster.database postgresql://dicomnode:***@127.0.0.1" in text
     assert "schema version 0 of 7, empty: the first node to start creates the tables" in text
-    assert f"cluster.spool {tmp_path / 'shared'}: OK (can be created)" in text
+    assert f"cluster.spool {tmp_path / 'cluster-spool'}: OK (can be created)" in text
     assert f"cluster.broker redis://:***@127.0.0.1:{redis.port}/0: OK (Redis answers PING)" in text
     assert PASSWORD not in text and redis.password not in text
-    assert not (tmp_path / "shared").exists()  # check-config changes nothing
+    assert not (tmp_path / "cluster-spool").exists()  # check-config changes nothing
     assert not postgres_tables(url)
 
 

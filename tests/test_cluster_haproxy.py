@@ -43,7 +43,7 @@ def _gateway(tmp_path: Path, name: str, database: str, dest_port: int) -> NodePr
     cfg = node_config(tmp_path / name / "var", free_port(),
                       destinations={"dest": {"ae_title": "DEST", "host": "127.0.0.1", "port": dest_port}},
                       routes=dense_route(["dest"], stable=2.0), plugins=FAKE_PLUGIN,
-                      cluster={"database": database, "spool": str(tmp_path / "shared"), "node_id": name,
+                      cluster={"database": database, "spool": str(tmp_path / "cluster-spool"), "node_id": name,
                                "lease_seconds": 4.0})
     cfg["node"]["listener_processes"] = 1
     return NodeProcess(cfg, tmp_path / name)

@@ -56,7 +56,7 @@ def _node(tmp_path: Path, name: str, database: str, dest_port: int, delay: float
     cfg = node_config(tmp_path / name / "var", free_port(),
                       destinations={"dest": {"ae_title": "DEST", "host": "127.0.0.1", "port": dest_port}},
                       routes=dense_route(["dest"]), plugins=plugins,
-                      cluster={"database": database, "spool": str(tmp_path / "shared"), "node_id": name,
+                      cluster={"database": database, "spool": str(tmp_path / "cluster-spool"), "node_id": name,
                                "lease_seconds": LEASE_S})
     cfg["node"]["listener_processes"] = listeners  # >1: acceptor processes, each on the database
     return NodeProcess(cfg, tmp_path / name)
@@ -118,9 +118,9 @@ def test_one_study_through_two_nodes_is_one_study_one_job_one_delivery(
         text = nodes[1].cli("status", "--config", str(nodes[1].config_path)).stdout
         assert "node" in text.split("JOBS\n", 1)[1].splitlines()[0] and job["node"] in text
         assert _received_by_modality(dest) == {"SEG": 1, "SR": 1, "OT": 3, "KO": 1}
-        shared = tmp_path / "shared"
-        assert len(list((shared / "spool" / row["study_uid"]).glob("*.dcm"))) == len(study)
-        assert {p.name for p in (shared / "spool" / ".slots").iterdir()} == {"gw-a", "gw-b"}
+        spool_root = tmp_path / "cluster-spool"
+        assert len(list((spool_root / "spool" / row["study_uid"]).glob("*.dcm"))) == len(study)
+        assert {p.name for p in (spool_root / "spool" / ".slots").iterdir()} == {"gw-a", "gw-b"}
         for node in nodes:
             log = node.log()
             assert "SECRET" not in log and PASSWORD not in log
@@ -163,7 +163,7 @@ def test_an_ingest_node_killed_mid_stream_loses_nothing_it_acknowledged(
 
     def ingest_node(name: str) -> NodeProcess:
         cfg = node_config(tmp_path / name / "var", free_port(), **keep,
-                          cluster={"database": database, "spool": str(tmp_path / "shared"), "node_id": name,
+                          cluster={"database": database, "spool": str(tmp_path / "cluster-spool"), "node_id": name,
                                    "lease_seconds": LEASE_S})
         cfg["node"]["listener_processes"] = 1
         return NodeProcess(cfg, tmp_path / name)

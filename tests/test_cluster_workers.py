@@ -132,7 +132,7 @@ def _gateway(tmp_path: Path, database: str, broker: str, dest_port: int, delay: 
     cfg = node_config(tmp_path / "gw" / "var", free_port(),
                       destinations={"dest": {"ae_title": "DEST", "host": "127.0.0.1", "port": dest_port}},
                       routes=routes or dense_route(["dest"]), plugins=plugins,
-                      cluster={"database": database, "spool": str(tmp_path / "shared"), "broker": broker,
+                      cluster={"database": database, "spool": str(tmp_path / "cluster-spool"), "broker": broker,
                                "node_id": "gw", "lease_seconds": LEASE_S, "resend_seconds": resend_s})
     cfg["node"]["listener_processes"] = 1
     return NodeProcess(cfg, tmp_path / "gw")
@@ -310,7 +310,7 @@ def test_a_job_that_keeps_killing_workers_and_one_over_its_time_limit_fail_with_
 
 def test_a_worker_refuses_to_start_without_a_broker_an_unknown_plugin_or_one_that_cannot_load(tmp_path: Path) -> None:
     """Checked before any broker or database connection: each refusal is one line."""
-    cluster = {"database": "postgresql://u:pw-secret@127.0.0.1:1/x", "spool": str(tmp_path / "shared")}
+    cluster = {"database": "postgresql://u:pw-secret@127.0.0.1:1/x", "spool": str(tmp_path / "cluster-spool")}
     cfg = node_config(tmp_path / "var", free_port(), routes=dense_route([]), cluster=cluster,
                       plugins={"dense": {"factory": "tests.fake_plugins:no_such_factory"}})
     path = tmp_path / "config.yaml"
