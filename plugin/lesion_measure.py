@@ -78,7 +78,6 @@ SUBSOLID_BELOW_HU = -300.0
 SUBSOLID_SHARE = 0.2
 MODE_MIN_VOXELS = 50
 SOLID_COMPONENT_MIN_MM3 = math.pi / 6.0 * 3.0**3
-COMPOSITIONS = ("solid", "part_solid", "ground_glass")
 
 
 @dataclass(frozen=True)
@@ -101,7 +100,7 @@ class LesionMeasure:
     attenuation: Attenuation
     half_maximum: bool  # the mask follows the half-maximum edge (False: the model's mask)
     background_hu: float | None = None
-    composition: str = "solid"  # one of COMPOSITIONS (see the module conventions)
+    composition: str = "solid"  # "solid", "part_solid" or "ground_glass" (see the module conventions)
     solid_mask: np.ndarray | None = None  # a subsolid lesion's solid component, same shape as mask
 
 
