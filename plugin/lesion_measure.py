@@ -177,7 +177,7 @@ def measure_lesion(
     background = _background(hu, mask, blocked, spacing)
     if background is None:
         return as_is
-    subsolid = _subsolid(hu, mask, spacing)
+    subsolid = is_subsolid(hu, mask, spacing)
     level = _lesion_level(hu, mask, spacing, subsolid)
     # the wall is found at a solid lesion's half maximum: ground glass is not wall
     wall_level = max(level, SOLID_REFERENCE_HU) if subsolid else level
@@ -236,10 +236,26 @@ def _background(
     return float(np.median(hu[ring]))
 
 
-def _subsolid(hu: np.ndarray, mask: np.ndarray, spacing: tuple[float, float, float]) -> bool:
-    """Whether the lesion has a core of which at least :data:`SUBSOLID_SHARE` lies below
-    :data:`SUBSOLID_BELOW_HU`."""
-    inner = core(mask, spacing)
+def core_reach_mm(spacing: tuple[float, float, float]) -> tuple[float, float, float]:
+    """How deep (mm, per axis) :func:`core` erodes on a grid of ``spacing``: whole voxels,
+    so on 5 mm slices a lesion needs three slices to have a core."""
+    radii = _radii(spacing, CORE_DEPTH_MM, half_voxel=True)
+    return (radii[0] * spacing[0], radii[1] * spacing[1], radii[2] * spacing[2])
+
+
+def is_subsolid(hu: np.ndarray, mask: np.ndarray, spacing: tuple[float, float, float],
+                reach_mm: tuple[float, float, float] | None = None) -> bool:
+    """Whether the lesion ``mask`` has a core (:func:`core`) of which at least
+    :data:`SUBSOLID_SHARE` lies below :data:`SUBSOLID_BELOW_HU` in ``hu``: ground glass or
+    part-solid. Without a core (too small or too thin for its slices) it is solid. With
+    ``reach_mm`` (:func:`core_reach_mm` of the source grid) the core is the one the
+    source grid would give, on a resampled grid of ``spacing``."""
+    if reach_mm is None:
+        inner = core(mask, spacing)
+    else:
+        radii = tuple(max(1, int(round(r / s))) for r, s in zip(reach_mm, spacing))
+        inner = np.asarray(ndimage.binary_erosion(mask, structure=ellipsoid((radii[0], radii[1], radii[2])),
+                                                  border_value=0))
     return bool(inner.any()) and float(np.mean(hu[inner] < SUBSOLID_BELOW_HU)) >= SUBSOLID_SHARE
 
 

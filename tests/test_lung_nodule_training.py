@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from models.lung_nodules import train
 from phantoms.chest_phantom import DENSITIES
 
@@ -25,7 +27,14 @@ def test_stage_7_chests_have_subsolid_nodules_and_fissures() -> None:
     assert kinds == set(DENSITIES)
 
 
-def test_stage_7_is_not_in_the_default_run() -> None:
-    """Stage 7 was tried and not shipped (README, "Ground-glass and part-solid nodules")."""
-    assert train.DEFAULT_STAGES == (1, 2, 3, 4, 5, 6)
-    assert 7 in train.MINED_STAGES and 7 not in train.MASS_STAGES  # it fine-tunes the nodule network
+def test_each_stage_trains_its_network_and_the_bundle_packs_all_three() -> None:
+    """Stages 1-4 train the nodule network, 5-6 the mass network, 7 the subsolid network
+    (all in the default run); the packed state dict loads into the bundle's network."""
+    assert train.DEFAULT_STAGES == (1, 2, 3, 4, 5, 6, 7)
+    assert [train.network_of(s) for s in train.DEFAULT_STAGES] == ["nodule"] * 4 + ["mass"] * 2 + ["subsolid"]
+    assert 7 in train.MINED_STAGES
+    one = {"w": torch.zeros(1)}
+    packed = train.pack(one, {"w": torch.ones(1)}, {"w": torch.full((1,), 2.0)})
+    assert sorted(packed) == ["mass.w", "nodule.w", "subsolid.w"]
+    assert {k: float(v) for k, v in train.unpack(packed)["subsolid"].items()} == {"w": 2.0}
+    assert sorted(train.pack(one, one)) == ["mass.w", "nodule.w"]

@@ -7,7 +7,15 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
-from models.lung_nodules.transforms import KeepInLungsd, MassChanneld, domes, lung_region
+from models.lung_nodules.networks import NoduleAndMassNet
+from models.lung_nodules.transforms import (
+    KeepInLungsd,
+    MassChanneld,
+    domes,
+    lung_region,
+    source_spacing,
+    subsolid_components,
+)
 
 SOFT = (40.0 + 1000.0) / 1400.0  # 40 HU on the bundle's [-1000, 400] HU -> [0, 1] scale
 AIR = 0.0  # -1000 HU
@@ -120,3 +128,78 @@ def test_mass_channel_adds_only_wide_components_of_the_mass_network() -> None:
     assert float((merged > 0.5).sum()) == 8**3 + 50 * 40 * 30
     single = MetaTensor(torch.from_numpy(prob[:1].copy()), affine=torch.eye(4))
     assert MassChanneld(keys="pred")({"pred": single})["pred"] is single
+
+
+def _scaled(hu: float) -> float:
+    return (hu + 1000.0) / 1400.0
+
+
+def test_subsolid_channel_adds_only_components_that_measure_subsolid() -> None:
+    """Channel 2 (subsolid network): a ground-glass ball and the ground glass around a
+    part-solid nodule's core join (the latter as one finding with the nodule channel's
+    core); a component over soft tissue (a thick-slice vessel segment at -100 HU) does
+    not, however sure the network is."""
+    shape = (100, 100, 40)
+    image = np.full(shape, _scaled(-850.0), dtype=np.float32)  # lung
+    glass = _ball(shape, (25, 25, 20), 7)
+    image[glass] = _scaled(-600.0)
+    part = _ball(shape, (70, 30, 20), 8)
+    core = _ball(shape, (70, 30, 20), 4)
+    image[part] = _scaled(-550.0)
+    image[core] = _scaled(30.0)
+    vessel = _ball(shape, (40, 75, 20), 5)
+    image[vessel] = _scaled(-100.0)
+    prob = np.zeros((3, *shape), dtype=np.float32)
+    prob[0][core] = 0.9  # the nodule network marks the solid core only
+    prob[2][glass] = 0.8
+    prob[2][part] = 0.7
+    prob[2][vessel] = 0.99
+    spacing = np.array([1.0, 1.0, 1.0])
+    assert np.array_equal(subsolid_components(prob[2], image, spacing), glass | part)
+    pred = MetaTensor(torch.from_numpy(prob), affine=torch.eye(4))
+    img = MetaTensor(torch.from_numpy(image)[None], affine=torch.eye(4))
+    merged = MassChanneld(keys="pred")({"pred": pred, "image": img})["pred"][0].numpy()
+    assert np.array_equal(merged > 0.5, glass | part)
+    assert (merged[core] == np.float32(0.9)).all()  # the nodule channel's own probability kept
+
+
+def test_network_stacks_a_third_channel_only_when_it_has_a_subsolid_network() -> None:
+    def one() -> torch.nn.Module:
+        return torch.nn.Conv3d(1, 1, 1)
+
+    x = torch.zeros(1, 1, 4, 4, 4)
+    assert NoduleAndMassNet(one(), one())(x).shape[1] == 2
+    assert NoduleAndMassNet(one(), one(), one())(x).shape[1] == 3
+
+
+def test_subsolid_components_need_the_source_grids_core() -> None:
+    """On 5 mm source slices a component one slice thick (a diluted vessel segment,
+    resampled to 1.25 mm) has no core where the report measures it, so it is not added;
+    a ground-glass ball three slices deep is."""
+    shape = (60, 60, 48)
+    image = np.full(shape, _scaled(-850.0), dtype=np.float32)
+    thin = np.zeros(shape, dtype=bool)
+    thin[10:22, 10:22, 20:24] = True  # 12 x 12 x 5 mm
+    ball = _ball(shape, (40, 40, 24), 9)  # 18 mm across: 22 working voxels, over 3 source slices
+    image[thin | ball] = _scaled(-500.0)
+    prob = np.where(thin | ball, 0.9, 0.0).astype(np.float32)
+    spacing = np.array([1.0, 1.0, 1.25])
+    assert np.array_equal(subsolid_components(prob, image, spacing), thin | ball)
+    kept = subsolid_components(prob, image, spacing, source_spacing=np.array([0.8, 0.8, 5.0]))
+    assert np.array_equal(kept, ball)
+
+
+def test_source_spacing_follows_the_orientation() -> None:
+    """The bundle's preprocessing (orientation to RAS, crop, resampling) recorded on the
+    image: the source voxel size comes back in the working grid's axis order."""
+    from monai.transforms import Compose
+
+    from plugin.transforms import OrientCropForegroundd, ZoomSpacingd
+
+    image = np.full((1, 40, 30, 12), 100.0, dtype=np.float32)
+    swapped = np.array([[0.0, -0.9, 0.0, 0.0], [-0.7, 0.0, 0.0, 0.0], [0.0, 0.0, 5.0, 0.0], [0, 0, 0, 1.0]])
+    source = MetaTensor(torch.from_numpy(image), affine=torch.from_numpy(swapped))  # array axis 0 runs along -Y, axis 1 along -X
+    out = Compose([OrientCropForegroundd(keys="image", axcodes="RAS", select_fn=lambda x: x > -500, margin=0),
+                   ZoomSpacingd(keys="image", pixdim=(1.0, 1.0, 1.25))])({"image": source})["image"]
+    assert np.allclose(source_spacing(out), [0.9, 0.7, 5.0])
+    assert source_spacing(torch.zeros(1, 2, 2, 2)) is None

@@ -1,11 +1,16 @@
-"""The bundle's network: two UNets of one architecture on the same input.
+"""The bundle's network: UNets of one architecture on the same input.
 
 Channel 0 is the nodule network (training stages 1-4), channel 1 the mass network (the
-same weights fine-tuned by stages 5 and 6 on chests with a 30-80 mm mass). The mass
-network alone finds masses but segments some nodules in pieces; the nodule network
-alone never saw anything over 30 mm and marks a mass only in part. The postprocessing
-(:class:`models.lung_nodules.transforms.MassChanneld`) keeps the nodule network's
-prediction and adds only the mass network's components wider than a nodule can be.
+same weights fine-tuned by stages 5 and 6 on chests with a 30-80 mm mass) and, when
+present, channel 2 the subsolid network (the nodule network fine-tuned by stage 7 on
+chests with ground-glass and part-solid nodules labelled whole). The mass network alone
+finds masses but segments some nodules in pieces; the nodule network alone never saw
+anything over 30 mm and marks a mass only in part, and a part-solid nodule only by its
+solid core; the subsolid network marks ground glass but also thick-slice vessel
+segments. The postprocessing (:class:`models.lung_nodules.transforms.MassChanneld`)
+keeps the nodule network's prediction and adds only the mass network's components
+wider than a nodule can be and the subsolid network's components that measure
+subsolid.
 """
 
 from __future__ import annotations
@@ -14,14 +19,20 @@ import torch
 
 
 class NoduleAndMassNet(torch.nn.Module):
-    """``nodule`` and ``mass`` (one output channel each) run on the same input; their
-    outputs are stacked as channels 0 and 1."""
+    """``nodule``, ``mass`` and the optional ``subsolid`` network (one output channel
+    each) run on the same input; their outputs are stacked as channels 0, 1 (and 2)."""
 
-    def __init__(self, nodule: torch.nn.Module, mass: torch.nn.Module) -> None:
+    def __init__(self, nodule: torch.nn.Module, mass: torch.nn.Module,
+                 subsolid: torch.nn.Module | None = None) -> None:
         super().__init__()
         self.nodule = nodule
         self.mass = mass
+        self.subsolid = subsolid
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 1, ...) -> (N, 2, ...): the nodule network's logits, then the mass network's."""
-        return torch.cat([self.nodule(x), self.mass(x)], dim=1)
+        """(N, 1, ...) -> (N, 2 or 3, ...): the nodule network's logits, the mass
+        network's, then the subsolid network's when there is one."""
+        outputs = [self.nodule(x), self.mass(x)]
+        if self.subsolid is not None:
+            outputs.append(self.subsolid(x))
+        return torch.cat(outputs, dim=1)

@@ -5,9 +5,8 @@
 
 Seeded and reproducible (fixed seeds, fixed iteration count, 2 torch threads). Stages
 1-4 train the nodule network, stages 5-6 fine-tune a copy of it into the mass network,
-stage 7 (not in the shipped model, run only when asked for: see the README) fine-tunes
-the nodule network on ground-glass and part-solid nodules;
-``models/model.pt`` holds both (:mod:`networks`). The training phantoms come from
+stage 7 fine-tunes a copy of it into the subsolid network, on ground-glass and
+part-solid nodules labelled whole; ``models/model.pt`` holds all three (:mod:`networks`). The training phantoms come from
 :mod:`phantoms.chest_phantom` with seeds ``TRAIN_SEED_BASE + i`` (i <
 ``--cases``), 100.. (stage 2), 200.. (stage 3), 300.. (stage 4), 400.. (stage 5: a
 mass of 30-80 mm in every chest), 600.. (stage 6: every other chest with a mass,
@@ -75,7 +74,8 @@ STAGE_SEEDS = {
 }
 MINED_STAGES = {3, 4, 5, 6, 7}  # stages that first mine hard negatives with the network so far
 MASS_STAGES = {5, 6}  # stages that fine-tune the nodule network into the mass network
-DEFAULT_STAGES = (1, 2, 3, 4, 5, 6)  # the shipped model's; stage 7 was tried, not shipped (README)
+SUBSOLID_STAGES = {7}  # stages that fine-tune the nodule network into the subsolid network
+DEFAULT_STAGES = (1, 2, 3, 4, 5, 6, 7)  # the shipped model's
 MINE_LEVEL = 0.3  # a voxel the network scores above this, away from nodules, is a hard negative
 
 
@@ -447,8 +447,8 @@ def train(args: argparse.Namespace) -> dict:
     its own optimiser and schedule (see the README): 1, slabs and chests; 2, whole
     chests with more soft-tissue patches; 3 and 4, hard-negative fine-tuning (the
     nodule network); 5 and 6, a copy of it fine-tuned on chests with a mass (the
-    mass network); 7, the nodule network fine-tuned on ground-glass and part-solid
-    nodules and fissures. ``args.out`` gets both, packed for
+    mass network); 7, a copy fine-tuned on ground-glass and part-solid nodules and
+    fissures (the subsolid network). ``args.out`` gets all three, packed for
     :class:`models.lung_nodules.networks.NoduleAndMassNet`. A run that starts after
     stage 1 starts from ``args.init`` (packed or one network: its nodule network), and
     a network none of its stages trains is taken from there."""
@@ -472,8 +472,8 @@ def train(args: argparse.Namespace) -> dict:
     trained: dict[str, dict[str, torch.Tensor]] = {}
     previous = 0
     for stage in sorted(args.stages):
-        if previous in MASS_STAGES and stage not in MASS_STAGES:
-            # stages 5-6 fine-tuned a copy of the nodule network; go on with the nodule network
+        if network_of(previous) != "nodule" and network_of(stage) != network_of(previous):
+            # the stages so far fine-tuned a copy of the nodule network; start from the nodule network
             net.load_state_dict(trained.get("nodule") or init["nodule"])
         previous = stage
         started = time.time()
@@ -489,7 +489,7 @@ def train(args: argparse.Namespace) -> dict:
                 entry["hard_negative_voxels"],
             )
         loss = run_stage(net, cases, args, stage)
-        trained["mass" if stage in MASS_STAGES else "nodule"] = _state(net)
+        trained[network_of(stage)] = _state(net)
         save(net, args.out.with_suffix(f".stage{stage}.pt"))
         del cases
         stats[f"stage{stage}"] = {
@@ -499,7 +499,8 @@ def train(args: argparse.Namespace) -> dict:
         }
     nodule = trained.get("nodule") or init["nodule"]
     mass = trained.get("mass") or init.get("mass") or nodule
-    torch.save(pack(nodule, mass), args.out)
+    subsolid = trained.get("subsolid") or init.get("subsolid")
+    torch.save(pack(nodule, mass, subsolid), args.out)
     for stage in args.stages:
         args.out.with_suffix(f".stage{stage}.pt").unlink(missing_ok=True)
     args.out.with_suffix(".partial.pt").unlink(missing_ok=True)
@@ -510,9 +511,16 @@ def train(args: argparse.Namespace) -> dict:
     return stats
 
 
-def pack(nodule: dict[str, torch.Tensor], mass: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def network_of(stage: int) -> str:
+    """The network a stage trains: "nodule", "mass" or "subsolid" (none before stage 1)."""
+    return "mass" if stage in MASS_STAGES else "subsolid" if stage in SUBSOLID_STAGES else "nodule"
+
+
+def pack(nodule: dict[str, torch.Tensor], mass: dict[str, torch.Tensor],
+         subsolid: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """One state dict for :class:`models.lung_nodules.networks.NoduleAndMassNet`."""
-    return {**{f"nodule.{k}": v for k, v in nodule.items()}, **{f"mass.{k}": v for k, v in mass.items()}}
+    networks = {"nodule": nodule, "mass": mass, **({"subsolid": subsolid} if subsolid is not None else {})}
+    return {f"{name}.{k}": v for name, state in networks.items() for k, v in state.items()}
 
 
 def unpack(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -557,8 +565,7 @@ def main() -> None:
     ap.add_argument("--cases7", type=int, default=30)
     ap.add_argument("--iters7", type=int, default=1500)
     ap.add_argument("--lr7", type=float, default=1.5e-4)
-    ap.add_argument("--stages", type=int, nargs="+", default=list(DEFAULT_STAGES),
-                    help="stage 7 (subsolid nodules) was tried and is not in the shipped model (README)")
+    ap.add_argument("--stages", type=int, nargs="+", default=list(DEFAULT_STAGES))
     ap.add_argument(
         "--init",
         type=Path,

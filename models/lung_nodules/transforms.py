@@ -40,6 +40,7 @@ from models.lung_nodules.candidates import (
     screened_score,
 )
 from plugin.finding_scores import SCORES_KEY
+from plugin.lesion_measure import core_reach_mm, is_subsolid
 
 AIR_SCALED = (-500.0 + 1000.0) / 1400.0  # -500 HU after ScaleIntensityRanged [-1000, 400] -> [0, 1]
 SOFT_SCALED = (-300.0 + 1000.0) / 1400.0  # -300 HU: soft tissue, above lung and its partial volume
@@ -228,17 +229,67 @@ def _as_pred(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     return data
 
 
+def subsolid_components(prob: np.ndarray, image: np.ndarray, spacing: np.ndarray,
+                        threshold: float = 0.5, source_spacing: np.ndarray | None = None) -> np.ndarray:
+    """The components of ``prob`` (X, Y, Z, above ``threshold``) that measure subsolid
+    on ``image`` (scaled as the bundle scales it): a core of which a fifth or more lies
+    below -300 HU (:func:`plugin.lesion_measure.is_subsolid`, the convention the report
+    uses), the core being as deep as on the ``source_spacing`` grid the report measures
+    on (so on 5 mm slices a component needs three slices' depth). The subsolid network
+    marks ground glass and part-solid nodules whole, but on 3-5 mm slices it also marks
+    vessel segments one to four slices thick, diluted to -270..+20 HU by partial volume
+    (validation chests, stage 7): solid, or without a core, to this test. Boolean mask."""
+    out = np.zeros(prob.shape, dtype=bool)
+    components, count = ndimage.label(prob > threshold)
+    mm = (float(spacing[0]), float(spacing[1]), float(spacing[2]))
+    source = mm if source_spacing is None else (float(source_spacing[0]), float(source_spacing[1]),
+                                                 float(source_spacing[2]))
+    reach = core_reach_mm(source)
+    for index, box in enumerate(ndimage.find_objects(components, max_label=count), start=1):
+        if box is None:
+            continue
+        mask = components[box] == index
+        hu = image[box].astype(np.float32) * 1400.0 - 1000.0
+        if is_subsolid(hu, mask, mm, reach):
+            out[box] |= mask
+    return out
+
+
+def source_spacing(tensor: Any) -> np.ndarray | None:
+    """The voxel size (mm) of the grid ``tensor`` was loaded on, before the bundle's
+    crop and resampling (the first recorded operation's original affine), in the
+    working grid's axis order (RAS, as the bundle orients); None when not recorded."""
+    ops = getattr(tensor, "applied_operations", None)
+    if not ops:
+        return None
+    affine = ops[0].get("extra_info", {}).get("original_affine")
+    if affine is None:
+        return None
+    source = np.asarray(affine, dtype=np.float64)[:3, :3]
+    working = np.asarray(tensor.affine, dtype=np.float64)[:3, :3]
+    # each working axis runs along one source axis (orientation permutes, never rotates)
+    order = np.argmax(np.abs(np.linalg.solve(source, working)), axis=0)
+    sizes: np.ndarray = np.sqrt((source ** 2).sum(axis=0))[order]
+    return sizes
+
+
 class MassChanneld(MapTransform):
-    """Merge the two channels of :class:`models.lung_nodules.networks.NoduleAndMassNet`
+    """Merge the channels of :class:`models.lung_nodules.networks.NoduleAndMassNet`
     (probabilities, after the sigmoid) into one: the nodule channel, plus the components
     of the mass channel wider in-plane than the candidate classifier's patch along both
-    axes (32 mm: what :class:`ClassifyCandidatesd` treats as a mass). The mass channel's
-    smaller components are dropped: there the nodule network, trained longer on nodules,
-    decides. A one-channel prediction passes unchanged."""
+    axes (32 mm: what :class:`ClassifyCandidatesd` treats as a mass), plus, with a third
+    channel, the subsolid channel's components that measure subsolid on the image
+    (:func:`subsolid_components`). Where a subsolid component overlaps the nodule
+    channel (a part-solid nodule's solid core) the finding is their union: the whole
+    nodule. The mass channel's smaller components and the subsolid channel's solid ones
+    are dropped: there the nodule network, trained longer on solid nodules, decides. A
+    one-channel prediction passes unchanged."""
 
-    def __init__(self, keys: KeysCollection, threshold: float = 0.5, allow_missing_keys: bool = False) -> None:
+    def __init__(self, keys: KeysCollection, threshold: float = 0.5, image_key: str = "image",
+                 allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
         self.threshold = threshold
+        self.image_key = image_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         """The merged (1, X, Y, Z) prediction under each key."""
@@ -254,6 +305,11 @@ class MassChanneld(MapTransform):
             if wide[1:].any():
                 masses = wide[components]
                 merged[masses] = np.maximum(merged[masses], prob[1][masses])
+            if prob.shape[0] > 2:
+                image = np.asarray(torch.as_tensor(d[self.image_key]).detach().cpu()[0], dtype=np.float32)
+                subsolid = subsolid_components(prob[2], image, _spacing(pred), self.threshold,
+                                               source_spacing(d[self.image_key]))
+                merged[subsolid] = np.maximum(merged[subsolid], prob[2][subsolid])
             d[key] = _as_pred(merged, pred)
         return d
 
