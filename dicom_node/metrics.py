@@ -37,6 +37,14 @@ class Metrics:
             "dicomnode_items", "Studies, jobs and deliveries by state", ["kind", "state"],
             registry=self.registry,
         )
+        self.cluster_ingest = Gauge(
+            "dicomnode_cluster_ingest_instances", "A cluster's instances registered per ingest node "
+            "(cumulative, from the shared database)", ["node"], registry=self.registry,
+        )
+        self.cluster_ingest_bytes = Gauge(
+            "dicomnode_cluster_ingest_bytes", "A cluster's bytes registered per ingest node "
+            "(cumulative, from the shared database)", ["node"], registry=self.registry,
+        )
         self.cluster_queue = Gauge(
             "dicomnode_cluster_queue_jobs", "A cluster's jobs queued or running, per plugin queue",
             ["plugin", "state"], registry=self.registry,
@@ -82,11 +90,17 @@ class Metrics:
         self.queue_depth.set(jobs.get("queued", 0) + jobs.get("running", 0) + deliveries.get("pending", 0))
 
     def refresh_cluster(self, view: dict[str, list[dict[str, Any]]]) -> None:
-        """Update the cluster gauges (a cluster only): jobs per plugin queue and state, and
-        per node or worker (the one that ran them last) and state."""
+        """Update the cluster gauges (a cluster only): instances and bytes received per ingest
+        node, jobs per plugin queue and state, and per node or worker (the one that ran them
+        last) and state."""
         with self._scrape_lock:
+            self.cluster_ingest.clear()
+            self.cluster_ingest_bytes.clear()
             self.cluster_queue.clear()
             self.cluster_worker.clear()
+            for row in view.get("ingest", []):
+                self.cluster_ingest.labels(row["node"]).set(row["instances"])
+                self.cluster_ingest_bytes.labels(row["node"]).set(row["bytes"])
             for row in view["queues"]:
                 self.cluster_queue.labels(row["plugin"], row["state"]).set(row["n"])
             for row in view["workers"]:

@@ -104,7 +104,7 @@ def _node_line(node: dict[str, Any] | None) -> str:
 
 
 def _cluster_section(view: dict[str, list[dict[str, Any]]]) -> str:
-    """Per-plugin queues and per-node/worker jobs (a cluster only)."""
+    """Per-node ingest, per-plugin queues and per-node/worker jobs (a cluster only)."""
     def pivot(rows: list[dict[str, Any]], key: str) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
         for r in rows:
@@ -115,7 +115,11 @@ def _cluster_section(view: dict[str, list[dict[str, Any]]]) -> str:
               for plugin, c in pivot(view["queues"], "plugin").items()]
     workers = [[name, str(c.get("running", 0)), str(c.get("done", 0)), str(c.get("failed", 0))]
                for name, c in pivot(view["workers"], "worker").items()]
-    return ("CLUSTER QUEUES (jobs per plugin)\n" + _table(["plugin", "queued", "running"], queues) + "\n\n"
+    ingest = [[str(r["node"]), str(r["instances"]), f"{int(r['bytes']) / 2**20:.1f}",
+               _when(r["first_received_at"]), _when(r["last_received_at"])] for r in view.get("ingest", [])]
+    return ("CLUSTER INGEST (instances registered per ingest node, since the database was created)\n"
+            + _table(["node", "instances", "MiB", "first received", "last received"], ingest) + "\n\n"
+            "CLUSTER QUEUES (jobs per plugin)\n" + _table(["plugin", "queued", "running"], queues) + "\n\n"
             "CLUSTER WORKERS (jobs by the node or worker that ran them last)\n"
             + _table(["node/worker", "running", "done", "failed"], workers))
 

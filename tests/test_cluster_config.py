@@ -14,6 +14,7 @@ import yaml
 
 from dicom_node.config import load_config, parse_config, redact_url
 from dicom_node.errors import ConfigError
+from dicom_node.storage.schema import postgres_migrations
 from tests.servers import PASSWORD, PostgresServer, RedisServer
 from tests.support import free_port, node_config, run_cli
 
@@ -81,7 +82,8 @@ def test_check_config_reaches_database_spool_and_broker(tmp_path: Path, postgres
     code, text = _check_config(tmp_path, {"database": url, "spool": str(tmp_path / "cluster-spool"), "broker": redis.url()})
     assert code == 0, text
     assert "cluster.database postgresql://dicomnode:***@127.0.0.1" in text
-    assert "schema version 0 of 7, empty: the first node to start creates the tables" in text
+    newest = len(postgres_migrations())
+    assert f"schema version 0 of {newest}, empty: the first node to start creates the tables" in text
     assert f"cluster.spool {tmp_path / 'cluster-spool'}: OK (can be created)" in text
     assert f"cluster.broker redis://:***@127.0.0.1:{redis.port}/0: OK (Redis answers PING)" in text
     assert PASSWORD not in text and redis.password not in text

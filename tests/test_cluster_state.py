@@ -17,12 +17,14 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from prometheus_client import generate_latest
 
 from dicom_node.errors import StorageError
-from dicom_node.status_report import collect
+from dicom_node.metrics import Metrics
+from dicom_node.status_report import collect, render
 from dicom_node.storage.postgres import PostgresStateDB
 from dicom_node.storage.schema import postgres_migrations
-from dicom_node.storage.state import InstanceRecord, ResultRecord
+from dicom_node.storage.state import InstanceRecord, ResultRecord, StateDB
 from dicom_node.storage.work import WorkStore
 from tests.servers import PASSWORD, PostgresServer
 from tests.support import REPO
@@ -131,6 +133,75 @@ def test_instances_through_two_nodes_make_one_study(url: str) -> None:
     assert [t["to_state"] for t in transitions] == ["receiving"]
     for db in nodes:
         db.close()
+
+
+def test_instances_are_counted_per_ingest_node(url: str, tmp_path: Path) -> None:
+    """The cluster view's ingest per node: each node's registered instances counted in the
+    shared database (table ``node_ingest``, added by a migration to a database made by the
+    previous version), duplicates not, a process without a node name (a worker) not, and the
+    counts kept when the study is forgotten; shown by ``status`` and ``/metrics``."""
+    old = PostgresStateDB(url)  # as the previous version left it: without the table and its version
+    with old.transaction() as c:
+        c.execute("DROP TABLE node_ingest")
+        c.execute("DELETE FROM schema_migrations WHERE description='table node_ingest'")
+    old.close()
+    nodes = {name: PostgresStateDB(url, node_id=name) for name in ("gw-a", "gw-b")}
+    assert nodes["gw-a"].schema_version() == len(postgres_migrations())  # migrated again, once
+    errors: list[BaseException] = []
+
+    def register(db: PostgresStateDB, numbers: range) -> None:
+        try:
+            for n in numbers:
+                db.register_instance(_record(n))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    # gw-a gets 0..29 from three threads, gw-b 30..49 from two, at the same time
+    threads = [threading.Thread(target=register, args=(nodes["gw-a"], range(k, 30, 3))) for k in range(3)]
+    threads += [threading.Thread(target=register, args=(nodes["gw-b"], range(30 + k, 50, 2))) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert [nodes["gw-b"].register_instance(_record(n)) for n in range(5)] == ["duplicate"] * 5  # not counted
+    worker = PostgresStateDB(url)  # no node name: registers, counts nothing
+    assert worker.register_instance(_record(99)) == "new"
+    view = worker.cluster_view()
+    assert [(r["node"], r["instances"], r["bytes"]) for r in view["ingest"]] == [("gw-a", 30, 3000), ("gw-b", 20, 2000)]
+    assert all(r["first_received_at"] <= r["last_received_at"] for r in view["ingest"])
+    assert WorkStore(worker).forget_study(STUDY)["instances"] == 51
+    data = collect(nodes["gw-b"])
+    assert [(r["node"], r["instances"]) for r in data["cluster"]["ingest"]] == [("gw-a", 30), ("gw-b", 20)]
+    text = render(data)
+    assert "CLUSTER INGEST" in text
+    rows = text.split("CLUSTER INGEST", 1)[1].split("\n\n", 1)[0].splitlines()[3:]
+    assert [row.split()[:2] for row in rows] == [["gw-a", "30"], ["gw-b", "20"]]
+    metrics = Metrics()
+    metrics.refresh_cluster(data["cluster"])
+    scraped = generate_latest(metrics.registry).decode()
+    assert 'dicomnode_cluster_ingest_instances{node="gw-a"} 30.0' in scraped
+    assert 'dicomnode_cluster_ingest_instances{node="gw-b"} 20.0' in scraped
+    assert 'dicomnode_cluster_ingest_bytes{node="gw-b"} 2000.0' in scraped
+    for db in (*nodes.values(), worker):
+        db.close()
+
+
+def test_sqlite_and_postgresql_have_one_schema(url: str, tmp_path: Path) -> None:
+    """The embedded SQLite database and PostgreSQL's migrated one have the same tables and
+    columns (the per-node ingest table included); the embedded node counts nothing in it."""
+    pg = PostgresStateDB(url)
+    pg_columns = {(r["table_name"], r["column_name"]) for r in pg.query(
+        "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema='public'")}
+    pg.close()
+    lite = StateDB(tmp_path / "state.db")
+    tables = [r["name"] for r in lite.query("SELECT name FROM sqlite_master WHERE type='table'")]
+    lite_columns = {(t, r["name"]) for t in tables for r in lite.query(f"PRAGMA table_info({t})")}
+    assert lite_columns == pg_columns - {("schema_migrations", c) for c in ("version", "description", "applied_at")}
+    assert ("node_ingest", "instances") in lite_columns
+    assert lite.register_instance(_record(0)) == "new"
+    assert lite.query("SELECT COUNT(*) AS n FROM node_ingest")[0]["n"] == 0
+    lite.close()
 
 
 def test_exactly_one_node_dispatches_a_stable_study(url: str) -> None:

@@ -78,8 +78,10 @@ class PostgresStateDB(StateDB):
     skip_locked = " FOR UPDATE SKIP LOCKED"
     clustered = True
 
-    def __init__(self, url: str, connect_timeout_s: float = 10.0, lease_s: float = 30.0) -> None:
+    def __init__(self, url: str, connect_timeout_s: float = 10.0, lease_s: float = 30.0,
+                 node_id: str | None = None) -> None:
         self.url = url
+        self.node_id = node_id  # counts the instances this node registers (``node_ingest``)
         self.lease_s = lease_s
         busy_timeout_s = lease_s
         self.where = redact_url(url)

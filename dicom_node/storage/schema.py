@@ -1,16 +1,30 @@
 """Schema of the state database: SQLite (WAL, synchronous=FULL), or PostgreSQL in a cluster.
 
-One schema for both. SQLite runs :data:`SCHEMA` (``CREATE ... IF NOT EXISTS``) and adds
-:data:`ADDED_COLUMNS` a database made by an older version lacks. PostgreSQL gets the same
-tables as numbered migrations (:func:`postgres_migrations`): version 1 is :data:`SCHEMA`
-with PostgreSQL's types, version 1 + n adds the n-th entry of :data:`ADDED_COLUMNS`; the
-versions applied are recorded in its ``schema_migrations`` table.
+One schema for both. SQLite runs :data:`SCHEMA` (``CREATE ... IF NOT EXISTS``: tables
+added later are created there too) and adds :data:`ADDED_COLUMNS` a database made by an
+older version lacks. PostgreSQL gets the same tables as numbered migrations
+(:func:`postgres_migrations`): version 1 is :data:`SCHEMA` with PostgreSQL's types,
+version 1 + n applies the n-th entry of :data:`MIGRATIONS` (a column or a table added);
+the versions applied are recorded in its ``schema_migrations`` table.
 
-To change the schema: add the column to :data:`SCHEMA` and append it to
-:data:`ADDED_COLUMNS` (never reorder or remove entries: their places are versions).
+To change the schema: add the column or table to :data:`SCHEMA` and append it to
+:data:`MIGRATIONS` (never reorder or remove entries: their places are versions).
 """
 
 import re
+from dataclasses import dataclass
+
+# Instances registered per ingest node (a cluster only: ``StateDB.node_id`` set), counted
+# when registered, so the count survives retention and costs no scan of ``instances``.
+NODE_INGEST_TABLE = """
+CREATE TABLE IF NOT EXISTS node_ingest (
+    node_id TEXT PRIMARY KEY,
+    instances INTEGER NOT NULL DEFAULT 0,
+    bytes INTEGER NOT NULL DEFAULT 0,
+    first_received_at REAL,
+    last_received_at REAL
+);
+"""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
@@ -108,20 +122,43 @@ CREATE TABLE IF NOT EXISTS transitions (
     detail TEXT
 );
 CREATE INDEX IF NOT EXISTS transitions_key ON transitions(kind, key);
-"""
+""" + NODE_INGEST_TABLE
 
-# Columns added after the first release: (table, column, type). A database made by an
-# older version gains them when opened (see ``StateDB``); new ones have them already.
+
+@dataclass(frozen=True)
+class AddColumn:
+    """A migration: one column added to a table."""
+
+    table: str
+    column: str
+    kind: str  # SQLite type; PostgreSQL's by :func:`postgres_types`
+
+
+@dataclass(frozen=True)
+class AddTable:
+    """A migration: one table added (its ``CREATE TABLE IF NOT EXISTS``, also in :data:`SCHEMA`)."""
+
+    table: str
+    ddl: str
+
+
+# Changes after the first release, in order: entry n is PostgreSQL's version 1 + n. A SQLite
+# database made by an older version gains the columns when opened (see ``StateDB``) and the
+# tables from :data:`SCHEMA`; new ones have them already.
 # In a cluster a node that claims a running job or a delivery holds it until lease_until
 # (Unix time) and renews it while it works; a node that dies leaves it for others after that.
-ADDED_COLUMNS = (
-    ("studies", "accession_number", "TEXT"),
-    ("jobs", "lease_owner", "TEXT"),
-    ("jobs", "lease_until", "REAL"),
-    ("deliveries", "lease_owner", "TEXT"),
-    ("deliveries", "lease_until", "REAL"),
-    ("jobs", "sent_at", "REAL"),  # a queued job's latest message to the Celery broker (cluster.broker)
+MIGRATIONS: tuple[AddColumn | AddTable, ...] = (
+    AddColumn("studies", "accession_number", "TEXT"),
+    AddColumn("jobs", "lease_owner", "TEXT"),
+    AddColumn("jobs", "lease_until", "REAL"),
+    AddColumn("deliveries", "lease_owner", "TEXT"),
+    AddColumn("deliveries", "lease_until", "REAL"),
+    AddColumn("jobs", "sent_at", "REAL"),  # a queued job's latest message to the Celery broker (cluster.broker)
+    AddTable("node_ingest", NODE_INGEST_TABLE),  # per-node ingest counts in the cluster view
 )
+
+# (table, column, type) of every column added after the first release (SQLite adds them).
+ADDED_COLUMNS = tuple((m.table, m.column, m.kind) for m in MIGRATIONS if isinstance(m, AddColumn))
 
 
 def postgres_types(sql: str) -> str:
@@ -134,7 +171,10 @@ def postgres_types(sql: str) -> str:
 def postgres_migrations() -> list[tuple[int, str, str]]:
     """(version, description, SQL) of every PostgreSQL migration, oldest first."""
     steps = [(1, "tables", postgres_types(SCHEMA))]
-    for n, (table, column, kind) in enumerate(ADDED_COLUMNS, start=2):
-        steps.append((n, f"{table}.{column}",
-                      postgres_types(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}")))
+    for n, step in enumerate(MIGRATIONS, start=2):
+        if isinstance(step, AddColumn):
+            steps.append((n, f"{step.table}.{step.column}", postgres_types(
+                f"ALTER TABLE {step.table} ADD COLUMN IF NOT EXISTS {step.column} {step.kind}")))
+        else:
+            steps.append((n, f"table {step.table}", postgres_types(step.ddl)))
     return steps

@@ -92,7 +92,7 @@ def open_state_db(config: Config) -> StateDB:
     from dicom_node.storage.postgres import PostgresStateDB
 
     return PostgresStateDB(config.cluster.database, connect_timeout_s=config.cluster.connect_timeout_seconds,
-                           lease_s=config.cluster.lease_seconds)
+                           lease_s=config.cluster.lease_seconds, node_id=config.node_id)
 
 
 class StateDB:
@@ -102,6 +102,7 @@ class StateDB:
     # another has locked (PostgreSQL); SQLite's write transactions run one at a time.
     skip_locked = ""
     clustered = False  # True: several nodes share this database (leases apply)
+    node_id: str | None = None  # a cluster node's name: the instances it registers are counted per node
 
     def __init__(self, path: Path, busy_timeout_s: float = 30.0) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -292,6 +293,7 @@ class StateDB:
                     "UPDATE instances SET purged=0, path=?, size=?, sha256=? WHERE sop_instance_uid=?",
                     (str(rec.path), rec.size, rec.sha256, rec.sop_instance_uid),
                 )
+                self._count_ingest(c, rec.size, now)
                 return "restored"
             own = c.execute(
                 "SELECT 1 FROM results WHERE series_uid=? LIMIT 1", (rec.series_uid,)
@@ -304,7 +306,22 @@ class StateDB:
             )
             self._upsert_series(c, rec, analysable, now)
             self._touch_study(c, rec, analysable, now)
+            self._count_ingest(c, rec.size, now)
         return "new"
+
+    def _count_ingest(self, c: Conn, size: int, now: float) -> None:
+        """Count a registered instance for this node (a cluster node only: the embedded
+        default writes nothing more). Last in the transaction: the node's row stays locked
+        only until the commit that follows."""
+        if self.node_id is None:
+            return
+        c.execute(
+            """INSERT INTO node_ingest(node_id, instances, bytes, first_received_at, last_received_at)
+               VALUES (?,1,?,?,?)
+               ON CONFLICT(node_id) DO UPDATE SET instances = node_ingest.instances + 1,
+                   bytes = node_ingest.bytes + excluded.bytes, last_received_at = excluded.last_received_at""",
+            (self.node_id, size, now, now),
+        )
 
     @staticmethod
     def _upsert_series(c: Conn, rec: InstanceRecord, analysable: bool, now: float) -> None:
@@ -453,13 +470,16 @@ class StateDB:
         return out
 
     def cluster_view(self) -> dict[str, list[dict[str, Any]]]:
-        """A cluster's work as the database holds it: jobs queued and running per plugin (its
+        """A cluster's work as the database holds it: instances received per ingest node
+        (counted at registration, never decreasing), jobs queued and running per plugin (its
         queue), and jobs per node or worker that ran them last (``lease_owner``) by state."""
+        ingest = self.query("""SELECT node_id AS node, instances, bytes, first_received_at, last_received_at
+                               FROM node_ingest ORDER BY node_id""")
         queues = self.query("""SELECT plugin, state, COUNT(*) AS n FROM jobs WHERE state IN ('queued', 'running')
                                GROUP BY plugin, state ORDER BY plugin, state""")
         workers = self.query("""SELECT lease_owner AS worker, state, COUNT(*) AS n FROM jobs
                                 WHERE lease_owner IS NOT NULL GROUP BY lease_owner, state ORDER BY lease_owner, state""")
-        return {"queues": queues, "workers": workers}
+        return {"ingest": ingest, "queues": queues, "workers": workers}
 
 
 def dumps_timings(timings: dict[str, float]) -> str:
