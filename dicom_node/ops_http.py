@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
@@ -61,6 +62,16 @@ class OpsServer(ThreadingHTTPServer):
         self.health_fn = health_fn
         self.registry_fn = registry_fn
         self._thread: threading.Thread | None = None
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hangs up before the answer is written (HAProxy's health check resets
+        the connection once it has read a 503's status line) is normal: one DEBUG line, not
+        a traceback on stderr at every check. Anything else is logged with its traceback."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ConnectionError):
+            log.debug("ops endpoint: client %s hung up: %s", client_address[0], exc)
+            return
+        log.error("ops endpoint: request from %s failed", client_address[0], exc_info=True)
 
     @property
     def port(self) -> int:
