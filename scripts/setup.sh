@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up a fresh machine: Debian packages (dcmtk, dicom3tools, orthanc, orthanc-dicomweb, systemd, postgresql,
-# redis-server, haproxy) and a Python virtual environment in .venv with the project installed. Safe to run again.
+# redis-server, haproxy, rabbitmq-server) and a Python virtual environment in .venv with the project installed. Safe to run again.
 #
 #   bash scripts/setup.sh               the node (torch 2.13.0, CPU build)
 #   bash scripts/setup.sh --detection   plus detection bundles (lung_nodule_ct_detection):
@@ -21,10 +21,11 @@ command -v dciodvfy >/dev/null 2>&1 || missing+=(dicom3tools)
 command -v Orthanc >/dev/null 2>&1 || missing+=(orthanc)
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing+=(orthanc-dicomweb)  # web viewers
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)  # the service unit's test
-# scale-out (docs/scale-out.md): the tests start their own PostgreSQL and Redis servers
+# scale-out (docs/scale-out.md): the tests start their own PostgreSQL, Redis and RabbitMQ servers
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)  # the load-balancer example's test
+[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing+=(rabbitmq-server)  # the AMQP broker's test (starts in ~5 s)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing Debian packages: ${missing[*]}"
   $SUDO apt-get update -qq

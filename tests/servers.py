@@ -1,5 +1,5 @@
-"""Real PostgreSQL and Redis servers for the scale-out tests, started in a temporary
-folder on a free loopback port and stopped afterwards (no mocks).
+"""Real PostgreSQL, Redis, RabbitMQ and HAProxy servers for the scale-out tests, started in
+a temporary folder on a free loopback port and stopped afterwards (no mocks).
 
 PostgreSQL refuses to run as root: as root the server runs as the ``postgres`` user
 that Debian's ``postgresql`` package creates (``scripts/setup.sh`` installs it and
@@ -13,6 +13,7 @@ import glob
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import tempfile
 import uuid
@@ -111,6 +112,64 @@ class RedisServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
+
+
+RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"  # Debian's, without the wrapper that switches user
+
+
+@dataclass
+class RabbitMQServer:
+    """Debian's ``rabbitmq-server`` (``scripts/setup.sh`` installs it) in a temporary folder:
+    its AMQP port, Erlang distribution port and its own ``epmd`` on free loopback ports, a
+    user with a password, no plugins; :meth:`stop` ends the broker and its epmd."""
+
+    port: int = field(default_factory=free_port)
+    password: str = "rabbitmq-test-secret-2718"
+    root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="dicom-node-rabbitmq-")))
+    proc: subprocess.Popen[bytes] | None = None
+    epmd_port: int = field(default_factory=free_port)
+
+    def _env(self) -> dict[str, str]:
+        return {**os.environ, "HOME": str(self.root), "RABBITMQ_NODENAME": f"rabbit-{self.port}@localhost",
+                "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1", "RABBITMQ_NODE_PORT": str(self.port),
+                "RABBITMQ_DIST_PORT": str(free_port()), "ERL_EPMD_PORT": str(self.epmd_port),
+                "ERL_EPMD_ADDRESS": "127.0.0.1", "RABBITMQ_MNESIA_BASE": str(self.root / "mnesia"),
+                "RABBITMQ_LOG_BASE": str(self.root / "log"), "RABBITMQ_CONFIG_FILE": str(self.root / "rabbitmq"),
+                "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.root / "enabled_plugins")}
+
+    def start(self, timeout: float = 60.0) -> "RabbitMQServer":
+        assert Path(RABBITMQ_SERVER).exists(), \
+            "rabbitmq-server is not installed: run scripts/setup.sh (it installs Debian's rabbitmq-server)"
+        (self.root / "rabbitmq.conf").write_text(f"default_user = dicomnode\ndefault_pass = {self.password}\n"
+                                                 "loopback_users = none\n")
+        (self.root / "enabled_plugins").write_text("[].\n")
+        with open(self.root / "out.log", "ab") as log:
+            self.proc = subprocess.Popen([RABBITMQ_SERVER], stdout=log, stderr=subprocess.STDOUT, env=self._env(),
+                                         start_new_session=True)
+        wait_for(lambda: tcp_listening(self.port) or self.proc is None or self.proc.poll() is not None,
+                 timeout, "rabbitmq-server to listen")
+        assert self.proc.poll() is None, f"rabbitmq-server exited:\n{self.log()}"
+        return self
+
+    def url(self, password: str | None = None) -> str:
+        return f"amqp://dicomnode:{self.password if password is None else password}@127.0.0.1:{self.port}//"
+
+    def log(self) -> str:
+        path = self.root / "out.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # the script and the Erlang VM it started
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        epmd = shutil.which("epmd")  # erl started its own epmd (it daemonizes): end it too
+        if epmd:
+            subprocess.run([epmd, "-kill"], env=self._env(), capture_output=True, timeout=10, check=False)
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 @dataclass
