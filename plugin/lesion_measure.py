@@ -49,9 +49,11 @@ model's resampled grid:
   parts of fewer than three voxels dropped as noise; the lesion is "part_solid" when
   that component holds at least :data:`SOLID_COMPONENT_MIN_MM3` (a 3 mm ball),
   "ground_glass" otherwise. A vessel running through ground glass counts as solid: the
-  convention cannot tell them apart. A lesion without a core (too small or thin; on
-  5 mm slices most nodules under about 20 mm) is taken as solid: partial volume alone
-  would make a solid nodule read as ground glass. The pleural cut of a subsolid lesion
+  convention cannot tell them apart. A lesion without a core, or with a core of less
+  than :data:`SUBSOLID_MIN_CORE_MM3` (too small or thin; on 5 mm slices most nodules
+  under about 20 mm), is taken as solid: partial volume alone would make a solid nodule
+  read as ground glass, and a verdict on a handful of voxels is a verdict on their
+  noise. The pleural cut of a subsolid lesion
   looks for the wall at a solid lesion's half maximum (ground glass is not wall).
 """
 
@@ -78,6 +80,7 @@ SUBSOLID_BELOW_HU = -300.0
 SUBSOLID_SHARE = 0.2
 MODE_MIN_VOXELS = 50
 SOLID_COMPONENT_MIN_MM3 = math.pi / 6.0 * 3.0**3
+SUBSOLID_MIN_CORE_MM3 = SOLID_COMPONENT_MIN_MM3  # a 3 mm ball: the least core a composition is judged on
 
 
 @dataclass(frozen=True)
@@ -249,14 +252,17 @@ def is_subsolid(hu: np.ndarray, mask: np.ndarray, spacing: tuple[float, float, f
     :data:`SUBSOLID_SHARE` lies below :data:`SUBSOLID_BELOW_HU` in ``hu``: ground glass or
     part-solid. Without a core (too small or too thin for its slices) it is solid. With
     ``reach_mm`` (:func:`core_reach_mm` of the source grid) the core is the one the
-    source grid would give, on a resampled grid of ``spacing``."""
+    source grid would give, on a resampled grid of ``spacing``. A core of less than
+    :data:`SUBSOLID_MIN_CORE_MM3` counts as none (on 8 mm slices of 0.65 mm pixels a
+    one-voxel core of a 32 mm branching structure would otherwise decide)."""
     if reach_mm is None:
         inner = core(mask, spacing)
     else:
         radii = tuple(max(1, int(round(r / s))) for r, s in zip(reach_mm, spacing))
         inner = np.asarray(ndimage.binary_erosion(mask, structure=ellipsoid((radii[0], radii[1], radii[2])),
                                                   border_value=0))
-    return bool(inner.any()) and float(np.mean(hu[inner] < SUBSOLID_BELOW_HU)) >= SUBSOLID_SHARE
+    core_mm3 = float(inner.sum()) * float(np.prod(spacing))
+    return core_mm3 >= SUBSOLID_MIN_CORE_MM3 and float(np.mean(hu[inner] < SUBSOLID_BELOW_HU)) >= SUBSOLID_SHARE
 
 
 def _mode(values: np.ndarray) -> float:

@@ -14,7 +14,7 @@ import pytest
 from pydicom.sr.codedict import codes
 from scipy import ndimage
 
-from plugin.lesion_measure import attenuation, core, measure_lesion
+from plugin.lesion_measure import SUBSOLID_MIN_CORE_MM3, attenuation, core, is_subsolid, measure_lesion
 from plugin.manifest import parse_manifest
 from plugin.measure import axes, measure_findings, outlines
 from plugin.pleural_cut import beyond_pleura
@@ -284,6 +284,22 @@ def test_part_solid_nodules_are_measured_whole_with_their_solid_component(slice_
         assert finding.composition == "part_solid" and finding.solid_long_axis_mm is not None
         assert finding.solid_volume_mm3 is not None and finding.solid_volume_mm3 < 0.5 * finding.volume_mm3
         assert abs(finding.solid_long_axis_mm - solid) <= 2.0, (diameter, solid, finding.solid_long_axis_mm)
+
+
+def test_a_core_smaller_than_a_3_mm_ball_judges_no_composition() -> None:
+    """8 mm slices of 0.65 mm pixels: a ground-glass lesion three slices thick whose core
+    (1 mm in-plane, one whole slice deep) is a handful of voxels is taken as solid; the
+    same lesion with a core of a 3 mm ball or more is ground glass."""
+    spacing = (0.65, 0.65, 8.0)
+    hu = np.full((61, 61, 9), -850.0)
+    for half_width, expected in ((1, False), (5, True)):
+        mask = np.zeros(hu.shape, dtype=bool)
+        mask[30 - 2 - half_width:30 + 3 + half_width, 28:33, 3:6] = True  # core: 1 + 2 half_width voxels long
+        lesion_hu = np.where(mask, -500.0, hu)
+        inner = core(mask, spacing)
+        core_mm3 = float(inner.sum()) * 0.65 * 0.65 * 8.0
+        assert (core_mm3 >= SUBSOLID_MIN_CORE_MM3) is expected, core_mm3
+        assert is_subsolid(lesion_hu, mask, spacing) is expected, half_width
 
 
 def test_a_solid_nodule_has_no_solid_component_of_its_own() -> None:
