@@ -107,9 +107,9 @@ def test_the_work_cycle_behind_the_same_interface(url: str, tmp_path: Path) -> N
     db.close()
 
 
-def test_instances_through_two_nodes_make_one_study(url: str) -> None:
-    """Two nodes register halves of one study at the same time, each from several threads."""
-    nodes = [PostgresStateDB(url), PostgresStateDB(url)]
+def _register_in_threads(work: list[tuple[PostgresStateDB, range]]) -> None:
+    """Each (node, numbers) registers those instances from its own thread, all at once;
+    an error in any thread fails the test."""
     errors: list[BaseException] = []
 
     def register(db: PostgresStateDB, numbers: range) -> None:
@@ -119,12 +119,18 @@ def test_instances_through_two_nodes_make_one_study(url: str) -> None:
         except BaseException as exc:  # reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=register, args=(nodes[k % 2], range(k, 200, 4))) for k in range(4)]
+    threads = [threading.Thread(target=register, args=item) for item in work]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert not errors, errors
+
+
+def test_instances_through_two_nodes_make_one_study(url: str) -> None:
+    """Two nodes register halves of one study at the same time, each from several threads."""
+    nodes = [PostgresStateDB(url), PostgresStateDB(url)]
+    _register_in_threads([(nodes[k % 2], range(k, 200, 4)) for k in range(4)])
     [study] = nodes[0].query("SELECT * FROM studies")
     assert study["instance_count"] == 200 and study["state"] == "receiving"
     assert nodes[1].query("SELECT COUNT(*) AS n FROM instances")[0]["n"] == 200
@@ -147,23 +153,9 @@ def test_instances_are_counted_per_ingest_node(url: str, tmp_path: Path) -> None
     old.close()
     nodes = {name: PostgresStateDB(url, node_id=name) for name in ("gw-a", "gw-b")}
     assert nodes["gw-a"].schema_version() == len(postgres_migrations())  # migrated again, once
-    errors: list[BaseException] = []
-
-    def register(db: PostgresStateDB, numbers: range) -> None:
-        try:
-            for n in numbers:
-                db.register_instance(_record(n))
-        except BaseException as exc:  # reported below
-            errors.append(exc)
-
     # gw-a gets 0..29 from three threads, gw-b 30..49 from two, at the same time
-    threads = [threading.Thread(target=register, args=(nodes["gw-a"], range(k, 30, 3))) for k in range(3)]
-    threads += [threading.Thread(target=register, args=(nodes["gw-b"], range(30 + k, 50, 2))) for k in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    _register_in_threads([(nodes["gw-a"], range(k, 30, 3)) for k in range(3)]
+                         + [(nodes["gw-b"], range(30 + k, 50, 2)) for k in range(2)])
     assert [nodes["gw-b"].register_instance(_record(n)) for n in range(5)] == ["duplicate"] * 5  # not counted
     worker = PostgresStateDB(url)  # no node name: registers, counts nothing
     assert worker.register_instance(_record(99)) == "new"

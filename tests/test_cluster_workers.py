@@ -18,6 +18,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,18 +170,32 @@ def _query(database: str, sql: str) -> list[tuple[Any, ...]]:
         return conn.execute(sql).fetchall()  # type: ignore[arg-type]
 
 
-def test_a_worker_killed_mid_job_leaves_it_to_the_other_worker(
-        tmp_path: Path, postgres: PostgresServer, redis: RedisServer, dest: StoreSCP) -> None:
-    database = postgres.new_database()
-    study = write_ct_series(dense_phantom(24, size=96), tmp_path / "study", PATIENT,
+@dataclass
+class KilledMidJob:
+    """What :func:`kill_the_busy_worker` leaves for a test's own checks."""
+
+    gateway: NodeProcess
+    doomed: WorkerProcess
+    survivor: WorkerProcess
+
+
+@contextmanager
+def kill_the_busy_worker(tmp_path: Path, database: str, broker_url: str, dest: StoreSCP, patient: StudyIdentity,
+                         metrics: bool = False) -> Iterator[KilledMidJob]:
+    """The scenario of both brokers: a gateway and two workers, one study; the worker
+    running its job is killed with ``kill -9`` (with its processes). Checked here: the
+    job is done on the other worker (try 2), delivered once, one result series of each
+    kind, the job's history, and no PHI or password in the logs. Yields for the caller's own checks, then stops them all."""
+    study = write_ct_series(dense_phantom(24, size=96), tmp_path / "study", patient,
                             SeriesLayout(pixel_spacing_mm=(1.0, 1.0)))
-    gateway = _gateway(tmp_path, database, redis.url(), dest.port, delay=6.0)
+    gateway = _gateway(tmp_path, database, broker_url, dest.port, delay=6.0)
     workers: list[WorkerProcess] = []
     try:
         gateway.start()
         workers = _workers(tmp_path, gateway, ["w-a", "w-b"])
         for worker in workers:
-            worker.metrics_port = free_port()  # each worker's own /metrics
+            if metrics:
+                worker.metrics_port = free_port()  # each worker's own /metrics
             worker.start()
         assert storescu(gateway.port, study).returncode == 0
         status = gateway.wait_for(lambda s: any(j["state"] == "running" for j in s["jobs"]), timeout=120,
@@ -199,19 +214,28 @@ def test_a_worker_killed_mid_job_leaves_it_to_the_other_worker(
         assert sorted(_query(database, "SELECT kind, COUNT(DISTINCT series_uid) FROM results GROUP BY kind")) == [
             ("KOS", 1), ("SC", 1), ("SEG", 1), ("SR", 1)]
         history = [r[0] for r in _query(database, "SELECT detail FROM transitions WHERE kind='job' ORDER BY id")]
-        assert history == ["route dense-ct", "worker w-a" if doomed.name == "w-a" else "worker w-b",
-                           f"lease of node {doomed.name} expired", f"worker {survivor.name}", "6 result objects"]
-        with urllib.request.urlopen(f"http://127.0.0.1:{survivor.metrics_port}/metrics", timeout=10) as rsp:
-            metrics = rsp.read().decode()
-        assert f'dicomnode_worker_jobs{{state="done",worker="{survivor.name}"}} 1.0' in metrics, metrics
-        assert "dicomnode_worker_database_up 1.0" in metrics
+        assert history == ["route dense-ct", f"worker {doomed.name}", f"lease of node {doomed.name} expired",
+                           f"worker {survivor.name}", "6 result objects"]
         for text in (gateway.log(), survivor.log()):
-            assert "SECRET" not in text and PASSWORD not in text and redis.password not in text
+            assert str(patient.patient_id) not in text and PASSWORD not in text
+        yield KilledMidJob(gateway, doomed, survivor)
     finally:
         for worker in workers:
             if worker.proc is not None and worker.proc.poll() is None:
                 worker.kill_host()
         gateway.stop()
+
+
+def test_a_worker_killed_mid_job_leaves_it_to_the_other_worker(
+        tmp_path: Path, postgres: PostgresServer, redis: RedisServer, dest: StoreSCP) -> None:
+    with kill_the_busy_worker(tmp_path, postgres.new_database(), redis.url(), dest, PATIENT,
+                              metrics=True) as run:
+        with urllib.request.urlopen(f"http://127.0.0.1:{run.survivor.metrics_port}/metrics", timeout=10) as rsp:
+            metrics = rsp.read().decode()
+        assert f'dicomnode_worker_jobs{{state="done",worker="{run.survivor.name}"}} 1.0' in metrics, metrics
+        assert "dicomnode_worker_database_up 1.0" in metrics
+        for text in (run.gateway.log(), run.survivor.log()):
+            assert "SECRET" not in text and redis.password not in text
 
 
 def test_a_broker_restart_during_a_queue_of_20_jobs_loses_none_and_runs_none_twice(
