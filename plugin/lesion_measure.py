@@ -265,6 +265,17 @@ def is_subsolid(hu: np.ndarray, mask: np.ndarray, spacing: tuple[float, float, f
     return core_mm3 >= SUBSOLID_MIN_CORE_MM3 and float(np.mean(hu[inner] < SUBSOLID_BELOW_HU)) >= SUBSOLID_SHARE
 
 
+def stands_out(hu: np.ndarray, mask: np.ndarray, spacing: tuple[float, float, float]) -> bool:
+    """Whether the lesion ``mask`` (a subsolid one: its level the ground glass's) is at
+    least :data:`MIN_CONTRAST_HU` above the lung 2-4 mm around it, the contrast
+    :func:`measure_lesion` needs to find its edge; True when there is too little lung
+    around it to tell. ``hu`` must reach 4 mm beyond the mask."""
+    background = _background(hu, mask, np.zeros_like(mask), spacing)
+    if background is None:
+        return True
+    return _lesion_level(hu, mask, spacing, subsolid=True) - background >= MIN_CONTRAST_HU
+
+
 def _mode(values: np.ndarray) -> float:
     """The most frequent value (HU) of ``values``: the peak of their histogram in 10 HU
     bins, smoothed over 20 HU; the median for fewer than :data:`MODE_MIN_VOXELS` values.

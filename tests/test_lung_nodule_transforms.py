@@ -163,6 +163,23 @@ def test_subsolid_channel_adds_only_components_that_measure_subsolid() -> None:
     assert (merged[core] == np.float32(0.9)).all()  # the nodule channel's own probability kept
 
 
+def test_subsolid_channel_adds_nothing_the_lung_around_it_matches() -> None:
+    """A component of the subsolid channel that is only lung (a -770 HU stretch of a
+    dense -775 HU lung: its core is below -300 HU, so 'subsolid') is not added; the same
+    shape of -600 HU ground glass in that lung is, 170 HU above it."""
+    shape = (60, 60, 40)
+    lung = np.full(shape, _scaled(-775.0), dtype=np.float32)
+    patch = _ball(shape, (30, 30, 20), 8)
+    plain = lung.copy()
+    plain[patch] = _scaled(-770.0)
+    glass = lung.copy()
+    glass[patch] = _scaled(-600.0)
+    prob = np.where(patch, 0.95, 0.0).astype(np.float32)
+    spacing = np.array([1.0, 1.0, 1.0])
+    assert not subsolid_components(prob, plain, spacing).any()
+    assert np.array_equal(subsolid_components(prob, glass, spacing), patch)
+
+
 def test_network_stacks_a_third_channel_only_when_it_has_a_subsolid_network() -> None:
     def one() -> torch.nn.Module:
         return torch.nn.Conv3d(1, 1, 1)

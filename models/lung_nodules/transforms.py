@@ -40,7 +40,7 @@ from models.lung_nodules.candidates import (
     screened_score,
 )
 from plugin.finding_scores import SCORES_KEY
-from plugin.lesion_measure import core_reach_mm, is_subsolid
+from plugin.lesion_measure import BACKGROUND_RING_MM, core_reach_mm, is_subsolid, stands_out
 
 AIR_SCALED = (-500.0 + 1000.0) / 1400.0  # -500 HU after ScaleIntensityRanged [-1000, 400] -> [0, 1]
 SOFT_SCALED = (-300.0 + 1000.0) / 1400.0  # -300 HU: soft tissue, above lung and its partial volume
@@ -238,20 +238,25 @@ def subsolid_components(prob: np.ndarray, image: np.ndarray, spacing: np.ndarray
     on (so on 5 mm slices a component needs three slices' depth). The subsolid network
     marks ground glass and part-solid nodules whole, but on 3-5 mm slices it also marks
     vessel segments one to four slices thick, diluted to -270..+20 HU by partial volume
-    (validation chests, stage 7): solid, or without a core, to this test. Boolean mask."""
+    (validation chests, stage 7): solid, or without a core, to this test. A component
+    must also stand out from the lung 2-4 mm around it by the contrast the report needs
+    to find its edge (:func:`plugin.lesion_measure.stands_out`): a stretch of dense lung
+    (-770 HU) is "subsolid" by its core alone. Boolean mask."""
     out = np.zeros(prob.shape, dtype=bool)
     components, count = ndimage.label(prob > threshold)
     mm = (float(spacing[0]), float(spacing[1]), float(spacing[2]))
     source = mm if source_spacing is None else (float(source_spacing[0]), float(source_spacing[1]),
                                                  float(source_spacing[2]))
     reach = core_reach_mm(source)
+    reach_out = [int(np.ceil(BACKGROUND_RING_MM[1] / s)) + 1 for s in mm]
     for index, box in enumerate(ndimage.find_objects(components, max_label=count), start=1):
         if box is None:
             continue
-        mask = components[box] == index
-        hu = image[box].astype(np.float32) * 1400.0 - 1000.0
-        if is_subsolid(hu, mask, mm, reach):
-            out[box] |= mask
+        grown = tuple(slice(max(0, b.start - m), min(n, b.stop + m)) for b, m, n in zip(box, reach_out, prob.shape))
+        mask = components[grown] == index
+        hu = image[grown].astype(np.float32) * 1400.0 - 1000.0
+        if is_subsolid(hu, mask, mm, reach) and stands_out(hu, mask, mm):
+            out[grown] |= mask
     return out
 
 
