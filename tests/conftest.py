@@ -1,4 +1,5 @@
-"""Shared fixtures: generated CT series written once per session."""
+"""Shared fixtures: generated CT series written once per session, a PostgreSQL server per
+session, and a storescp destination per test."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 
 from phantoms.ct_writer import SeriesLayout, StudyIdentity, simple_ct_volume, write_ct_series
 from tests.servers import PostgresServer
+from tests.support import StoreSCP, free_port
 
 
 @pytest.fixture(scope="session")
@@ -26,3 +28,11 @@ def postgres() -> Iterator[PostgresServer]:
     server = PostgresServer().start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def dest(tmp_path: Path) -> Iterator[StoreSCP]:
+    """A real storescp (dcmtk) on a free loopback port, receiving into the test's folder."""
+    scp = StoreSCP(free_port(), tmp_path / "received").start()
+    yield scp
+    scp.stop()

@@ -13,12 +13,10 @@ import re
 import subprocess
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
-import pytest
 
 from phantoms.ct_writer import SeriesLayout, StudyIdentity, write_ct_series
 from tests.servers import PASSWORD, USER, HAProxyServer, PostgresServer
@@ -36,13 +34,6 @@ from tests.support import (
 )
 
 PATIENT = StudyIdentity(patient_name="HAPROXY^SECRET", patient_id="MRN-HAPROXY-SECRET")
-
-
-@pytest.fixture
-def dest(tmp_path: Path) -> Iterator[StoreSCP]:
-    scp = StoreSCP(free_port(), tmp_path / "received").start()
-    yield scp
-    scp.stop()
 
 
 def _gateway(tmp_path: Path, name: str, database: str, dest_port: int) -> NodeProcess:

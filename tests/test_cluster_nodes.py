@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +35,6 @@ from tests.support import (
 
 PATIENT = StudyIdentity(patient_name="CLUSTER^SECRET", patient_id="MRN-CLUSTER-SECRET")
 LEASE_S = 4.0
-
-
-@pytest.fixture
-def dest(tmp_path: Path) -> Iterator[StoreSCP]:
-    scp = StoreSCP(free_port(), tmp_path / "received").start()
-    yield scp
-    scp.stop()
 
 
 @pytest.fixture

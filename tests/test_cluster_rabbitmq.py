@@ -19,7 +19,7 @@ import pytest
 
 from phantoms.ct_writer import StudyIdentity
 from tests.servers import PASSWORD, PostgresServer, RabbitMQServer
-from tests.support import StoreSCP, free_port
+from tests.support import StoreSCP
 from tests.test_cluster_config import _check_config
 from tests.test_cluster_workers import kill_the_busy_worker
 
@@ -31,13 +31,6 @@ def rabbitmq() -> Iterator[RabbitMQServer]:
     server = RabbitMQServer().start()
     yield server
     server.stop()
-
-
-@pytest.fixture
-def dest(tmp_path: Path) -> Iterator[StoreSCP]:
-    scp = StoreSCP(free_port(), tmp_path / "received").start()
-    yield scp
-    scp.stop()
 
 
 def test_check_config_reaches_rabbitmq(tmp_path: Path, postgres: PostgresServer, rabbitmq: RabbitMQServer) -> None:

@@ -120,13 +120,6 @@ def redis() -> Iterator[RedisServer]:
     server.stop()
 
 
-@pytest.fixture
-def dest(tmp_path: Path) -> Iterator[StoreSCP]:
-    scp = StoreSCP(free_port(), tmp_path / "received").start()
-    yield scp
-    scp.stop()
-
-
 def _gateway(tmp_path: Path, database: str, broker: str, dest_port: int, delay: float,
              routes: list[dict[str, Any]] | None = None, resend_s: float = 60.0) -> NodeProcess:
     plugins: dict[str, Any] = {"dense": {**FAKE_PLUGIN["dense"], "options": {"threshold": 300, "delay": delay}}}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import sqlite3
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +34,6 @@ from tests.support import (
 )
 
 PATIENT = StudyIdentity(patient_name="DOE^JANE^SECRET", patient_id="MRN-77123-SECRET", patient_birth_date="19511231")
-
-
-@pytest.fixture
-def dest(tmp_path: Path) -> Iterator[StoreSCP]:
-    scp = StoreSCP(free_port(), tmp_path / "received").start()
-    yield scp
-    scp.stop()
 
 
 def _node(tmp_path: Path, dest_port: int, **sections: Any) -> NodeProcess:

@@ -8,11 +8,9 @@ The node runs as an admin runs it (`dicom-node serve`), dcmtk sends and receives
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 
 from phantoms.ct_writer import SeriesLayout, StudyIdentity, write_ct_series
 from tests.support import NodeProcess, StoreSCP, dense_phantom, free_port, node_config, storescu
@@ -25,13 +23,6 @@ PLUGINS = {"slow": {"factory": "tests.fake_plugins:create", "options": {"delay":
 def _routes(destinations: list[str]) -> list[dict[str, Any]]:
     return [{"name": name, "match": {"SeriesDescription": f"^{name.upper()}$"}, "plugin": name,
              "stable_seconds": 1, "destinations": destinations} for name in PLUGINS]
-
-
-@pytest.fixture
-def dest(tmp_path: Path) -> Iterator[StoreSCP]:
-    scp = StoreSCP(free_port(), tmp_path / "received").start()
-    yield scp
-    scp.stop()
 
 
 def _study(tmp_path: Path, description: str) -> list[Path]:
