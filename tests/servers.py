@@ -128,11 +128,12 @@ class RabbitMQServer:
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="dicom-node-rabbitmq-")))
     proc: subprocess.Popen[bytes] | None = None
     epmd_port: int = field(default_factory=free_port)
+    dist_port: int = field(default_factory=free_port)  # Erlang distribution: the same in every _env()
 
     def _env(self) -> dict[str, str]:
         return {**os.environ, "HOME": str(self.root), "RABBITMQ_NODENAME": f"rabbit-{self.port}@localhost",
                 "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1", "RABBITMQ_NODE_PORT": str(self.port),
-                "RABBITMQ_DIST_PORT": str(free_port()), "ERL_EPMD_PORT": str(self.epmd_port),
+                "RABBITMQ_DIST_PORT": str(self.dist_port), "ERL_EPMD_PORT": str(self.epmd_port),
                 "ERL_EPMD_ADDRESS": "127.0.0.1", "RABBITMQ_MNESIA_BASE": str(self.root / "mnesia"),
                 "RABBITMQ_LOG_BASE": str(self.root / "log"), "RABBITMQ_CONFIG_FILE": str(self.root / "rabbitmq"),
                 "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.root / "enabled_plugins")}

@@ -6,8 +6,8 @@
 Seeded and reproducible (fixed seeds, fixed iteration count, 2 torch threads). Stages
 1-4 train the nodule network, stages 5-6 fine-tune a copy of it into the mass network,
 stage 7 fine-tunes a copy of it into the subsolid network, on ground-glass and
-part-solid nodules labelled whole; ``models/model.pt`` holds all three (:mod:`networks`). The training phantoms come from
-:mod:`phantoms.chest_phantom` with seeds ``TRAIN_SEED_BASE + i`` (i <
+part-solid nodules labelled whole; ``models/model.pt`` holds all three (:mod:`networks`).
+The training phantoms come from :mod:`phantoms.chest_phantom` with seeds ``TRAIN_SEED_BASE + i`` (i <
 ``--cases``), 100.. (stage 2), 200.. (stage 3), 300.. (stage 4), 400.. (stage 5: a
 mass of 30-80 mm in every chest), 600.. (stage 6: every other chest with a mass,
 negatives mined with the stage-5 network) and 1000.. (stage 7: subsolid nodules and
