@@ -189,6 +189,28 @@ def test_network_stacks_a_third_channel_only_when_it_has_a_subsolid_network() ->
     assert NoduleAndMassNet(one(), one(), one())(x).shape[1] == 3
 
 
+def test_network_runs_channels_last_and_gives_the_default_layouts_output() -> None:
+    """The weights stay channels-last after loading a state dict (the layout oneDNN's
+    3-D convolutions are fastest in), and the output is the one the same UNets give in
+    PyTorch's default layout."""
+    from monai.networks.nets import UNet
+
+    def unet() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return UNet(3, 1, 1, (4, 8), (2,), num_res_units=1, norm="batch").eval()
+
+    net = NoduleAndMassNet(unet(), unet(), unet()).eval()
+    net.load_state_dict(NoduleAndMassNet(unet(), unet(), unet()).state_dict())
+    weights = [m.weight for m in net.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert weights and all(w.is_contiguous(memory_format=torch.channels_last_3d) for w in weights)
+    x = torch.rand(1, 1, 16, 24, 8)
+    with torch.inference_mode():
+        out = net(x)
+        plain = torch.cat([unet()(x)] * 3, dim=1)
+    assert out.is_contiguous() and out.shape == (1, 3, 16, 24, 8)
+    assert torch.allclose(out, plain, atol=1e-5)
+
+
 def test_subsolid_components_need_the_source_grids_core() -> None:
     """On 5 mm source slices a component one slice thick (a diluted vessel segment,
     resampled to 1.25 mm) has no core where the report measures it, so it is not added;
