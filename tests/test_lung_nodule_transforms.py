@@ -211,6 +211,38 @@ def test_network_runs_channels_last_and_gives_the_default_layouts_output() -> No
     assert torch.allclose(out, plain, atol=1e-5)
 
 
+def test_unet_last_block_at_half_resolution_gives_the_unets_output() -> None:
+    """The bundle's UNet architecture, random weights and BatchNorm statistics: its last
+    block computed per sub-voxel phase at half resolution gives the UNet's own logits,
+    in both memory layouts; a UNet ending otherwise is not folded."""
+    from monai.networks.nets import UNet
+
+    from models.lung_nodules import unet_top
+
+    torch.manual_seed(1)
+    unet = UNet(3, 1, 1, (8, 16, 32), (2, 2), num_res_units=1, norm="batch")
+    for module in unet.modules():
+        if isinstance(module, torch.nn.BatchNorm3d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.5, 0.5)
+        if isinstance(module, torch.nn.PReLU):
+            module.weight.data.fill_(0.1)
+    unet.eval()
+    assert unet_top.foldable(unet)
+    with torch.inference_mode():
+        for shape in ((16, 24, 8), (32, 8, 40)):
+            x = torch.randn(2, 1, *shape)
+            expected = unet(x)
+            assert torch.allclose(unet_top.forward(unet, x), expected, atol=1e-4)
+            channels_last = x.contiguous(memory_format=torch.channels_last_3d)
+            assert torch.allclose(unet_top.forward(unet.to(memory_format=torch.channels_last_3d),
+                                                   channels_last), expected, atol=1e-4)
+    assert not unet_top.foldable(UNet(3, 1, 1, (8, 16), (2,), num_res_units=0, norm="batch"))
+    assert not unet_top.foldable(UNet(3, 1, 2, (8, 16), (2,), num_res_units=1, norm="batch"))
+
+
 def test_subsolid_components_need_the_source_grids_core() -> None:
     """On 5 mm source slices a component one slice thick (a diluted vessel segment,
     resampled to 1.25 mm) has no core where the report measures it, so it is not added;
