@@ -16,7 +16,7 @@ DICOM. ``manifest.yaml`` fills that gap without code::
       1:
         name: Nodule
         per_component: true     # each connected component is a finding "Nodule 1", ...
-        min_volume_mm3: 15      # smaller components are dropped
+        min_volume_mm3: 15      # smaller components (and measured findings) are dropped
         category: {scheme: SCT, value: "49755003", meaning: "Morphologically abnormal structure"}
         type: {scheme: SCT, value: "27925004", meaning: "Nodule"}
         site: {scheme: SCT, value: "39607008", meaning: "Lung"}

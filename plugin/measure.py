@@ -34,6 +34,9 @@ Conventions
 * Composition ("solid", "part_solid", "ground_glass") and a part-solid finding's solid
   component (:mod:`plugin.lesion_measure`): its volume (voxel count) and its long axis on
   its own axial slice of largest extent.
+* A label's ``min_volume_mm3`` applies twice: to the model's component (its voxels in the
+  label map) and to the finding's measured volume, the one the report gives. A
+  component refined to a half-maximum edge smaller than that is not reported.
 * A finding whose long axis reaches the label's ``mass.min_long_axis_mm`` is named and
   coded as the mass (e.g. "Mass 1", SCT 4147007) instead of the label's type.
 """
@@ -170,7 +173,10 @@ def _components(
             if float(local.sum()) * float(np.prod(spacing)) < spec.min_volume_mm3:
                 continue  # the model's component, before any refinement
             x, y, z = (slice(r.start + b.start, r.start + b.stop) for r, b in zip(region, local_box))
-            found.append(_measured(value, spec, (x, y, z), local, labels, hu, spacing))
+            measured = _measured(value, spec, (x, y, z), local, labels, hu, spacing)
+            if measured.volume_mm3 < spec.min_volume_mm3:
+                continue  # what the report would give: refined to the lesion's edge, too small
+            found.append(measured)
         logger.debug("label %d: %d component(s), %d kept", value, n, len(found) - before)
     return found
 

@@ -146,6 +146,32 @@ def test_components_ordered_largest_first_and_small_ones_dropped() -> None:
     assert result.findings[0].centroid_mm == pytest.approx((30.0, 30.0, 10.0))
 
 
+def test_a_finding_whose_measured_volume_is_below_the_minimum_is_not_reported() -> None:
+    """``min_volume_mm3`` holds for the volume the report gives: a 7 x 7 x 7 mm component
+    (343 mm3 in the label map) around a 4 mm ball (34 mm3) measures the ball at its
+    half-maximum edge and is dropped; the same component around a 7 mm ball is kept."""
+    shape = (40, 20, 20)
+    affine = lps_affine((1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    centres = ((10, 10, 10), (28, 10, 10))
+    mm = grid_mm(shape, affine)
+    hu = np.full(shape, -850.0)
+    for (x, y, z), diameter in zip(centres, (4.0, 7.0)):
+        inside = (mm[0] - x) ** 2 + (mm[1] - y) ** 2 + (mm[2] - z) ** 2 <= (diameter / 2) ** 2
+        hu[inside] = 40.0
+    labels = np.zeros(shape, dtype=np.uint8)
+    for centre in centres:
+        _blob(labels, centre, 3)
+    spec = NODULE.model_copy(update={"min_volume_mm3": 60.0, "boundary": "half_maximum"})
+
+    result = measure_findings(labels, hu, affine, {1: spec})
+
+    assert len(result.findings) == 1
+    kept = result.findings[0]
+    assert kept.centroid_mm == pytest.approx((28.0, 10.0, 10.0), abs=0.5)
+    assert kept.volume_mm3 == pytest.approx(4 / 3 * math.pi * 3.5**3, rel=0.2)
+    assert not result.label_map[5:16].any()  # the dropped one is not in the label map either
+
+
 def test_26_connectivity_and_equal_volumes_are_ordered_by_centroid() -> None:
     shape = (20, 20, 20)
     affine = np.eye(4)
