@@ -125,9 +125,11 @@ def _radii(spacing: tuple[float, float, float], mm: float, *, half_voxel: bool) 
     return (out[0], out[1], out[2])
 
 
-def core(mask: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
-    """The voxels of ``mask`` at least :data:`CORE_DEPTH_MM` inside its boundary."""
-    element = ellipsoid(_radii(spacing, CORE_DEPTH_MM, half_voxel=True))
+def core(mask: np.ndarray, spacing: tuple[float, float, float],
+         radii: tuple[int, int, int] | None = None) -> np.ndarray:
+    """The voxels of ``mask`` at least :data:`CORE_DEPTH_MM` inside its boundary, or, with
+    ``radii``, at least that many voxels along each axis."""
+    element = ellipsoid(radii or _radii(spacing, CORE_DEPTH_MM, half_voxel=True))
     return np.asarray(ndimage.binary_erosion(mask, structure=element, border_value=0))
 
 
@@ -255,12 +257,10 @@ def is_subsolid(hu: np.ndarray, mask: np.ndarray, spacing: tuple[float, float, f
     source grid would give, on a resampled grid of ``spacing``. A core of less than
     :data:`SUBSOLID_MIN_CORE_MM3` counts as none (on 8 mm slices of 0.65 mm pixels a
     one-voxel core of a 32 mm branching structure would otherwise decide)."""
-    if reach_mm is None:
-        inner = core(mask, spacing)
-    else:
-        radii = tuple(max(1, int(round(r / s))) for r, s in zip(reach_mm, spacing))
-        inner = np.asarray(ndimage.binary_erosion(mask, structure=ellipsoid((radii[0], radii[1], radii[2])),
-                                                  border_value=0))
+    radii = None if reach_mm is None else (max(1, round(reach_mm[0] / spacing[0])),
+                                           max(1, round(reach_mm[1] / spacing[1])),
+                                           max(1, round(reach_mm[2] / spacing[2])))
+    inner = core(mask, spacing, radii)
     core_mm3 = float(inner.sum()) * float(np.prod(spacing))
     return core_mm3 >= SUBSOLID_MIN_CORE_MM3 and float(np.mean(hu[inner] < SUBSOLID_BELOW_HU)) >= SUBSOLID_SHARE
 
