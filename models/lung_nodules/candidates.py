@@ -34,6 +34,8 @@ import torch
 from monai.networks.nets import Classifier
 from scipy import ndimage
 
+from plugin import components as connected
+
 logger = logging.getLogger(__name__)
 SOFT_SCALED = (-450.0 + 1000.0) / 1400.0  # -450 HU on the bundle's [-1000, 400] scale
 CORE_RADIUS_MM = 2.5
@@ -55,7 +57,7 @@ class Candidates:
     count: int
     centres: np.ndarray  # (count, 3) full-image indices of each core's thickest voxel
     thickness_mm: np.ndarray  # (count,) the distance at that voxel
-    _boxes: list[tuple[slice, ...] | None] | None = field(default=None, repr=False)
+    _boxes: list[tuple[slice, ...]] | None = field(default=None, repr=False)  # of each core, within ``box``
 
     def outline(self, index: int, spacing: np.ndarray) -> tuple[tuple[slice, ...], np.ndarray]:
         """The opening of candidate ``index`` (1-based): soft tissue within
@@ -104,12 +106,16 @@ def find_candidates(image: np.ndarray, spacing: np.ndarray, lungs: np.ndarray,
         soft_near[tuple(slice(i.start - o.start, i.stop - o.start) for i, o in zip(inner, near))]
     padded = np.pad(soft, 1)  # outside the box is not soft tissue
     depth = depth_map(padded, spacing, device)[1:-1, 1:-1, 1:-1]
-    cores, count = ndimage.label(depth >= CORE_RADIUS_MM, structure=STRUCTURE)
+    found = connected.label(depth >= CORE_RADIUS_MM, structure=STRUCTURE)
+    cores, count, boxes = found.labels, found.count, found.boxes
     if split:
-        cores, count = split_cores(depth, cores, count, spacing)
-    centres, thickness = _thickest(cores, depth, count)
+        cores, split_count = split_cores(depth, cores, count, spacing, found)
+        if split_count != count:  # the split cores' voxels are the same, their labels and boxes new
+            count = split_count
+            boxes = connected.boxes_of(cores[found.where], found.where, count)
+    centres, thickness = _thickest(cores, depth, count, found.where)
     centres += np.array([s.start for s in box], dtype=np.int64)
-    return Candidates(box, soft, cores.astype(np.int32), count, centres, thickness)
+    return Candidates(box, soft, cores, count, centres, thickness, boxes)
 
 
 def depth_map(mask: np.ndarray, spacing: np.ndarray, device: torch.device | None = None) -> np.ndarray:
@@ -148,8 +154,8 @@ def _cupy_ndimage() -> tuple[Any, Any] | None:
     return cupy, cupy_ndimage
 
 
-def split_cores(depth: np.ndarray, cores: np.ndarray, count: int,
-                spacing: np.ndarray) -> tuple[np.ndarray, int]:
+def split_cores(depth: np.ndarray, cores: np.ndarray, count: int, spacing: np.ndarray,
+                found: connected.Components | None = None) -> tuple[np.ndarray, int]:
     """``cores`` (labels 1..count of ``depth >= CORE_RADIUS_MM``) with every core that
     holds more than one blob split into one core per blob; returns (labels, new count).
 
@@ -165,11 +171,15 @@ def split_cores(depth: np.ndarray, cores: np.ndarray, count: int,
     of vessel thicker than the blob, which then holds its centre; the dynamic is
     measured in steps of ``SPLIT_MM / 4`` from the core's maximum, and the sweep may
     stop up to that step above ``CORE_RADIUS_MM``, so a bump joined by a neck thinner
-    than the last level is kept as a blob whatever its dynamic."""
-    boxes = ndimage.find_objects(cores)
+    than the last level is kept as a blob whatever its dynamic.
+
+    ``found``: ``cores`` as :func:`plugin.components.label` gave them, when the caller
+    has them (their boxes and voxels then need no scan of the grid)."""
+    boxes = ndimage.find_objects(cores) if found is None else found.boxes
     out = cores.astype(np.int32)
     next_label = count
-    for label in np.flatnonzero(_thickest(cores, depth, count)[1] >= CORE_RADIUS_MM + SPLIT_MM) + 1:
+    thick = _thickest(cores, depth, count, None if found is None else found.where)[1]
+    for label in np.flatnonzero(thick >= CORE_RADIUS_MM + SPLIT_MM) + 1:
         box = boxes[label - 1]
         assert box is not None
         mine = cores[box] == label
@@ -231,11 +241,13 @@ def _blob_peaks(local: np.ndarray) -> list[tuple[int, ...]]:
     return [position for position, gone in zip(positions, dropped) if not gone]
 
 
-def _thickest(labels: np.ndarray, values: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+def _thickest(labels: np.ndarray, values: np.ndarray, count: int,
+              where: tuple[np.ndarray, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """For each label 1..``count`` of ``labels`` (all present): the index (count, 3) of
     its voxel of largest ``values`` (of equals, the first in raster order:
-    deterministic) and that value (count,)."""
-    where = np.nonzero(labels)
+    deterministic) and that value (count,). ``where``: ``np.nonzero(labels)``, when the
+    caller has it."""
+    where = np.nonzero(labels) if where is None else where
     ids, found = labels[where], values[where]
     order = np.lexsort((-np.arange(len(ids)), found, ids))
     last = order[np.flatnonzero(np.diff(ids[order], append=count + 1))]

@@ -39,6 +39,7 @@ from models.lung_nodules.candidates import (
     score,
     screened_score,
 )
+from plugin import components as connected
 from plugin.finding_scores import SCORES_KEY
 from plugin.lesion_measure import BACKGROUND_RING_MM, core_reach_mm, is_subsolid, stands_out
 
@@ -109,7 +110,7 @@ def outside_or_tubular(components: np.ndarray, count: int, region: np.ndarray, s
 
 def domes(components: np.ndarray, count: int, image: np.ndarray, spacing: np.ndarray,
           candidates: np.ndarray, max_flatness: float = 0.35, below_mm: float = 10.0,
-          min_soft_below: float = 0.8) -> np.ndarray:
+          min_soft_below: float = 0.8, boxes: list[tuple[slice, ...]] | None = None) -> np.ndarray:
     """Per component label (0..count): True for a component of ``candidates`` (a mask of
     labels) that is the top of the abdomen seen through the lung bases, not a mass: a
     flat slab (its height under ``max_flatness`` times its smaller in-plane width) with
@@ -122,9 +123,10 @@ def domes(components: np.ndarray, count: int, image: np.ndarray, spacing: np.nda
     too: nothing below it can be seen, and on validation chests every such slab (six, on
     three of twenty scans with a mass) was the abdomen's top, where a scan ends at the
     lung bases. Slices holding under 5 % of the largest section do not count. ``image`` is (X, Y, Z) in RAS order
-    (Z up), scaled as the bundle scales it."""
+    (Z up), scaled as the bundle scales it. ``boxes``: the components' bounding boxes,
+    when the caller has them (:class:`plugin.components.Components`)."""
     out = np.zeros(count + 1, dtype=bool)
-    boxes = ndimage.find_objects(components, max_label=count)
+    boxes = ndimage.find_objects(components, max_label=count) if boxes is None else boxes
     for index in np.flatnonzero(candidates[1:]) + 1:
         box = boxes[index - 1]
         if box is None:
@@ -146,21 +148,19 @@ def domes(components: np.ndarray, count: int, image: np.ndarray, spacing: np.nda
     return out
 
 
-def _piece_maxima(prob: np.ndarray, components: np.ndarray,
-                  count: int) -> tuple[np.ndarray, list[np.ndarray], list[tuple[int, np.ndarray]]]:
+def _piece_maxima(prob: np.ndarray, found: connected.Components,
+                  ) -> tuple[np.ndarray, list[np.ndarray], list[tuple[int, np.ndarray]]]:
     """Per component 1..count its highest ``prob`` and that voxel, and ``(component index
     0..count-1, voxel)`` for the most probable voxel of each piece of each component on
     every axial slice (Z) it covers. A component can become several findings on the
     source grid (thick slices part it, the pleural cut trims it), and a score needs a
     point inside each of them. Taken in each component's box: SciPy's labelled maximum
     over the whole volume sorts it (6 s on a chest)."""
-    highest = np.full(count, -np.inf)
-    best = [np.zeros(3) for _ in range(count)]
+    highest = np.full(found.count, -np.inf)
+    best = [np.zeros(3) for _ in range(found.count)]
     pieces_out: list[tuple[int, np.ndarray]] = []
-    for index, box in enumerate(ndimage.find_objects(components, max_label=count)):
-        if box is None:
-            continue
-        mask = components[box] == index + 1
+    for index, box in enumerate(found.boxes):
+        mask = found.labels[box] == index + 1
         values = prob[box]
         for z in range(mask.shape[2]):
             pieces, n = ndimage.label(mask[:, :, z])
@@ -195,13 +195,13 @@ class KeepInLungsd(MapTransform):
         for key in self.key_iterator(d):
             pred = d[key]
             array = torch.as_tensor(pred).detach().cpu()[0].numpy()
-            components, count = ndimage.label(array > self.threshold)
-            if count == 0:
+            found = connected.label(array > self.threshold)
+            if found.count == 0:
                 continue
-            drop = outside_or_tubular(components, count, region, self.step, _spacing(pred),
-                                      self.min_inside, self.max_elongation)
+            drop = outside_or_tubular(found.labels, found.count, region, self.step, _spacing(pred),
+                                      self.min_inside, self.max_elongation, found.where)
             if drop.any():
-                d[key] = _as_pred(np.where(drop[components], 0, array).astype(array.dtype), pred)
+                d[key] = _as_pred(np.where(drop[found.labels], 0, array).astype(array.dtype), pred)
         return d
 
 
@@ -243,17 +243,15 @@ def subsolid_components(prob: np.ndarray, image: np.ndarray, spacing: np.ndarray
     to find its edge (:func:`plugin.lesion_measure.stands_out`): a stretch of dense lung
     (-770 HU) is "subsolid" by its core alone. Boolean mask."""
     out = np.zeros(prob.shape, dtype=bool)
-    components, count = ndimage.label(prob > threshold)
+    found = connected.label(prob > threshold)
     mm = (float(spacing[0]), float(spacing[1]), float(spacing[2]))
     source = mm if source_spacing is None else (float(source_spacing[0]), float(source_spacing[1]),
                                                  float(source_spacing[2]))
     reach = core_reach_mm(source)
     reach_out = [int(np.ceil(BACKGROUND_RING_MM[1] / s)) + 1 for s in mm]
-    for index, box in enumerate(ndimage.find_objects(components, max_label=count), start=1):
-        if box is None:
-            continue
+    for index, box in enumerate(found.boxes, start=1):
         grown = tuple(slice(max(0, b.start - m), min(n, b.stop + m)) for b, m, n in zip(box, reach_out, prob.shape))
-        mask = components[grown] == index
+        mask = found.labels[grown] == index
         hu = image[grown].astype(np.float32) * 1400.0 - 1000.0
         if is_subsolid(hu, mask, mm, reach) and stands_out(hu, mask, mm):
             out[grown] |= mask
@@ -304,11 +302,12 @@ class MassChanneld(MapTransform):
             if pred.shape[0] == 1:
                 continue
             prob = torch.as_tensor(pred).detach().cpu().numpy()
-            components, count = ndimage.label(prob[1] > self.threshold)
-            wide = ClassifyCandidatesd.wider_than_a_patch(components, count)
+            found = connected.label(prob[1] > self.threshold)
+            wide = ClassifyCandidatesd.wider_than_a_patch(found.labels, found.count, found.boxes)
             merged = prob[0].copy()
             if wide[1:].any():
-                masses = wide[components]
+                chosen = wide[found.ids]
+                masses = tuple(axis[chosen] for axis in found.where)
                 merged[masses] = np.maximum(merged[masses], prob[1][masses])
             if prob.shape[0] > 2:
                 image = np.asarray(torch.as_tensor(d[self.image_key]).detach().cpu()[0], dtype=np.float32)
@@ -400,10 +399,11 @@ class ClassifyCandidatesd(MapTransform):
         highest probability there (``prob``, before the merge) and the best classifier
         score of a candidate whose core lies in it. The voxel is the network's most
         probable one, or for a finding only a candidate made, that candidate's centre."""
-        components, count = ndimage.label(merged > self.threshold, structure=np.ones((3, 3, 3), dtype=bool))
+        found = connected.label(merged > self.threshold, structure=np.ones((3, 3, 3), dtype=bool))
+        components, count = found.labels, found.count
         if count == 0:
             return []
-        network, points, pieces = _piece_maxima(prob, components, count)
+        network, points, pieces = _piece_maxima(prob, found)
         best = np.full(count + 1, -1.0)
         if cands.count:
             in_box = components[cands.box]
@@ -446,15 +446,19 @@ class ClassifyCandidatesd(MapTransform):
         return screened_score(self.net, found, self.accept, exact[1:])
 
     @staticmethod
-    def wider_than_a_patch(components: np.ndarray, count: int) -> np.ndarray:
+    def wider_than_a_patch(components: np.ndarray, count: int,
+                           boxes: list[tuple[slice, ...]] | None = None) -> np.ndarray:
         """Per component (index 0 unused): wider in-plane, along both axes, than the
         classifier's patch. The classifier sees 32 x 32 mm around a candidate: inside a
         mass it sees only soft tissue, a view it was never taught, so it does not veto
-        a component that large (a mass must never vanish because it is too big)."""
+        a component that large (a mass must never vanish because it is too big).
+        ``boxes``: the components' bounding boxes, when the caller has them."""
         wide = np.zeros(count + 1, dtype=bool)
         if count == 0:
             return wide
-        for index, box in enumerate(ndimage.find_objects(components, max_label=count), start=1):
+        if boxes is None:
+            boxes = ndimage.find_objects(components, max_label=count)
+        for index, box in enumerate(boxes, start=1):
             if box is not None:
                 wide[index] = (box[0].stop - box[0].start > PATCH[0]) and (box[1].stop - box[1].start > PATCH[1])
         return wide
@@ -464,16 +468,15 @@ class ClassifyCandidatesd(MapTransform):
         """``prob`` (X, Y, Z) with dropped components zeroed and accepted candidates added;
         with the ``image`` it was predicted on, wide components that are the abdomen's top
         (:func:`domes`) are dropped too."""
-        components, count = ndimage.label(prob > self.threshold)
+        found = connected.label(prob > self.threshold)
+        components, count = found.labels, found.count
         drop = np.zeros(count + 1, dtype=bool)
-        wide = self.wider_than_a_patch(components, count)
-        where: tuple[np.ndarray, ...] | None = None  # the components' voxels, found once
+        wide = self.wider_than_a_patch(components, count, found.boxes)
         if count and self.min_inside is not None:
             needed = np.where(wide, min(self.min_inside, self.mass_min_inside), self.min_inside)
             tube = None if self.max_elongation is None else np.where(
                 wide, max(self.max_elongation, self.mass_max_elongation), self.max_elongation)
-            where = np.nonzero(components)
-            drop = outside_or_tubular(components, count, region, self.step, spacing, needed, tube, where)
+            drop = outside_or_tubular(components, count, region, self.step, spacing, needed, tube, found.where)
         if cands.count:
             in_box = components[cands.box]
             overlap = (in_box > 0) & (cands.cores > 0)
@@ -482,12 +485,11 @@ class ClassifyCandidatesd(MapTransform):
             drop |= (best >= 0) & (best < self.veto) & ~wide
             drop[0] = False
         if image is not None and wide.any():
-            drop |= domes(components, count, image, spacing, wide & ~drop)
+            drop |= domes(components, count, image, spacing, wide & ~drop, boxes=found.boxes)
         out = prob.copy()
         if drop.any():  # zeroed voxel by voxel: a full-size gather and where cost 0.2-0.4 s on a real chest
-            where = np.nonzero(components) if where is None else where
-            gone = drop[components[where]]
-            out[tuple(axis[gone] for axis in where)] = 0
+            gone = drop[found.ids]
+            out[tuple(axis[gone] for axis in found.where)] = 0
         for index in np.flatnonzero(scores >= self.accept) + 1:
             box, mask = cands.outline(int(index), spacing)
             out[box][mask] = 1.0
