@@ -12,7 +12,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=(monai==1.6.1 pydicom==3.0.2 pynetdicom==3.0.4 highdicom==0.28.2 pyjpegls==1.5.1 pydantic==2.14.4
         pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing_extensions==4.16.0
-        nibabel==5.4.2 pytorch-ignite==0.5.5 edt==3.1.2)
+        nibabel==5.4.2 pytorch-ignite==0.5.5 edt==3.1.2
+        connected-components-3d==4.1.1)
 REAL_CT="../shared/fixtures/real_ct/lung-pet-ct-dx-a0002-8mm-B70f"
 
 prepare() {

