@@ -35,3 +35,29 @@ def test_the_table_gives_the_candidate_stage_and_the_cost_per_candidate() -> Non
     assert "| candidates; classifier views | 400; 1600 | 400; 1600 |" in lines
     assert "| per candidate (finding + classifier), ms | 3.00 | 2.25 (2.00–2.50) |" in lines
     assert lines[0].startswith("### series: 30 slices")
+
+
+def test_the_stand_in_interpolates_the_slices_and_mirrors_the_ends() -> None:
+    import numpy as np
+    import torch
+    from monai.data import MetaTensor
+
+    from plugin.types import Volume
+
+    values = torch.arange(4, dtype=torch.float32) * 100.0  # slice k holds 100 k, 8 mm apart
+    image = values.reshape(1, 1, 1, 4).expand(1, 2, 3, 4).contiguous()
+    affine = np.diag([0.5, 0.5, 8.0, 1.0])
+    affine[:3, 3] = (10.0, 20.0, 30.0)
+    volume = Volume(image=MetaTensor(image, affine=torch.as_tensor(affine)), slices=[], study_instance_uid="1.2",
+                    series_instance_uid="1.2.3", frame_of_reference_uid="1.2.4", spacing_mm=(0.5, 0.5, 8.0))
+    same = real_ct_timing.stand_in(volume, 4, 8.0)
+    assert torch.equal(torch.as_tensor(same.image), image)
+    assert np.allclose(np.asarray(same.image.affine), affine)
+
+    longer = real_ct_timing.stand_in(volume, 9, 4.0)  # 32 mm where the stack spans 24: 4 mm beyond each end
+    assert longer.spacing_mm == (0.5, 0.5, 4.0) and longer.image.shape == (1, 2, 3, 9)
+    # positions -4, 0, 4, ..., 28 mm: -4 mirrors to 4 (50), 28 to 20 (250)
+    expected = [50.0, 0.0, 50.0, 100.0, 150.0, 200.0, 250.0, 300.0, 250.0]
+    assert torch.as_tensor(longer.image)[0, 1, 2].tolist() == expected
+    assert np.allclose(np.asarray(longer.image.affine)[:3, 2], (0.0, 0.0, 4.0))
+    assert np.allclose(np.asarray(longer.image.affine)[:3, 3], (10.0, 20.0, 26.0))  # 4 mm before slice 0
