@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import cc3d
 import numpy as np
 from scipy import ndimage
 
@@ -55,8 +56,6 @@ def label(mask: np.ndarray, structure: np.ndarray | None = None) -> Components:
     full = bool(structure.all())
     face = np.array_equal(structure, ndimage.generate_binary_structure(rank, 1))
     if rank in (2, 3) and (full or face) and mask.size < np.iinfo(np.int32).max:
-        import cc3d
-
         connectivity: Literal[4, 6, 8, 26] = (8 if full else 4) if rank == 2 else (26 if full else 6)
         found, count = cc3d.connected_components(mask.view(np.uint8), connectivity=connectivity,
                                                  out_dtype=np.uint32, return_N=True)
