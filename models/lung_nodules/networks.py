@@ -43,16 +43,21 @@ class NoduleAndMassNet(torch.nn.Module):
         """(N, 1, ...) -> (N, 2 or 3, ...): the nodule network's logits, the mass
         network's, then the subsolid network's when there is one. A 3-D input is
         taken channels-last; the output is in the default (contiguous) layout."""
-        if x.dim() == 5:
-            x = x.contiguous(memory_format=torch.channels_last_3d)
         networks = [self.nodule, self.mass] + ([self.subsolid] if self.subsolid is not None else [])
-        return torch.cat([_run(network, x) for network in networks], dim=1).contiguous()
+        if x.dim() != 5:
+            return torch.cat([network(x) for network in networks], dim=1).contiguous()
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+        out = torch.empty((x.shape[0], len(networks), *x.shape[2:]), dtype=x.dtype, device=x.device)
+        for channel, network in enumerate(networks):  # each network's output straight into its channel
+            _run(network, x, out[:, channel:channel + 1])
+        return out
 
 
-def _run(network: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``network(x)``; in eval mode, a UNet's last block at half resolution
-    (:mod:`models.lung_nodules.unet_top`)."""
-    if not network.training and x.dim() == 5 and unet_top.foldable(network):
-        return unet_top.forward(network, x)
-    out: torch.Tensor = network(x)
-    return out
+def _run(network: torch.nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[...] = network(x)`` (``out``: (N, 1, D, H, W)); in eval mode, a UNet's last
+    block at half resolution (:mod:`models.lung_nodules.unet_top`), written into ``out``
+    as it interleaves its phases."""
+    if not network.training and unet_top.foldable(network) and all(s % 2 == 0 for s in x.shape[2:]):
+        unet_top.forward(network, x, out)
+    else:
+        out.copy_(network(x))

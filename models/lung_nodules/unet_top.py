@@ -107,9 +107,10 @@ def _per_phase(values: torch.Tensor) -> torch.Tensor:
     return values.expand(8).contiguous()
 
 
-def forward(unet: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+def forward(unet: torch.nn.Module, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``unet(x)`` for a :func:`foldable` UNet in eval mode, its last block at half
-    resolution (module doc); ``x`` is (N, C, D, H, W)."""
+    resolution (module doc); ``x`` is (N, C, D, H, W). With ``out`` (N, 1, D, H, W) the
+    result is written there (the phases interleaved straight into it) and returned."""
     model: Any = unet.model
     h = model[1](model[0](x))
     up, residual = model[2]
@@ -137,4 +138,8 @@ def forward(unet: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     y = a + F.conv3d(a, w_res.contiguous(memory_format=layout), _per_phase(_bias(conv)), padding=1)
     y = y[:, :, 1:, 1:, 1:]
     n, _, d, hh, w = y.shape
-    return y.reshape(n, 2, 2, 2, d, hh, w).permute(0, 4, 1, 5, 2, 6, 3).reshape(n, 1, 2 * d, 2 * hh, 2 * w)
+    shuffled = y.reshape(n, 2, 2, 2, d, hh, w).permute(0, 4, 1, 5, 2, 6, 3)
+    if out is None:
+        return shuffled.reshape(n, 1, 2 * d, 2 * hh, 2 * w)
+    out.view(n, d, 2, hh, 2, w, 2).copy_(shuffled)
+    return out
