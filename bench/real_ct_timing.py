@@ -98,7 +98,9 @@ def stand_in(volume: Any, slices: int, step_mm: float) -> Any:
     """A ``slices``-slice volume ``step_mm`` apart built from ``volume``: each slice linearly
     interpolated between the source slices at its position, positions beyond either end
     of the stack mirrored back into it (so the anatomy at the ends repeats), centred on
-    the source stack. Same in-plane grid; the affine's slice axis scaled and shifted."""
+    the source stack. Same in-plane grid; the affine's slice axis scaled and shifted. For
+    timing only: it has no source images (``slices`` is empty), so no results can be
+    encoded from it."""
     import numpy as np
     import torch
     from monai.data import MetaTensor
@@ -122,7 +124,8 @@ def stand_in(volume: Any, slices: int, step_mm: float) -> Any:
     affine = np.array(volume.image.affine, dtype=np.float64)
     affine[:3, 3] += affine[:3, 2] * (start / spacing)
     affine[:3, 2] *= step_mm / spacing
-    return Volume(image=MetaTensor(image.contiguous(), affine=torch.as_tensor(affine)), slices=volume.slices,
+    plain = torch.as_tensor(image).contiguous()  # none of the source's metadata (its shape, spacing)
+    return Volume(image=MetaTensor(plain, affine=torch.as_tensor(affine)), slices=[],
                   study_instance_uid=volume.study_instance_uid, series_instance_uid=volume.series_instance_uid,
                   frame_of_reference_uid=volume.frame_of_reference_uid,
                   spacing_mm=(volume.spacing_mm[0], volume.spacing_mm[1], step_mm))

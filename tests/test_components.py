@@ -4,6 +4,9 @@ wrong with boolean input."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import cc3d
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -22,19 +25,26 @@ def _masks(seed: int, count: int = 400) -> list[np.ndarray]:
     return out
 
 
-def test_labels_count_boxes_and_voxels_are_scipys() -> None:
+def _check(mask: np.ndarray, structure: np.ndarray | None) -> int:
+    """``components.label`` against SciPy: labels, count, boxes, voxels; the count."""
+    expected, count = ndimage.label(mask, structure=structure)
+    found = components.label(mask, structure)
+    assert found.count == count
+    assert found.labels.dtype == expected.dtype and np.array_equal(found.labels, expected)
+    assert found.boxes == ndimage.find_objects(expected, max_label=count)
+    where = np.nonzero(expected)
+    assert all(np.array_equal(a, b) for a, b in zip(found.where, where))
+    assert np.array_equal(found.ids, expected[where])
+    return int(count)
+
+
+@pytest.mark.parametrize("dense_share", [0.0, 1.0], ids=["boxes-by-scan", "boxes-by-voxels"])
+def test_labels_count_boxes_and_voxels_are_scipys(monkeypatch: pytest.MonkeyPatch, dense_share: float) -> None:
+    monkeypatch.setattr(components, "DENSE_SHARE", dense_share)
     checked = 0
     for mask in _masks(0):
         for structure in (None, ndimage.generate_binary_structure(mask.ndim, 2), np.ones((3,) * mask.ndim, bool)):
-            expected, count = ndimage.label(mask, structure=structure)
-            found = components.label(mask, structure)
-            assert found.count == count
-            assert found.labels.dtype == expected.dtype and np.array_equal(found.labels, expected)
-            assert found.boxes == ndimage.find_objects(expected, max_label=count)
-            where = np.nonzero(expected)
-            assert all(np.array_equal(a, b) for a, b in zip(found.where, where))
-            assert np.array_equal(found.ids, expected[where])
-            checked += count
+            checked += _check(mask, structure)
     assert checked > 2000
 
 
@@ -53,9 +63,25 @@ def test_a_chest_sized_sparse_mask_matches_and_a_fortran_ordered_one_too() -> No
     assert mask.mean() < 0.01
     for array in (mask, np.asfortranarray(mask)):
         for structure in (None, np.ones((3, 3, 3), bool)):
-            expected, count = ndimage.label(array, structure=structure)
-            found = components.label(array, structure)
-            assert found.count == count > 10 and np.array_equal(found.labels, expected)
+            assert _check(array, structure) > 10
+
+
+def test_labels_cc3d_numbered_out_of_raster_order_are_renumbered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Were cc3d to number components in another order, the labels would still be SciPy's."""
+    real = cc3d.connected_components
+    rng = np.random.default_rng(2)
+
+    def shuffled(data: np.ndarray, **kwargs: Any) -> tuple[np.ndarray, int]:
+        labels, count = real(data, **kwargs)
+        order = np.concatenate([[0], rng.permutation(count) + 1]).astype(labels.dtype)
+        return order[labels], count
+
+    monkeypatch.setattr(cc3d, "connected_components", shuffled)
+    checked = 0
+    for mask in _masks(4, count=150):
+        if mask.ndim > 1:
+            checked += _check(mask, None) + _check(mask, np.ones((3,) * mask.ndim, bool))
+    assert checked > 500
 
 
 def test_labels_out_of_raster_order_are_renumbered_as_scipy_numbers_them() -> None:

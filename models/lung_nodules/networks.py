@@ -42,7 +42,9 @@ class NoduleAndMassNet(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 1, ...) -> (N, 2 or 3, ...): the nodule network's logits, the mass
         network's, then the subsolid network's when there is one. A 3-D input is
-        taken channels-last; the output is in the default (contiguous) layout."""
+        taken channels-last; the output is a plain tensor of the input's dtype (under
+        autocast, the networks' half-precision outputs upcast) in the default
+        (contiguous) layout, each network's written straight into its channel."""
         networks = [self.nodule, self.mass] + ([self.subsolid] if self.subsolid is not None else [])
         if x.dim() != 5:
             return torch.cat([network(x) for network in networks], dim=1).contiguous()

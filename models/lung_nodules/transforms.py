@@ -76,6 +76,7 @@ def fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
     """``scipy.ndimage.binary_fill_holes`` of every axial slice (Z) of ``mask`` (X, Y, Z),
     all slices in one labelling (three times faster than slice by slice): a slice's
     background pixels 4-connected to its edge stay background, the others are holes."""
+    mask = np.asarray(mask, dtype=bool)
     background, count = ndimage.label(~mask, structure=_IN_PLANE)
     edge = np.concatenate([background[0].ravel(), background[-1].ravel(), background[:, 0].ravel(),
                            background[:, -1].ravel()])
