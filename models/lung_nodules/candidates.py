@@ -109,7 +109,7 @@ def find_candidates(image: np.ndarray, spacing: np.ndarray, lungs: np.ndarray,
     found = connected.label(depth >= CORE_RADIUS_MM, structure=STRUCTURE)
     cores, count, boxes = found.labels, found.count, found.boxes
     if split:
-        cores, split_count = split_cores(depth, cores, count, spacing, found)
+        cores, split_count = split_cores(depth, found, spacing)
         if split_count != count:  # the split cores' voxels are the same, their labels and boxes new
             count = split_count
             boxes = connected.boxes_of(cores[found.where], found.where, count)
@@ -154,10 +154,10 @@ def _cupy_ndimage() -> tuple[Any, Any] | None:
     return cupy, cupy_ndimage
 
 
-def split_cores(depth: np.ndarray, cores: np.ndarray, count: int, spacing: np.ndarray,
-                found: connected.Components | None = None) -> tuple[np.ndarray, int]:
-    """``cores`` (labels 1..count of ``depth >= CORE_RADIUS_MM``) with every core that
-    holds more than one blob split into one core per blob; returns (labels, new count).
+def split_cores(depth: np.ndarray, found: connected.Components,
+                spacing: np.ndarray) -> tuple[np.ndarray, int]:
+    """The cores ``found`` (the components of ``depth >= CORE_RADIUS_MM``) with every core
+    that holds more than one blob split into one core per blob; returns (labels, new count).
 
     A blob is a maximum of ``depth`` (mm) whose dynamic is at least ``SPLIT_MM``: to
     reach a thicker part of its core one must descend at least that far (a nodule on a
@@ -171,17 +171,13 @@ def split_cores(depth: np.ndarray, cores: np.ndarray, count: int, spacing: np.nd
     of vessel thicker than the blob, which then holds its centre; the dynamic is
     measured in steps of ``SPLIT_MM / 4`` from the core's maximum, and the sweep may
     stop up to that step above ``CORE_RADIUS_MM``, so a bump joined by a neck thinner
-    than the last level is kept as a blob whatever its dynamic.
-
-    ``found``: ``cores`` as :func:`plugin.components.label` gave them, when the caller
-    has them (their boxes and voxels then need no scan of the grid)."""
-    boxes = ndimage.find_objects(cores) if found is None else found.boxes
+    than the last level is kept as a blob whatever its dynamic."""
+    cores = found.labels
     out = cores.astype(np.int32)
-    next_label = count
-    thick = _thickest(cores, depth, count, None if found is None else found.where)[1]
+    next_label = found.count
+    thick = _thickest(cores, depth, found.count, found.where)[1]
     for label in np.flatnonzero(thick >= CORE_RADIUS_MM + SPLIT_MM) + 1:
-        box = boxes[label - 1]
-        assert box is not None
+        box = found.boxes[label - 1]
         mine = cores[box] == label
         local = np.where(mine, depth[box], 0.0)
         peaks = _blob_peaks(local)
