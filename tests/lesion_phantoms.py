@@ -44,13 +44,15 @@ def render_ellipsoid(
     seed: int = 0,
     margin_mm: float = 8.0,
     vessel: tuple[float, float] | None = None,
+    vessel_hu: float | None = None,
     wall: tuple[float, float, float] | None = None,
 ) -> RenderedLesion:
     """Render an ellipsoid (semi-axes along x, y, z before an in-plane rotation).
 
     ``vessel`` = (radius, y offset) mm adds a tube of the lesion's attenuation along x,
     through the whole box at that y and z = 0 (a vessel the lesion sits on); it is not
-    part of the truth.
+    part of the truth. With ``vessel_hu`` the tube has that attenuation instead (an
+    enhancing vessel) where the lesion does not fill the space.
 
     ``wall`` = (distance mm, in-plane angle of its normal in degrees, HU) adds a chest
     wall: the half-space beyond a plane at that distance from the lesion's centre. The
@@ -64,6 +66,7 @@ def render_ellipsoid(
     offsets = [(np.arange(n) + 0.5) / n - 0.5 for n in subs]
     occupancy = np.zeros(shape, dtype=np.float64)
     wall_occupancy = np.zeros(shape, dtype=np.float64)
+    vessel_occupancy = np.zeros(shape, dtype=np.float64)
     normal = None if wall is None else np.array([math.cos(math.radians(wall[1])), math.sin(math.radians(wall[1])), 0.0])
     centres = [(np.arange(m) - (m - 1) / 2 - o) * s for m, o, s in zip(shape, offset_voxels, spacing)]
     for k, zc in enumerate(centres[2]):
@@ -75,16 +78,24 @@ def render_ellipsoid(
         X, Y, Z = np.meshgrid(x, y, z, indexing="ij")
         points = np.stack([X, Y, Z], axis=-1) @ inverse.T
         inside = np.sum((points / radii) ** 2, axis=-1) <= 1.0
+        tube = np.zeros_like(inside)
         if vessel is not None:
-            inside |= (Y - vessel[1]) ** 2 + Z**2 <= vessel[0] ** 2
+            tube = ((Y - vessel[1]) ** 2 + Z**2 <= vessel[0] ** 2) & ~inside
+            if vessel_hu is None:
+                inside |= tube
         if normal is not None:
             beyond = X * normal[0] + Y * normal[1] > wall[0]  # type: ignore[index]
             inside &= ~beyond
+            tube &= ~beyond
             wall_occupancy[:, :, k] = _box_mean(beyond, shape, subs, z.size)
+        if vessel_hu is not None:
+            vessel_occupancy[:, :, k] = _box_mean(tube, shape, subs, z.size)
         occupancy[:, :, k] = _box_mean(inside, shape, subs, z.size)
     sigma = [psf_sigma_mm / spacing[0], psf_sigma_mm / spacing[1], 0.0]
     occupancy = ndimage.gaussian_filter(occupancy, sigma=sigma, mode="nearest")
     hu = background_hu + occupancy * (lesion_hu - background_hu)
+    if vessel_hu is not None:
+        hu += ndimage.gaussian_filter(vessel_occupancy, sigma=sigma, mode="nearest") * (vessel_hu - background_hu)
     if wall is not None:
         hu += ndimage.gaussian_filter(wall_occupancy, sigma=sigma, mode="nearest") * (wall[2] - background_hu)
     if noise_hu:

@@ -148,7 +148,8 @@ MEASUREMENT_CONVENTIONS = (
     "extent, the short axis the longest diameter perpendicular to the long one; attenuation "
     "(mean, standard deviation, maximum) over the core, the voxels at least 1 mm inside the "
     "boundary; volume from the mask (where the model's manifest asks for it: moved to the "
-    "half-maximum edge and corrected for partial volume)."
+    "half-maximum edge, a brighter structure touching a solid finding, such as an enhancing "
+    "vessel, cut at the half maximum between the two, and corrected for partial volume)."
 )
 SUBSOLID_CONVENTION = (
     "Subsolid findings (a fifth of the core or more below -300 HU) are measured whole, ground glass "
