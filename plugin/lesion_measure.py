@@ -101,7 +101,7 @@ SOLID_COMPONENT_MIN_MM3 = math.pi / 6.0 * 3.0**3
 SUBSOLID_MIN_CORE_MM3 = SOLID_COMPONENT_MIN_MM3  # a 3 mm ball: the least core a composition is judged on
 MIN_BODY_CORE_MM3 = SOLID_COMPONENT_MIN_MM3  # a 3 mm ball: a piece of a lesion that counts as a body
 MAX_WRAP = 0.3  # a brighter structure around this share of a lesion's body is its own wall, not a vessel
-_FULL = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity
+_FULL = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity: every voxel touching by a face, an edge or a corner
 
 
 @dataclass(frozen=True)
@@ -211,7 +211,7 @@ def measure_lesion(
     if beyond is not None:
         blocked = blocked | beyond
     # one voxel of growth, diagonals included: an attached vessel is not followed
-    allowed = ndimage.binary_dilation(mask, structure=np.ones((3, 3, 3), dtype=bool)) & ~blocked
+    allowed = ndimage.binary_dilation(mask, structure=_FULL) & ~blocked
     refined = mask & ~blocked
     for index in range(PASSES):
         level = _lesion_level(hu, refined, spacing, subsolid)
@@ -276,8 +276,7 @@ def brighter_attachment(hu: np.ndarray, mask: np.ndarray, blocked: np.ndarray,
         return None
     boundary = (level + float(np.median(smooth[brighter]))) / 2.0
     labels, _ = ndimage.label((smooth > boundary) & ~blocked, structure=_FULL)
-    outside = np.unique(labels[ring & (labels > 0)])
-    cut = np.isin(labels, outside[outside > 0]) & mask
+    cut = np.isin(labels, np.unique(labels[ring & (labels > 0)])) & mask
     left = mask & ~cut
     if not cut.any() or not left.any():
         return None
@@ -303,7 +302,7 @@ def solid_component(hu: np.ndarray, mask: np.ndarray, ground_glass_hu: float) ->
     :data:`SUBSOLID_BELOW_HU`, without 26-connected parts of fewer than three voxels."""
     threshold = max((ground_glass_hu + SOLID_REFERENCE_HU) / 2.0, SUBSOLID_BELOW_HU)
     dense = mask & (hu > threshold)
-    labels, n = ndimage.label(dense, structure=np.ones((3, 3, 3), dtype=bool))
+    labels, n = ndimage.label(dense, structure=_FULL)
     if n == 0:
         return dense
     sizes = np.bincount(labels.ravel(), minlength=n + 1)
@@ -400,7 +399,7 @@ def _edge_inside(hu: np.ndarray, mask: np.ndarray, blocked: np.ndarray, half: fl
 
 def _touching(candidate: np.ndarray, seed: np.ndarray) -> np.ndarray:
     """The parts of ``candidate`` (26-connected) that overlap ``seed``."""
-    labels, n = ndimage.label(candidate, structure=np.ones((3, 3, 3), dtype=bool))
+    labels, n = ndimage.label(candidate, structure=_FULL)
     if n == 0:
         return candidate
     keep = np.unique(labels[seed & candidate])

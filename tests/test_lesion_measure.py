@@ -135,12 +135,17 @@ def test_a_vessel_as_dense_as_the_nodule_is_not_cut() -> None:
     assert brighter_attachment(lesion.hu, mask, np.zeros_like(mask), lesion.spacing) is None
 
 
+def _centred_mm(lesion: RenderedLesion) -> tuple[np.ndarray, ...]:
+    """Each voxel's x, y and z in mm from the centre of ``lesion``'s box."""
+    return tuple(np.meshgrid(*[(np.arange(n) - (n - 1) / 2) * s for n, s in zip(lesion.hu.shape, lesion.spacing)],
+                             indexing="ij"))
+
+
 def _mass_with_a_bright_structure(band: bool) -> tuple[np.ndarray, np.ndarray, RenderedLesion, np.ndarray]:
     """A 30 mm mass and a 5 mm thick band (or a 5 mm vessel) of 250 HU through its centre
     and the whole box; the model's mask takes 5 mm of it outside the mass."""
     lesion = render_ellipsoid((15.0, 15.0, 15.0), (0.7, 0.7, 1.25), noise_hu=20.0, seed=2)
-    x, y, z = np.meshgrid(*[(np.arange(n) - (n - 1) / 2) * s for n, s in zip(lesion.hu.shape, lesion.spacing)],
-                          indexing="ij")
+    x, y, z = _centred_mm(lesion)
     bright = np.abs(y) <= 2.5 if band else y**2 + z**2 <= 2.5**2
     hu = np.where(bright, np.float32(250.0), lesion.hu)
     return hu, lesion.truth | (bright & (np.abs(x) <= 20.0)), lesion, bright
@@ -168,8 +173,7 @@ def test_an_enhancing_rim_beside_an_enhancing_vessel_stays() -> None:
     mass: it is the lesion's own, and nothing is cut (cut, the volume read -33 %)."""
     spacing = (0.7, 0.7, 1.25)
     lesion = render_ellipsoid((15.0, 15.0, 15.0), spacing, seed=2)
-    x, y, z = np.meshgrid(*[(np.arange(n) - (n - 1) / 2) * s for n, s in zip(lesion.hu.shape, spacing)],
-                          indexing="ij")
+    x, y, z = _centred_mm(lesion)
     radius = np.sqrt(x**2 + y**2 + z**2)
     hu = np.full(lesion.hu.shape, -850.0)
     hu[radius <= 15.0] = 130.0
