@@ -43,6 +43,7 @@ def test_two_nodules_found() -> None:
     # at most one false positive on this one scan: a bound for the plumbing, not the model's
     # false-positive rate (the held-out figures are in models/lung_nodules/README.md)
     assert res.false_positives <= 1, res
+    assert res.false_findings is not None and res.false_findings <= 1, res
     assert findings is not None
     # every finding carries the model's score (network probability or classifier score)
     assert all(f.score is not None and 0.5 <= f.score <= 1.0 for f in findings.findings), findings.findings
@@ -71,3 +72,17 @@ def test_a_mass_is_reported_as_a_mass() -> None:
     mass = next(f for f in findings.findings if f.name.startswith("Mass"))
     assert mass.codes.type.value == "4147007"
     assert mass.long_axis.length_mm >= 30.0
+
+
+def test_a_false_finding_touching_a_true_one_is_counted_as_a_finding() -> None:
+    """Components hide it (the two findings are one component); the count by finding does not."""
+    gt = np.zeros((4, 10, 10), dtype=np.int32)
+    gt[1:3, 2:5, 2:5] = 1
+    labels = np.zeros_like(gt, dtype=np.uint8)
+    labels[1:3, 2:5, 2:5] = 1  # the true finding
+    labels[1:3, 5:7, 2:5] = 2  # a false one beside it, touching
+    labels[1:3, 8:10, 8:10] = 3  # a false one apart
+    _, count = evaluate.predicted_components(labels, 1.0, 0.0)
+    assert count == 2
+    assert evaluate.false_findings(labels, gt, [1, 2, 3]) == 2
+    assert evaluate.false_findings(labels, gt, [1]) == 0

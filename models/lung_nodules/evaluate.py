@@ -17,6 +17,8 @@ a label map on the source grid. Per scan it reports:
 
 * sensitivity for nodules >= 6 mm (detected = some kept predicted component overlaps it);
 * false positives (kept predicted components that overlap no nodule at all);
+* false findings (reported findings whose voxels overlap no nodule at all; unlike the
+  component count, a false finding that touches a true one counts);
 * long-axis error (mm) of each detected nodule >= 6 mm: the longest in-plane extent on
   the axial slice of largest area, for the prediction and the ground truth alike;
 * Dice of each detected nodule >= 6 mm (ground truth vs the predicted components
@@ -72,6 +74,7 @@ class ScanResult:
     nodules_ge6: int
     detected_ge6: int
     false_positives: int
+    false_findings: int | None = None  # None: no findings to count (the local runner)
     long_axis_errors_mm: list[float] = field(default_factory=list)
     dice: list[float] = field(default_factory=list)
     missed_diameters_mm: list[float] = field(default_factory=list)
@@ -189,10 +192,18 @@ def score(phantom: ChestPhantom, pred_zyx: np.ndarray, min_mm3: float,
     res.false_positives = n_pred - len(matched)
     res.noise_hu = round(float(phantom.params.get("noise_hu", 0.0)), 1)
     if findings is not None:
+        res.false_findings = false_findings(pred_zyx, gt, [f.label for f in findings.findings if f.role != "structure"])
         _score_measurements(phantom, pred_zyx, gt, findings, res)
         _score_masses(phantom, pred_zyx, gt, findings, res)
         _score_densities(phantom, pred_zyx, gt, findings, res)
     return res
+
+
+def false_findings(labels_zyx: np.ndarray, gt: np.ndarray, reported: list[int]) -> int:
+    """How many of the ``reported`` findings' labels have no voxel of ``labels_zyx`` in a
+    ground-truth nodule or mass (``gt`` > 0)."""
+    true = set(np.unique(labels_zyx[gt > 0]).tolist())
+    return sum(1 for label in reported if label not in true)
 
 
 def _score_densities(phantom: ChestPhantom, labels_zyx: np.ndarray, gt: np.ndarray,
@@ -345,6 +356,8 @@ def summarise(results: list[ScanResult]) -> dict[str, float]:
         "false_positives_per_scan": round(
             float(np.mean([r.false_positives for r in results])), 3
         ),
+        **({"false_findings_per_scan": round(float(np.mean([r.false_findings for r in results])), 3)}
+           if results and all(r.false_findings is not None for r in results) else {}),
         "median_long_axis_error_mm": round(float(np.median(errs)), 2)
         if errs
         else float("nan"),
