@@ -37,6 +37,12 @@ Conventions
 * A label's ``min_volume_mm3`` applies twice: to the model's component (its voxels in the
   label map) and to the finding's measured volume, the one the report gives. A
   component refined to a half-maximum edge smaller than that is not reported.
+* One lesion, one finding: components of a ``per_component`` label whose measured
+  masks overlap or share a face are one finding, measured again from the union of their
+  model masks. The model's mask can part a lesion (a lobulated mass on
+  thick slices) into pieces that their half-maximum edges join; listed apart, the report
+  would give one mass as "Mass 1", "Mass 2" and "Nodule 1". Masks that meet only at an
+  edge or a corner (a vessel beside a nodule) or have a gap between them stay apart.
 * A finding whose long axis reaches the label's ``mass.min_long_axis_mm`` is named and
   coded as the mass (e.g. "Mass 1", SCT 4147007) instead of the label's type.
 """
@@ -59,6 +65,7 @@ from plugin.types import Axis, Finding, Findings, SegmentCodes
 logger = logging.getLogger(__name__)
 
 CONNECTIVITY_3D = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity
+FACE_CONNECTIVITY_3D = ndimage.generate_binary_structure(3, 1)  # 6-connectivity: faces only
 
 # Marching squares: cell corners a=(i,j) b=(i+1,j) c=(i+1,j+1) d=(i,j+1); code = a+2b+4c+8d.
 # Edges: 0 = a-b, 1 = b-c, 2 = c-d, 3 = d-a. Saddles keep the inside diagonal connected.
@@ -166,6 +173,7 @@ def _components(
         else:
             comp_map, n = mask.astype(np.int32), 1
         boxes = ndimage.find_objects(comp_map)
+        kept: list[tuple[_Component, tuple[slice, slice, slice], np.ndarray]] = []
         for index, local_box in enumerate(boxes, start=1):
             if local_box is None:
                 continue
@@ -176,9 +184,78 @@ def _components(
             measured = _measured(value, spec, (x, y, z), local, labels, hu, spacing)
             if measured.volume_mm3 < spec.min_volume_mm3:
                 continue  # what the report would give: refined to the lesion's edge, too small
-            found.append(measured)
-        logger.debug("label %d: %d component(s), %d kept", value, n, len(found) - before)
+            kept.append((measured, (x, y, z), local))
+        merged = _merge_touching(value, spec, kept, labels, hu, spacing) if spec.per_component else kept
+        found.extend(component for component, _, _ in merged)
+        logger.debug("label %d: %d component(s), %d kept, %d after joining touching ones",
+                     value, n, len(kept), len(found) - before)
     return found
+
+
+def _merge_touching(
+    value: int,
+    spec: LabelSpec,
+    kept: list[tuple[_Component, tuple[slice, slice, slice], np.ndarray]],
+    labels: np.ndarray,
+    hu: np.ndarray,
+    spacing: tuple[float, float, float],
+) -> list[tuple[_Component, tuple[slice, slice, slice], np.ndarray]]:
+    """One finding for components whose measured masks overlap or share a face:
+    refined to the lesion's edge they are one lesion, which the report must not list
+    twice (the model's mask can part a lesion on thick slices). A group is measured again
+    from the union of its model masks; a component alone is left as it is."""
+    groups = _touching_groups([component for component, _, _ in kept])
+    out = []
+    for group in groups:
+        if len(group) == 1:
+            out.append(kept[group[0]])
+            continue
+        x, y, z = (slice(min(kept[i][1][a].start for i in group), max(kept[i][1][a].stop for i in group))
+                   for a in range(3))
+        box = (x, y, z)
+        union = np.zeros(tuple(s.stop - s.start for s in box), dtype=bool)
+        for i in group:
+            union[tuple(slice(m.start - b.start, m.stop - b.start) for m, b in zip(kept[i][1], box))] |= kept[i][2]
+        joined = _measured(value, spec, box, union, labels, hu, spacing)
+        logger.debug("label %d: %d touching findings measured as one", value, len(group))
+        if joined.volume_mm3 >= spec.min_volume_mm3:
+            out.append((joined, box, union))
+    return out
+
+
+def _touching_groups(components: list[_Component]) -> list[list[int]]:
+    """Indices of ``components`` grouped by :func:`_touch`, transitively."""
+    parent = list(range(len(components)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, a in enumerate(components):
+        for j in range(i + 1, len(components)):
+            if root(i) != root(j) and _touch(a, components[j]):
+                parent[root(j)] = root(i)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(components)):
+        groups.setdefault(root(i), []).append(i)
+    return list(groups.values())
+
+
+def _touch(a: _Component, b: _Component) -> bool:
+    """Whether the masks of ``a`` and ``b`` share a voxel or a face. Pieces of one lesion
+    share faces; a structure that only meets a lesion's mask at an edge or a corner (a
+    vessel beside a nodule, on thick slices) is left a finding of its own."""
+    low = [max(sa.start - 1, sb.start) for sa, sb in zip(a.box, b.box)]
+    high = [min(sa.stop + 1, sb.stop) for sa, sb in zip(a.box, b.box)]
+    if any(h <= lo for lo, h in zip(low, high)):
+        return False
+    padded = np.pad(a.mask, 1)  # ``a`` in its box grown by one voxel, then its 6 face neighbours
+    near = ndimage.binary_dilation(padded, structure=FACE_CONNECTIVITY_3D)
+    in_a = tuple(slice(lo - (sa.start - 1), h - (sa.start - 1)) for lo, h, sa in zip(low, high, a.box))
+    in_b = tuple(slice(lo - sb.start, h - sb.start) for lo, h, sb in zip(low, high, b.box))
+    return bool(np.any(near[in_a] & b.mask[in_b]))
 
 
 def _measured(

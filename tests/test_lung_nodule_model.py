@@ -86,3 +86,19 @@ def test_a_false_finding_touching_a_true_one_is_counted_as_a_finding() -> None:
     assert count == 2
     assert evaluate.false_findings(labels, gt, [1, 2, 3]) == 2
     assert evaluate.false_findings(labels, gt, [1]) == 0
+
+
+def test_a_nodule_reported_twice_counts_one_duplicate() -> None:
+    """Two findings on one nodule are a duplicate; one finding over two nodules is none."""
+    gt = np.zeros((4, 12, 12), dtype=np.int32)
+    gt[1:3, 1:5, 1:5] = 1  # a nodule reported as two findings
+    gt[1:3, 7:9, 1:3] = 2  # two nodules one finding covers
+    gt[1:3, 7:9, 4:6] = 3
+    labels = np.zeros_like(gt, dtype=np.uint8)
+    labels[1:3, 1:5, 1:3] = 1
+    labels[1:3, 1:5, 3:5] = 2
+    labels[1:3, 7:9, 1:6] = 3
+    labels[1:3, 10:12, 10:12] = 4  # a false finding: not a duplicate
+    assert evaluate.duplicate_findings(labels, gt, [1, 2, 3, 4]) == 1
+    assert evaluate.duplicate_findings(labels, gt, [1, 3, 4]) == 0
+    assert evaluate.false_findings(labels, gt, [1, 2, 3, 4]) == 1

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from plugin.manifest import CodeSpec, LabelSpec
-from plugin.measure import measure_findings, outlines
+from plugin.lesion_measure import Attenuation
+from plugin.measure import _Component, _touch, measure_findings, outlines
 
 NODULE = LabelSpec(
     name="Nodule",
@@ -223,3 +224,65 @@ def test_outline_uses_scoord_pixel_coordinates() -> None:
 def test_empty_label_map_gives_no_findings() -> None:
     result = measure_findings(np.zeros((4, 4, 4), int), np.zeros((4, 4, 4)), np.eye(4), {1: NODULE})
     assert result.findings == [] and not result.label_map.any()
+
+
+@pytest.mark.parametrize("axis", [0, 2])
+def test_one_lesion_parted_by_the_model_is_one_finding(axis: int) -> None:
+    """A 16 mm ball whose model mask (one voxel short of its edge) is cut in two by a
+    plane of missing voxels: refined to the half-maximum edge, both halves grow into the
+    plane and touch, so the report gives one finding measured whole, not the ball twice
+    (each half counting the plane)."""
+    shape = (40, 40, 40)
+    affine = lps_affine((1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    mm = grid_mm(shape, affine)
+    r2 = (mm[0] - 20) ** 2 + (mm[1] - 20) ** 2 + (mm[2] - 20) ** 2
+    hu = np.where(r2 <= 8.0**2, 40.0, -850.0)
+    labels = (r2 <= 7.0**2).astype(np.uint8)
+    cut = [slice(None)] * 3
+    cut[axis] = slice(20, 21)
+    labels[tuple(cut)] = 0
+    spec = NODULE.model_copy(update={"min_volume_mm3": 60.0, "boundary": "half_maximum"})
+
+    result = measure_findings(labels, hu, affine, {1: spec})
+
+    assert [f.name for f in result.findings] == ["Nodule 1"]
+    assert result.findings[0].volume_mm3 == pytest.approx(4 / 3 * math.pi * 8.0**3, rel=0.05)
+    assert result.findings[0].centroid_mm == pytest.approx((20.0, 20.0, 20.0), abs=0.5)
+    assert set(np.unique(result.label_map).tolist()) == {0, 1}
+
+
+def test_two_lesions_apart_stay_two_findings() -> None:
+    """Two 10 mm balls 4 mm apart, each refined to its own edge: two findings."""
+    shape = (40, 30, 30)
+    affine = lps_affine((1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    mm = grid_mm(shape, affine)
+    hu = np.full(shape, -850.0)
+    labels = np.zeros(shape, dtype=np.uint8)
+    for x in (12.0, 26.0):
+        r2 = (mm[0] - x) ** 2 + (mm[1] - 15) ** 2 + (mm[2] - 15) ** 2
+        hu[r2 <= 5.0**2] = 40.0
+        labels[r2 <= 4.0**2] = 1
+    spec = NODULE.model_copy(update={"min_volume_mm3": 60.0, "boundary": "half_maximum"})
+
+    result = measure_findings(labels, hu, affine, {1: spec})
+
+    assert [f.name for f in result.findings] == ["Nodule 1", "Nodule 2"]
+    for finding in result.findings:
+        assert finding.volume_mm3 == pytest.approx(4 / 3 * math.pi * 5.0**3, rel=0.08)
+
+
+def _piece(box: tuple[slice, slice, slice]) -> _Component:
+    mask = np.ones(tuple(s.stop - s.start for s in box), dtype=bool)
+    return _Component(1, NODULE, box, mask, int(mask.sum()), np.zeros(3), float(mask.sum()),
+                      Attenuation(0.0, 0.0, 0.0, 1, from_core=True))
+
+
+def test_findings_join_on_a_shared_face_not_on_an_edge_or_corner() -> None:
+    """Held-out phantom 10017: a 21 mm nodule's measured mask met a vessel's at one corner
+    voxel, and joining them made it a 31.5 mm "Mass"; pieces of one lesion share faces."""
+    a = _piece((slice(0, 3), slice(0, 3), slice(0, 3)))
+    assert _touch(a, _piece((slice(3, 5), slice(0, 2), slice(0, 2))))  # a face
+    assert _touch(a, _piece((slice(2, 5), slice(2, 5), slice(2, 5))))  # a shared voxel
+    assert not _touch(a, _piece((slice(3, 5), slice(3, 5), slice(0, 2))))  # an edge
+    assert not _touch(a, _piece((slice(3, 5), slice(3, 5), slice(3, 5))))  # a corner
+    assert not _touch(a, _piece((slice(4, 6), slice(0, 3), slice(0, 3))))  # a gap

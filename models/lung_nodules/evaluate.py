@@ -75,6 +75,7 @@ class ScanResult:
     detected_ge6: int
     false_positives: int
     false_findings: int | None = None  # None: no findings to count (the local runner)
+    duplicate_findings: int | None = None  # findings beyond the first on one nodule or mass
     long_axis_errors_mm: list[float] = field(default_factory=list)
     dice: list[float] = field(default_factory=list)
     missed_diameters_mm: list[float] = field(default_factory=list)
@@ -192,7 +193,9 @@ def score(phantom: ChestPhantom, pred_zyx: np.ndarray, min_mm3: float,
     res.false_positives = n_pred - len(matched)
     res.noise_hu = round(float(phantom.params.get("noise_hu", 0.0)), 1)
     if findings is not None:
-        res.false_findings = false_findings(pred_zyx, gt, [f.label for f in findings.findings if f.role != "structure"])
+        reported = [f.label for f in findings.findings if f.role != "structure"]
+        res.false_findings = false_findings(pred_zyx, gt, reported)
+        res.duplicate_findings = duplicate_findings(pred_zyx, gt, reported)
         _score_measurements(phantom, pred_zyx, gt, findings, res)
         _score_masses(phantom, pred_zyx, gt, findings, res)
         _score_densities(phantom, pred_zyx, gt, findings, res)
@@ -204,6 +207,16 @@ def false_findings(labels_zyx: np.ndarray, gt: np.ndarray, reported: list[int]) 
     ground-truth nodule or mass (``gt`` > 0)."""
     true = set(np.unique(labels_zyx[gt > 0]).tolist())
     return sum(1 for label in reported if label not in true)
+
+
+def duplicate_findings(labels_zyx: np.ndarray, gt: np.ndarray, reported: list[int]) -> int:
+    """How many of the ``reported`` findings are a second (third, ...) finding on one
+    ground-truth nodule or mass (``gt``: its connected components 1..n): a lesion the
+    report lists twice, as a reader would count it."""
+    inside = (gt > 0) & np.isin(labels_zyx, reported)
+    pairs = np.unique(np.stack([gt[inside].astype(np.int64), labels_zyx[inside].astype(np.int64)]), axis=1)
+    lesions = np.unique(pairs[0])
+    return int(pairs.shape[1] - lesions.size)
 
 
 def _score_densities(phantom: ChestPhantom, labels_zyx: np.ndarray, gt: np.ndarray,
@@ -358,6 +371,8 @@ def summarise(results: list[ScanResult]) -> dict[str, float]:
         ),
         **({"false_findings_per_scan": round(float(np.mean([r.false_findings for r in results])), 3)}
            if results and all(r.false_findings is not None for r in results) else {}),
+        **({"duplicate_findings_per_scan": round(float(np.mean([r.duplicate_findings for r in results])), 3)}
+           if results and all(r.duplicate_findings is not None for r in results) else {}),
         "median_long_axis_error_mm": round(float(np.median(errs)), 2)
         if errs
         else float("nan"),
