@@ -9,6 +9,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 from monai.transforms import (
+    Activationsd,
     Compose,
     CropForegroundd,
     Invertd,
@@ -21,6 +22,7 @@ from plugin.transforms import (
     OrientCropForegroundd,
     ScaleIntensityRangeFusedd,
     ScanCropForegroundd,
+    SigmoidInPlaced,
 )
 
 
@@ -91,6 +93,18 @@ def test_fused_scaling_is_bitwise_monai() -> None:
         ours = ScaleIntensityRangeFusedd("img", -1000, 400, 0, 1, clip=clip)({"img": image})["img"]
         assert torch.equal(ours.as_tensor(), theirs.as_tensor()) and torch.equal(ours.affine, theirs.affine)
     assert float(image.min()) == -2000  # input untouched
+
+
+def test_sigmoid_in_place_is_bitwise_monai_and_makes_no_second_tensor() -> None:
+    logits = torch.linspace(-30, 30, 3 * 41 * 37 * 11, dtype=torch.float32).reshape(3, 41, 37, 11)
+    pred = MetaTensor(logits.clone(), affine=torch.eye(4) * 2)
+    theirs = Activationsd("pred", sigmoid=True)({"pred": pred})["pred"]
+    storage = pred.data_ptr()
+    ours = SigmoidInPlaced("pred")({"pred": pred})["pred"]
+    assert torch.equal(ours.as_tensor(), theirs.as_tensor()) and torch.equal(ours.affine, theirs.affine)
+    assert ours.data_ptr() == storage  # the prediction's own memory
+    with pytest.raises(TypeError, match="floating point"):
+        SigmoidInPlaced("pred")({"pred": torch.zeros(2, dtype=torch.int64)})
 
 
 @pytest.mark.parametrize(("perm", "signs"), ORIENTATIONS)
