@@ -406,6 +406,7 @@ def _finding(
         sd_hu=comp.attenuation.sd,
         max_hu=comp.attenuation.maximum,
         attenuation_from_core=comp.attenuation.from_core,
+        attenuation_voxels=comp.attenuation.voxels,
         key_slice=key_slice,
         long_axis=long_axis,
         short_axis=short_axis,

@@ -131,6 +131,7 @@ class Finding:
     sd_hu: float = 0.0
     max_hu: float = 0.0
     attenuation_from_core: bool = True
+    attenuation_voxels: int | None = None  # how many voxels the attenuation is over (None: not said)
     score: float | None = None  # the model's confidence 0..1, where the model gives one
     # "solid", "part_solid" or "ground_glass" (plugin.lesion_measure, for a label measured at
     # its half-maximum edge; "solid" otherwise); a part-solid finding's solid component:

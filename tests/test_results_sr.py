@@ -202,6 +202,26 @@ def test_a_finding_without_a_core_gets_no_attenuation(case: tuple, tmp_path: Pat
     assert not errors, output
 
 
+def test_an_attenuation_from_one_voxel_has_no_standard_deviation(case: tuple, tmp_path: Path) -> None:
+    """A core of one voxel (a 10 mm nodule on 5 mm slices) gives a mean and a maximum, but
+    no spread: a standard deviation of 0 HU would read as a noiseless measurement."""
+    volume, findings, _ = case
+    single_voxel = dataclasses.replace(findings.findings[1], sd_hu=0.0, attenuation_voxels=1)
+    many = dataclasses.replace(findings.findings[0], attenuation_voxels=200)
+    changed = dataclasses.replace(findings, findings=[many, single_voxel])
+    path = tmp_path / "sr.dcm"
+    path.write_bytes(rs.to_bytes(encode_sr(volume, changed, rs.INFO, series_number=9004)))
+    report = report_of(path)
+    for finding, derivations in ((single_voxel, {codes.SCT.Maximum}),
+                                 (many, {codes.SCT.StandardDeviation, codes.SCT.Maximum})):
+        group = single(report.get_volumetric_roi_measurement_groups(tracking_uid=_uid(report, finding)))
+        assert single(group.get_measurements(name=codes.DCM.MeanAttenuationCoefficient)).value == pytest.approx(
+            finding.mean_hu)
+        assert {m.derivation for m in group.get_measurements(name=codes.DCM.AttenuationCoefficient)} == derivations
+    errors, output = rs.dciodvfy_errors(path)
+    assert not errors, output
+
+
 def test_subsolid_findings_state_their_composition_and_solid_component(case: tuple, tmp_path: Path) -> None:
     """A part-solid nodule's solid component and a ground-glass nodule are named in the
     report's comments, with the convention; a solid one is not."""

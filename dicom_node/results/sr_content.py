@@ -7,7 +7,8 @@ Per finding there are two groups sharing one tracking identifier and UID:
 * TID 1411 volumetric group: closed SCOORD POLYLINE outlines on each slice the
   finding spans, with Volume (mm3), Mean Attenuation Coefficient (HU) and the
   Attenuation Coefficient's Standard Deviation and Maximum (HU; derivation SCT
-  386136009 and 56851009), all over the finding's core (:mod:`plugin.lesion_measure`).
+  386136009 and 56851009), all over the finding's core (:mod:`plugin.lesion_measure`);
+  no Standard Deviation when the core is a single voxel.
   A finding too thin for a core (fewer than 3 slices on thick slices) gets no
   attenuation: its voxels are diluted by partial volume, and a solid nodule would read as
   ground glass; the report's comments say so.
@@ -164,13 +165,14 @@ def _volume_measurements(finding: Finding) -> list[hd.sr.Measurement]:
         ),
     ]
     if finding.role == "structure" or finding.attenuation_from_core:
-        measurements += [
-            hd.sr.Measurement(name=codes.DCM.MeanAttenuationCoefficient, value=finding.mean_hu, unit=hu),
-            hd.sr.Measurement(name=codes.DCM.AttenuationCoefficient, value=finding.sd_hu, unit=hu,
-                              derivation=codes.SCT.StandardDeviation),
-            hd.sr.Measurement(name=codes.DCM.AttenuationCoefficient, value=finding.max_hu, unit=hu,
-                              derivation=codes.SCT.Maximum),
-        ]
+        measurements.append(
+            hd.sr.Measurement(name=codes.DCM.MeanAttenuationCoefficient, value=finding.mean_hu, unit=hu))
+        if finding.attenuation_voxels is None or finding.attenuation_voxels >= 2:
+            # one voxel has no spread: its standard deviation of 0 HU would read as no noise
+            measurements.append(hd.sr.Measurement(name=codes.DCM.AttenuationCoefficient, value=finding.sd_hu,
+                                                  unit=hu, derivation=codes.SCT.StandardDeviation))
+        measurements.append(hd.sr.Measurement(name=codes.DCM.AttenuationCoefficient, value=finding.max_hu,
+                                              unit=hu, derivation=codes.SCT.Maximum))
     return measurements
 
 
