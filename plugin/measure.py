@@ -56,6 +56,8 @@ from dataclasses import dataclass
 import numpy as np
 from pydicom.sr.coding import Code
 from scipy import ndimage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from scipy.spatial import ConvexHull, QhullError
 
 from plugin.lesion_measure import Attenuation, margin_voxels, measure_lesion
@@ -224,22 +226,16 @@ def _merge_touching(
 
 
 def _touching_groups(components: list[_Component]) -> list[list[int]]:
-    """Indices of ``components`` grouped by :func:`_touch`, transitively."""
-    parent = list(range(len(components)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i, a in enumerate(components):
-        for j in range(i + 1, len(components)):
-            if root(i) != root(j) and _touch(a, components[j]):
-                parent[root(j)] = root(i)
+    """Indices of ``components`` grouped by :func:`_touch`, transitively (the connected
+    components of the touch graph), each group in ascending order."""
+    n = len(components)
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n) if _touch(components[i], components[j])]
+    rows, cols = [i for i, _ in pairs], [j for _, j in pairs]
+    graph = coo_matrix((np.ones(len(pairs), dtype=bool), (rows, cols)), shape=(n, n))
+    _, group_of = connected_components(graph, directed=False)
     groups: dict[int, list[int]] = {}
-    for i in range(len(components)):
-        groups.setdefault(root(i), []).append(i)
+    for i, group in enumerate(group_of.tolist()):
+        groups.setdefault(group, []).append(i)
     return list(groups.values())
 
 
