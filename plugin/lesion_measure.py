@@ -41,7 +41,12 @@ model's resampled grid:
   inside the lesion touches nothing bright outside it and stays; a vessel through a
   lesion leaves it one piece and is cut out of it. A vessel as dense as the lesion (no
   contrast), or thinner than about 4 mm (its 3 x 3 average does not reach the
-  contrast), stays where the model's mask carries it.
+  contrast), is left to the stump cut below.
+* **Stumps of a dense vessel** (a solid lesion): the pieces of the mask thinner than its
+  body (an opening by a ball of 0.85 of its largest depth) that a thinner structure above
+  the half maximum continues outside it are a vessel the model's mask carried, as dense
+  as the lesion or less, and go (:mod:`plugin.stump_cut`); like a brighter attachment,
+  they are not counted in the volume's shell. Not for a mass (30 mm or more).
 * **Pleural cut**: a lesion touching the chest wall or the mediastinum ends at the
   pleural surface fitted around it (:mod:`plugin.pleural_cut`); the voxels beyond it
   are neither kept, grown into nor counted in the volume's shell.
@@ -84,6 +89,7 @@ import numpy as np
 from scipy import ndimage
 
 from plugin.pleural_cut import RING_MM, beyond_pleura
+from plugin.stump_cut import attached_stumps
 
 LUNG_BELOW_HU = -300.0
 MIN_BACKGROUND_VOXELS = 10
@@ -126,6 +132,10 @@ class LesionMeasure:
     background_hu: float | None = None
     composition: str = "solid"  # "solid", "part_solid" or "ground_glass" (see the module conventions)
     solid_mask: np.ndarray | None = None  # a subsolid lesion's solid component, same shape as mask
+    # the mask before the stump cut (same shape), None when nothing was cut: another
+    # finding touching the lesion is judged on it, so the cut changes measurements, not
+    # which findings are reported
+    uncut_mask: np.ndarray | None = None
 
 
 def ellipsoid(radii: tuple[int, int, int]) -> np.ndarray:
@@ -224,10 +234,16 @@ def measure_lesion(
         if not above.any():
             break
         refined = _touching(above, mask)
+    uncut = None
     if not subsolid:
         brighter = brighter_attachment(hu, refined, blocked, spacing)
         if brighter is not None:
             refined, blocked = refined & ~brighter, blocked | brighter
+        half = (background + _lesion_level(hu, refined, spacing)) / 2.0
+        stumps = attached_stumps(refined, (hu > half) & ~blocked, spacing)
+        if stumps is not None:
+            uncut = refined
+            refined, blocked = refined & ~stumps, blocked | stumps
     level = _lesion_level(hu, refined, spacing, subsolid)
     volume = _partial_volume(hu, refined, blocked, spacing, background, level)
     composition, solid = "solid", None
@@ -236,7 +252,7 @@ def measure_lesion(
         big_enough = float(solid.sum()) * float(np.prod(spacing)) >= SOLID_COMPONENT_MIN_MM3
         composition = "part_solid" if big_enough else "ground_glass"
     return LesionMeasure(refined, volume, attenuation(hu, refined, spacing), True, background,
-                         composition, solid)
+                         composition, solid, uncut)
 
 
 def brighter_attachment(hu: np.ndarray, mask: np.ndarray, blocked: np.ndarray,

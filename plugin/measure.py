@@ -103,6 +103,7 @@ class _Component:
     attenuation: Attenuation
     composition: str = "solid"
     solid_mask: np.ndarray | None = None  # a part-solid lesion's solid component, like ``mask``
+    touch_mask: np.ndarray | None = None  # what another finding touches, like ``mask`` (None: ``mask``)
 
 
 def measure_findings(
@@ -242,16 +243,19 @@ def _touching_groups(components: list[_Component]) -> list[list[int]]:
 def _touch(a: _Component, b: _Component) -> bool:
     """Whether the masks of ``a`` and ``b`` share a voxel or a face. Pieces of one lesion
     share faces; a structure that only meets a lesion's mask at an edge or a corner (a
-    vessel beside a nodule, on thick slices) is left a finding of its own."""
+    vessel beside a nodule, on thick slices) is left a finding of its own. A mask whose
+    stumps were cut touches with what it was before the cut (``touch_mask``)."""
+    mask_a = a.mask if a.touch_mask is None else a.touch_mask
+    mask_b = b.mask if b.touch_mask is None else b.touch_mask
     low = [max(sa.start - 1, sb.start) for sa, sb in zip(a.box, b.box)]
     high = [min(sa.stop + 1, sb.stop) for sa, sb in zip(a.box, b.box)]
     if any(h <= lo for lo, h in zip(low, high)):
         return False
-    padded = np.pad(a.mask, 1)  # ``a`` in its box grown by one voxel, then its 6 face neighbours
+    padded = np.pad(mask_a, 1)  # ``a`` in its box grown by one voxel, then its 6 face neighbours
     near = ndimage.binary_dilation(padded, structure=FACE_CONNECTIVITY_3D)
     in_a = tuple(slice(lo - (sa.start - 1), h - (sa.start - 1)) for lo, h, sa in zip(low, high, a.box))
     in_b = tuple(slice(lo - sb.start, h - sb.start) for lo, h, sb in zip(low, high, b.box))
-    return bool(np.any(near[in_a] & b.mask[in_b]))
+    return bool(np.any(near[in_a] & mask_b[in_b]))
 
 
 def _measured(
@@ -267,7 +271,7 @@ def _measured(
     by :func:`plugin.lesion_measure.measure_lesion` (its mask refined to the
     half-maximum edge when the label asks for it)."""
     voxel_mm3 = float(np.prod(spacing))
-    composition, solid = "solid", None
+    composition, solid, touch = "solid", None, None
     if spec.role == "structure":
         values = hu[box][mask].astype(np.float64)
         att = Attenuation(float(values.mean()), float(values.std()), float(values.max()),
@@ -283,10 +287,11 @@ def _measured(
         others = (labels[grown] != 0) & ~local
         result = measure_lesion(hu[grown], local, spacing,
                                 half_maximum=spec.boundary == "half_maximum", others=others)
-        tight = _bounding_box(result.mask)
+        tight = _bounding_box(result.mask if result.uncut_mask is None else result.uncut_mask)
         assert tight is not None  # measure_lesion never returns an empty mask
         box = tuple(slice(g.start + t.start, g.start + t.stop) for g, t in zip(grown, tight))  # type: ignore[assignment]
         mask = result.mask[tight]
+        touch = None if result.uncut_mask is None else result.uncut_mask[tight]
         att, volume = result.attenuation, result.volume_mm3
         composition = result.composition
         if composition == "part_solid" and result.solid_mask is not None:
@@ -294,7 +299,7 @@ def _measured(
     count = int(mask.sum())
     offset = np.array([s.start for s in box], dtype=np.float64)
     centroid = _mean_index(mask, count) + offset
-    return _Component(value, spec, box, mask, count, centroid, volume, att, composition, solid)
+    return _Component(value, spec, box, mask, count, centroid, volume, att, composition, solid, touch)
 
 
 def _mean_index(mask: np.ndarray, count: int) -> np.ndarray:

@@ -46,6 +46,7 @@ def render_ellipsoid(
     vessel: tuple[float, float] | None = None,
     vessel_hu: float | None = None,
     wall: tuple[float, float, float] | None = None,
+    lobe: tuple[float, float] | None = None,
 ) -> RenderedLesion:
     """Render an ellipsoid (semi-axes along x, y, z before an in-plane rotation).
 
@@ -57,7 +58,10 @@ def render_ellipsoid(
     ``wall`` = (distance mm, in-plane angle of its normal in degrees, HU) adds a chest
     wall: the half-space beyond a plane at that distance from the lesion's centre. The
     lesion is drawn on the lung's side only, and the truth and ``volume_mm3`` are that
-    part (a sphere's, for a wall: the ball minus the cap beyond the plane)."""
+    part (a sphere's, for a wall: the ball minus the cap beyond the plane).
+
+    ``lobe`` = (radius, y offset) mm adds a ball centred at that y (a lobulated lesion's
+    lobe, part of the truth; with a sphere, and no rotation)."""
     radii = np.asarray(semi_axes_mm, dtype=np.float64)
     size = [int(math.ceil((radii.max() + margin_mm) / s)) for s in spacing]
     shape = tuple(2 * n + 1 for n in size)
@@ -78,6 +82,8 @@ def render_ellipsoid(
         X, Y, Z = np.meshgrid(x, y, z, indexing="ij")
         points = np.stack([X, Y, Z], axis=-1) @ inverse.T
         inside = np.sum((points / radii) ** 2, axis=-1) <= 1.0
+        if lobe is not None:
+            inside |= X**2 + (Y - lobe[1]) ** 2 + Z**2 <= lobe[0] ** 2
         tube = np.zeros_like(inside)
         if vessel is not None:
             tube = ((Y - vessel[1]) ** 2 + Z**2 <= vessel[0] ** 2) & ~inside
@@ -104,12 +110,24 @@ def render_ellipsoid(
     points = np.stack([X, Y, Z], axis=-1) @ inverse.T
     truth = np.sum((points / radii) ** 2, axis=-1) <= 1.0
     volume = 4.0 / 3.0 * math.pi * float(np.prod(radii))
+    if lobe is not None:
+        assert np.ptp(radii) == 0 and angle_deg == 0.0, "a lobe is drawn on a sphere"
+        truth |= X**2 + (Y - lobe[1]) ** 2 + Z**2 <= lobe[0] ** 2
+        volume += _ball_outside(lobe[0], abs(lobe[1]), float(radii[0]))
     if normal is not None:
         assert wall is not None and np.ptp(radii) == 0, "a wall is drawn beside a sphere"
         truth &= X * normal[0] + Y * normal[1] <= wall[0]
         r, d = float(radii[0]), wall[0]
         volume -= math.pi * (r - d) ** 2 * (2 * r + d) / 3.0
     return RenderedLesion(hu.astype(np.float32), truth, tuple(spacing), volume)  # type: ignore[arg-type]
+
+
+def _ball_outside(r: float, d: float, big: float) -> float:
+    """The volume of a ball of radius ``r`` outside a ball of radius ``big`` whose centre
+    lies ``d`` from its own (the two overlap: ``big - r < d < big + r``)."""
+    assert big - r < d < big + r, "the lobe must cross the lesion's surface"
+    lens = math.pi * (big + r - d) ** 2 * (d**2 + 2 * d * r - 3 * r**2 + 2 * d * big + 6 * r * big - 3 * big**2) / (12 * d)
+    return 4.0 / 3.0 * math.pi * r**3 - lens
 
 
 def _box_mean(inside: np.ndarray, shape: tuple[int, ...], subs: list[int], nz: int) -> np.ndarray:

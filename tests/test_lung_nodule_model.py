@@ -39,7 +39,6 @@ def test_two_nodules_found() -> None:
     res = evaluate.score(phantom, pred, evaluate.min_volume_mm3(), findings)
     assert res.nodules_ge6 == 2
     assert res.detected_ge6 == 2, res
-    assert min(res.dice) >= 0.6, res
     # at most one false positive on this one scan: a bound for the plumbing, not the model's
     # false-positive rate (the held-out figures are in models/lung_nodules/README.md)
     assert res.false_positives <= 1, res
@@ -49,13 +48,15 @@ def test_two_nodules_found() -> None:
     assert all(f.score is not None and 0.5 <= f.score <= 1.0 for f in findings.findings), findings.findings
     # the plugin's map numbers its findings 1..n, largest first
     assert set(np.unique(pred).tolist()) == set(range(len(findings.findings) + 1))
-    # the reported measurements against the analytic truth (README, measurement conventions)
-    # for the 10 mm nodule; the 14 mm one's mask carries vessels the network merged into
-    # it (+100 % by volume; README, "Limits")
+    # the reported measurements against the analytic truth (README, measurement conventions);
+    # the 14 mm nodule's mask carries the stumps of a vessel the network merged into it
+    # (+74 % by volume, +11.5 HU, Dice 0.73 before the stump cut of plugin.stump_cut)
     volume_error = {round(d): e for d, _, e in res.volume_errors}
     hu_error = {round(d): e for d, _, e in res.hu_errors}
-    assert abs(volume_error[10]) <= 0.2, res
-    assert hu_error[10] is not None and abs(hu_error[10]) <= 15.0, res
+    for diameter in (10, 14):
+        assert abs(volume_error[diameter]) <= 0.2, res
+        assert hu_error[diameter] is not None and abs(hu_error[diameter]) <= 15.0, res
+    assert min(res.dice) >= 0.85, res
 
 
 def test_a_mass_is_reported_as_a_mass() -> None:

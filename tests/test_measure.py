@@ -286,3 +286,15 @@ def test_findings_join_on_a_shared_face_not_on_an_edge_or_corner() -> None:
     assert not _touch(a, _piece((slice(3, 5), slice(3, 5), slice(0, 2))))  # an edge
     assert not _touch(a, _piece((slice(3, 5), slice(3, 5), slice(3, 5))))  # a corner
     assert not _touch(a, _piece((slice(4, 6), slice(0, 3), slice(0, 3))))  # a gap
+
+
+def test_findings_touch_with_their_masks_before_the_stump_cut() -> None:
+    """The stump cut (plugin.stump_cut) changes what is measured, not which findings are
+    reported: a finding whose stump reached another finding's mask still joins it (held-out
+    phantom 10017: a false "Mass" would otherwise have become a mass and a nodule)."""
+    a = _piece((slice(0, 4), slice(0, 3), slice(0, 3)))
+    a.mask[3] = False  # the stump, cut from the measured mask
+    b = _piece((slice(4, 6), slice(0, 3), slice(0, 3)))
+    assert not _touch(a, b)
+    a.touch_mask = np.ones_like(a.mask)  # before the cut
+    assert _touch(a, b) and _touch(b, a)
