@@ -121,7 +121,8 @@ def evaluate_real(root: Path, out: Path, bundle: Path | None = None) -> int:
             reported = read_findings(sr_path)
         for finding, shown in zip(findings.findings, reported):
             tumour = in_tumour(folder.name, finding.centroid_mm, boxes, slice_mm)
-            hu = (f"{finding.mean_hu:6.0f} +/- {finding.sd_hu:3.0f} (max {finding.max_hu:4.0f})"
+            spread = "" if finding.attenuation_voxels == 1 else f" +/- {finding.sd_hu:3.0f}"  # as the SR: no SD of one voxel
+            hu = (f"{finding.mean_hu:6.0f}{spread} (max {finding.max_hu:4.0f})"
                   if finding.attenuation_from_core else "not measured (too thin for a core)")
             where = ", ".join(f"{c:.0f}" for c in finding.centroid_mm)
             score = "-" if finding.score is None else f"{finding.score:.2f}"
