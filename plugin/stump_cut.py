@@ -22,7 +22,9 @@ lesion's body, and the vessel goes on outside the mask.
 * **Stumps**: the pieces of the mask outside the body, more than one voxel (the grid's
   largest spacing) beyond it, that touch an attachment. They are not the lesion. A lobe
   or a thin part of the lesion that no attachment continues stays, and so does the base
-  of a stump within a voxel of the body.
+  of a stump within that spacing of the body: on 5 mm slices 5 mm in-plane too (a step
+  along each axis instead mended the thick-slice stumps but cut the lobes that a vessel
+  touches; the model README, "Tried, not kept").
 
 Nothing is cut for a lesion whose largest depth is under :data:`MIN_DEPTH_MM` (a body
 and a vessel cannot be told apart on so few voxels) or whose mask holds the volume of a
