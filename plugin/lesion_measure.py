@@ -46,7 +46,7 @@ model's resampled grid:
   body (an opening by a ball of 0.85 of its largest depth) that a thinner structure above
   the half maximum continues outside it are a vessel the model's mask carried, as dense
   as the lesion or less, and go (:mod:`plugin.stump_cut`); like a brighter attachment,
-  they are not counted in the volume's shell. Not for a mass (30 mm or more).
+  they are not counted in the volume's shell. Not for a mask holding a 30 mm ball's volume.
 * **Pleural cut**: a lesion touching the chest wall or the mediastinum ends at the
   pleural surface fitted around it (:mod:`plugin.pleural_cut`); the voxels beyond it
   are neither kept, grown into nor counted in the volume's shell.

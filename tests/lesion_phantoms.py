@@ -63,6 +63,8 @@ def render_ellipsoid(
     ``lobe`` = (radius, y offset) mm adds a ball centred at that y (a lobulated lesion's
     lobe, part of the truth; with a sphere, and no rotation)."""
     radii = np.asarray(semi_axes_mm, dtype=np.float64)
+    if lobe is not None:
+        assert np.ptp(radii) == 0 and angle_deg == 0.0 and wall is None, "a lobe is drawn on a sphere, without a wall"
     size = [int(math.ceil((radii.max() + margin_mm) / s)) for s in spacing]
     shape = tuple(2 * n + 1 for n in size)
     inverse = _rotation(angle_deg).T
@@ -111,7 +113,6 @@ def render_ellipsoid(
     truth = np.sum((points / radii) ** 2, axis=-1) <= 1.0
     volume = 4.0 / 3.0 * math.pi * float(np.prod(radii))
     if lobe is not None:
-        assert np.ptp(radii) == 0 and angle_deg == 0.0, "a lobe is drawn on a sphere"
         truth |= X**2 + (Y - lobe[1]) ** 2 + Z**2 <= lobe[0] ** 2
         volume += _ball_outside(lobe[0], abs(lobe[1]), float(radii[0]))
     if normal is not None:

@@ -9,7 +9,7 @@ from scipy import ndimage
 
 import plugin.lesion_measure as lesion_measure
 from plugin.lesion_measure import measure_lesion
-from plugin.stump_cut import attached_stumps
+from plugin.stump_cut import _attachment_exits, attached_stumps
 from tests.lesion_phantoms import RenderedLesion, render_ellipsoid
 
 DENSE = 35.0  # the nodule's HU, and the vessel's: no contrast
@@ -78,7 +78,7 @@ def test_a_lobe_that_no_vessel_continues_stays() -> None:
 
 def test_a_lone_nodule_and_a_vessel_touching_a_correct_mask_are_left_alone() -> None:
     """Nothing is cut from a nodule with nothing attached, nor from a correct mask beside a
-    dense vessel (the refinement does not take the vessel in, and there is no stump)."""
+    dense vessel (the mask holds none of the vessel: no stump)."""
     alone = render_ellipsoid((7.0,) * 3, (0.7, 0.7, 1.25), noise_hu=20.0, seed=2)
     assert attached_stumps(alone.truth, alone.hu > -400.0, alone.spacing) is None
     assert measure_lesion(alone.hu, alone.truth, alone.spacing, half_maximum=True).uncut_mask is None
@@ -101,6 +101,61 @@ def test_no_cut_for_a_mass_a_small_nodule_or_a_lesion_inside_something_larger() 
             half = nodule.truth.copy()
             half[: half.shape[0] // 2] = False
             assert attached_stumps(half, nodule.hu > -400.0, nodule.spacing) is None, (slice_mm, radius)
+
+
+def _voxels(balls: list[tuple[float, float]], tube_to: float, *, carried_to: float,
+            spacing: tuple[float, float, float] = (0.7, 0.7, 1.25)) -> tuple[np.ndarray, np.ndarray]:
+    """Voxel-centre geometry without a scanner: ``balls`` (centre x, radius; mm, on the x
+    axis) are the lesion, a 1.5 mm tube along x from x = 0 to ``tube_to`` is a vessel, and
+    the model's mask holds the balls and the tube up to ``carried_to``. Returns the mask
+    and the voxels above the half maximum (lesion and vessel)."""
+    shape = tuple(int(round(n / s)) | 1 for n, s in zip((2 * tube_to + 20.0, 30.0, 30.0), spacing))
+    x, y, z = np.meshgrid(*[(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, spacing)], indexing="ij")
+    lesion = np.zeros(shape, dtype=bool)
+    for centre, radius in balls:
+        lesion |= (x - centre) ** 2 + y**2 + z**2 <= radius**2
+    tube = (y**2 + z**2 <= 1.5**2) & (x >= 0.0) & (x <= tube_to)
+    return lesion | (tube & (x <= carried_to)), lesion | tube
+
+
+def test_a_second_lobe_as_thick_as_the_body_stays_when_a_vessel_touches_it() -> None:
+    """Two 12 mm lobes 11 mm apart (or two touching nodules in one mask), the vessel on the
+    second: the body is every lobe as thick as the ball, so only the vessel is cut (with the
+    largest piece alone as body, the second lobe went whole, -49 %)."""
+    spacing = (0.7, 0.7, 1.25)
+    mask, above = _voxels([(-5.5, 6.0), (5.5, 6.0)], 40.0, carried_to=20.0, spacing=spacing)
+    stumps = attached_stumps(mask, above, spacing)
+    assert stumps is not None
+    x = (np.arange(mask.shape[0]) - (mask.shape[0] - 1) / 2) * spacing[0]
+    second_lobe = mask & (x[:, None, None] > 0.0) & (x[:, None, None] <= 11.5)
+    assert float((stumps & second_lobe).sum()) <= 0.02 * float(second_lobe.sum())
+    assert (stumps & (x[:, None, None] > 15.0)).any()  # the vessel beyond the lobe is cut
+
+
+def test_no_cut_when_the_stumps_would_be_most_of_the_mask_or_attachments_wrap_it() -> None:
+    """The two guards: stumps taking 60 % of the mask or more (a small body on a long
+    carried vessel: more likely the model marked a vessel with a bulge), and attachments
+    around 30 % of the mask or more (the lesion lies in something larger)."""
+    spacing = (0.7, 0.7, 1.25)
+    short, above_short = _voxels([(-4.0, 4.0)], 60.0, carried_to=15.0, spacing=spacing)
+    assert attached_stumps(short, above_short, spacing) is not None  # the stump alone: cut
+    long, above_long = _voxels([(-4.0, 4.0)], 60.0, carried_to=50.0, spacing=spacing)
+    assert attached_stumps(long, above_long, spacing) is None
+    depth = ndimage.distance_transform_edt(~short, sampling=spacing)
+    wrapped = above_short | ((depth > 0) & (depth <= 3.0))  # a 3 mm sleeve of tissue around it all
+    assert attached_stumps(short, wrapped, spacing) is None
+
+
+def test_a_structure_with_no_voxel_near_the_mask_is_not_judged_thin() -> None:
+    """On thick slices a block that meets the mask only from the next slice has no voxel
+    within two ball radii of it: its thickness cannot be read there, and it is no
+    attachment (SciPy's maximum over no voxel is 0, which read as thin)."""
+    spacing = (0.7, 0.7, 8.0)
+    x, y, z = np.meshgrid(*[(np.arange(n) - n // 2) * s for n, s in zip((61, 61, 7), spacing)], indexing="ij")
+    nodule = (x**2 + y**2 <= 4.2**2) & (z == 0)
+    block = ((x - 11.0) ** 2 + y**2 <= 9.0**2) & (z >= 8) & (z <= 24)
+    radius = 0.85 * float(ndimage.distance_transform_edt(np.pad(nodule, 1), sampling=spacing).max())
+    assert _attachment_exits(nodule, nodule | block, radius, spacing) is None
 
 
 def test_the_inputs_must_match() -> None:
