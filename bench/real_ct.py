@@ -121,7 +121,7 @@ def evaluate_real(root: Path, out: Path, bundle: Path | None = None) -> int:
             reported = read_findings(sr_path)
         for finding, shown in zip(findings.findings, reported):
             tumour = in_tumour(folder.name, finding.centroid_mm, boxes, slice_mm)
-            spread = "" if finding.attenuation_voxels == 1 else f" +/- {finding.sd_hu:3.0f}"  # as the SR: no SD of one voxel
+            spread = f" +/- {finding.sd_hu:3.0f}" if finding.has_spread else ""
             hu = (f"{finding.mean_hu:6.0f}{spread} (max {finding.max_hu:4.0f})"
                   if finding.attenuation_from_core else "not measured (too thin for a core)")
             where = ", ".join(f"{c:.0f}" for c in finding.centroid_mm)

@@ -79,7 +79,7 @@ def attached_stumps(mask: np.ndarray, above_half: np.ndarray,
     if exits is None:
         return None
     body = _body(mask, depth, radius, spacing)
-    beyond = mask & ~body & (ndimage.distance_transform_edt(~body, sampling=spacing) > max(spacing))
+    beyond = mask & (ndimage.distance_transform_edt(~body, sampling=spacing) > max(spacing))
     pieces, count = ndimage.label(beyond, structure=_FULL)
     if count == 0:
         return None

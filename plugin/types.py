@@ -140,6 +140,12 @@ class Finding:
     solid_volume_mm3: float | None = None
     solid_long_axis_mm: float | None = None
 
+    @property
+    def has_spread(self) -> bool:
+        """Whether ``sd_hu`` is a measured spread: not from a single voxel, whose
+        standard deviation of 0 HU would read as no noise."""
+        return self.attenuation_voxels is None or self.attenuation_voxels >= 2
+
 
 @dataclass
 class Detection:

@@ -167,8 +167,7 @@ def _volume_measurements(finding: Finding) -> list[hd.sr.Measurement]:
     if finding.role == "structure" or finding.attenuation_from_core:
         measurements.append(
             hd.sr.Measurement(name=codes.DCM.MeanAttenuationCoefficient, value=finding.mean_hu, unit=hu))
-        if finding.attenuation_voxels is None or finding.attenuation_voxels >= 2:
-            # one voxel has no spread: its standard deviation of 0 HU would read as no noise
+        if finding.has_spread:
             measurements.append(hd.sr.Measurement(name=codes.DCM.AttenuationCoefficient, value=finding.sd_hu,
                                                   unit=hu, derivation=codes.SCT.StandardDeviation))
         measurements.append(hd.sr.Measurement(name=codes.DCM.AttenuationCoefficient, value=finding.max_hu,
