@@ -5,7 +5,7 @@ two spherical nodules of 10 and 14 mm goes through the bundle the way the node r
 (the generic MONAI bundle plugin); both nodules must be found with Dice >= 0.85,
 measured within 20 % and 15 HU, with at most one false positive.
 
-This pins ONE configuration (seed 20005) that the committed model (0.6.0) passes; it
+This pins ONE configuration (seed 20005) that the committed model passes; it
 guards against regressions of the bundle and its plumbing, not a quality claim. The
 model misses nodules and produces false positives on other seeds (see
 models/lung_nodules/README.md for the held-out metrics).
