@@ -59,6 +59,19 @@ def test_two_nodules_found() -> None:
     assert min(res.dice) >= 0.85, res
 
 
+def test_local_runner_runs_the_bundle() -> None:
+    """``evaluate --weights`` runs the bundle through its minimal in-memory runner
+    (``bundle_runner.BundleRunner``): it must get through the postprocessing (its in-place
+    sigmoid failed outside inference mode) and find what the plugin finds."""
+    phantom = _phantom(20005, 80, 1.25, {10.0: "spherical", 14.0: "spherical"})
+    runner = evaluate.make_runner("plugin", weights=BUNDLE / "models" / "model.pt")
+    pred, _, findings = evaluate.run_bundle(runner, phantom)
+    assert findings is None  # the local runner gives the network's label map, not findings
+    assert pred.shape == phantom.labels_zyx.shape
+    res = evaluate.score(phantom, pred, evaluate.min_volume_mm3(), findings)
+    assert (res.nodules_ge6, res.detected_ge6) == (2, 2), res
+
+
 def test_a_mass_is_reported_as_a_mass() -> None:
     """A 55 mm lobulated mass must not vanish from the report for being too big (issue
     14): the mass network finds it and it is named "Mass" (SCT 4147007). Like the test

@@ -73,7 +73,9 @@ class BundleRunner:
     def __call__(self, image: MetaTensor) -> np.ndarray:
         """Label map (X, Y, Z) uint8 on the grid of ``image``."""
         data = self.preprocessing({"image": image})
+        # postprocessing too: its in-place sigmoid may not touch an inference tensor outside
+        # inference mode (the plugin runs both in it as well)
         with torch.inference_mode():
             data["pred"] = self.inferer(data["image"][None], self.network)[0]
-        data = self.postprocessing(data)
+            data = self.postprocessing(data)
         return np.asarray(data["pred"][0].cpu().numpy(), dtype=np.uint8)
