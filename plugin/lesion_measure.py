@@ -44,12 +44,14 @@ model's resampled grid:
   contrast), is left to the stump cut below.
 * **Stumps of a dense vessel** (a solid lesion): the pieces of the mask thinner than its
   body (an opening by a ball of 0.85 of its largest depth) that a thinner structure above
-  the half maximum continues outside it are a vessel the model's mask carried, as dense
-  as the lesion or less, and go (:mod:`plugin.stump_cut`); like a brighter attachment,
-  they are not counted in the volume's shell. Not for a mask holding a 30 mm ball's volume.
-* **Pleural cut**: a lesion touching the chest wall or the mediastinum ends at the
-  pleural surface fitted around it (:mod:`plugin.pleural_cut`); the voxels beyond it
-  are neither kept, grown into nor counted in the volume's shell.
+  the half maximum continues outside it (for a lesion off the wall, the wall the vessel
+  may run into not counted) are a vessel the model's mask carried, as dense as the lesion
+  or less, and go (:mod:`plugin.stump_cut`); like a brighter attachment, they are not
+  counted in the volume's shell. Not for a mask holding a 30 mm ball's volume.
+* **Pleural cut**: a lesion touching the chest wall or the mediastinum (thick tissue
+  outside its mask, never its own rim) ends at the pleural surface fitted around it
+  (:mod:`plugin.pleural_cut`); the voxels beyond it are neither kept, grown into nor
+  counted in the volume's shell.
 * **Volume** with ``half_maximum``: partial-volume corrected. Each voxel contributes its
   fraction of lesion tissue ``f = (HU - B) / (C - B)``: 1 in the core, ``f`` clipped to
   [0, 1] elsewhere in the mask, and ``f`` clipped to [-0.5, 0.5] in a shell 1.5 mm deep
@@ -88,7 +90,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from plugin.pleural_cut import RING_MM, beyond_pleura
+from plugin.pleural_cut import RING_MM, beyond_pleura, touches_wall, wall_outside
 from plugin.stump_cut import attached_stumps
 
 LUNG_BELOW_HU = -300.0
@@ -217,7 +219,9 @@ def measure_lesion(
     level = _lesion_level(hu, mask, spacing, subsolid)
     # the wall is found at a solid lesion's half maximum: ground glass is not wall
     wall_level = max(level, SOLID_REFERENCE_HU) if subsolid else level
-    beyond = None if level - background < MIN_CONTRAST_HU else beyond_pleura(hu, mask, spacing, (background + wall_level) / 2.0)
+    wall_half = (background + wall_level) / 2.0
+    near_wall = level - background >= MIN_CONTRAST_HU and touches_wall(hu, mask, spacing, wall_half)
+    beyond = beyond_pleura(hu, mask, spacing, wall_half) if near_wall else None
     if beyond is not None:
         blocked = blocked | beyond
     # one voxel of growth, diagonals included: an attached vessel is not followed
@@ -240,7 +244,10 @@ def measure_lesion(
         if brighter is not None:
             refined, blocked = refined & ~brighter, blocked | brighter
         half = (background + _lesion_level(hu, refined, spacing)) / 2.0
-        stumps = attached_stumps(refined, (hu > half) & ~blocked, spacing)
+        free = (hu > half) & ~blocked
+        if not near_wall:  # a vessel that runs on into the wall is judged by its own thickness, not the wall's
+            free &= ~wall_outside(free, refined, spacing)
+        stumps = attached_stumps(refined, free, spacing)
         if stumps is not None:
             uncut = refined
             refined, blocked = refined & ~stumps, blocked | stumps

@@ -7,10 +7,12 @@ inflates the volume and pulls the attenuation toward the wall's (the demo phanto
 (what a reader draws) ends the lesion at the pleura, the line that continues the lung's
 outline across the lesion's base. This module finds that line:
 
-* **Wall**: the tissue above the half maximum thick enough to hold a ball of
-  :data:`WALL_BALL_MM` radius (an opening): chest wall, mediastinum, diaphragm; not a
-  lung vessel.
-* **Pleural surface**: the interfaces between the wall and the lung (below the half
+* **Wall**: the tissue above the half maximum outside the lesion's mask thick enough to
+  hold a ball of :data:`WALL_BALL_MM` radius (an opening, :func:`wall_outside`): chest
+  wall, mediastinum, diaphragm; not a lung vessel, and not the lesion itself. A lesion
+  touches it when a voxel of it is among the mask's 26 neighbours.
+* **Pleural surface**: the interfaces between the tissue thick enough for that ball (the
+  same opening, without leaving out the mask) and the lung (below the half
   maximum) 1-10 mm outside the lesion's mask (:data:`RING_MM`), at the midpoints between
   face-adjacent voxels, fitted by a quadratic surface over its principal plane, with
   points more than :data:`INLIER_MM` off dropped and the fit repeated.
@@ -54,10 +56,11 @@ def beyond_pleura(
     if _width_mm(mask, spacing) > MAX_WIDTH_MM:
         return None
     bright = hu > half
-    wall = _opening(bright, spacing, WALL_BALL_MM)
-    touching = ndimage.binary_dilation(mask, structure=np.ones((3, 3, 3), dtype=bool)) & ~mask
-    if not (touching & wall).any():
+    if not _touches(mask, wall_outside(bright, mask, spacing)):
         return None
+    # the surface is fitted to the bright tissue's interface with the lung as it always was,
+    # the lesion's own unmasked rim included (the fit's inlier test drops what lies off the sheet)
+    wall = _opening(bright, spacing, WALL_BALL_MM)
     outside = ndimage.distance_transform_edt(~mask, sampling=spacing)
     ring = (outside >= RING_MM[0]) & (outside <= RING_MM[1])
     lung = ~bright & ring
@@ -74,6 +77,24 @@ def beyond_pleura(
     if (beyond & mask).sum() >= MAX_CUT_FRACTION * mask.sum():
         return None
     return np.asarray(beyond)
+
+
+def touches_wall(hu: np.ndarray, mask: np.ndarray, spacing: tuple[float, float, float], half: float) -> bool:
+    """Whether the lesion ``mask`` touches the wall (:func:`wall_outside` of the voxels
+    above ``half``): a voxel of it among the mask's 26 neighbours."""
+    return _touches(mask, wall_outside(hu > half, mask, spacing))
+
+
+def _touches(mask: np.ndarray, wall: np.ndarray) -> bool:
+    return bool((ndimage.binary_dilation(mask, structure=np.ones((3, 3, 3), dtype=bool)) & ~mask & wall).any())
+
+
+def wall_outside(bright: np.ndarray, mask: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
+    """The wall beside a lesion: the ``bright`` voxels outside ``mask`` thick enough to
+    hold a ball of :data:`WALL_BALL_MM` radius. The lesion is not its own wall: with its
+    voxels counted, a lesion of 10 mm or more whose mask falls a voxel short of its edge
+    touched "wall" (its own rim) wherever it lay."""
+    return _opening(bright & ~mask, spacing, WALL_BALL_MM)
 
 
 def _width_mm(mask: np.ndarray, spacing: tuple[float, float, float]) -> float:

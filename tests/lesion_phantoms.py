@@ -119,7 +119,8 @@ def render_ellipsoid(
         assert wall is not None and np.ptp(radii) == 0, "a wall is drawn beside a sphere"
         truth &= X * normal[0] + Y * normal[1] <= wall[0]
         r, d = float(radii[0]), wall[0]
-        volume -= math.pi * (r - d) ** 2 * (2 * r + d) / 3.0
+        if d < r:  # the cap beyond the plane (a wall farther away leaves the ball whole)
+            volume -= math.pi * (r - d) ** 2 * (2 * r + d) / 3.0
     return RenderedLesion(hu.astype(np.float32), truth, tuple(spacing), volume)  # type: ignore[arg-type]
 
 

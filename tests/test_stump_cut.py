@@ -53,6 +53,21 @@ def test_the_stumps_of_a_vessel_as_dense_as_the_nodule_are_cut(slice_mm: float, 
         assert as_it_was - abs(cut) >= 0.07, seed  # at least 7 points of the stumps gone
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_vessel_that_runs_on_into_the_chest_wall_is_cut_as_a_stump(seed: int) -> None:
+    """The vessel leaves the mask on both sides of a 14 mm nodule; on one side it runs 5 mm
+    further and into the chest wall. It is judged by its own thickness, not the wall's:
+    with the wall counted, that stump stayed (+11 to +12 % on 1.25 mm slices)."""
+    rng = np.random.default_rng(seed)
+    offset = (float(rng.uniform(-0.5, 0.5)), float(rng.uniform(-0.5, 0.5)), float(rng.uniform(-0.5, 0.5)))
+    lesion = render_ellipsoid((7.0,) * 3, (0.7, 0.7, 1.25), offset_voxels=offset, noise_hu=20.0, vessel=(2.5, 0.0),
+                              lesion_hu=DENSE, seed=seed, margin_mm=26.0, wall=(19.0, 0.0, 40.0))
+    near = ndimage.distance_transform_edt(~lesion.truth, sampling=lesion.spacing) <= 8.0
+    mask = lesion.truth | (near & (lesion.hu > -400.0))
+    assert float(mask.sum()) * float(np.prod(lesion.spacing)) / lesion.volume_mm3 - 1.0 >= 0.19  # the stumps
+    assert abs(_error(lesion, mask)) <= 0.03
+
+
 def test_the_nodule_keeps_its_attenuation_and_its_voxels() -> None:
     lesion, mask = _carrying_stumps(7.0, 0.625, 0)
     result = measure_lesion(lesion.hu, mask, lesion.spacing, half_maximum=True)
