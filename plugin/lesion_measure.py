@@ -221,7 +221,7 @@ def measure_lesion(
     wall_level = max(level, SOLID_REFERENCE_HU) if subsolid else level
     wall_half = (background + wall_level) / 2.0
     near_wall = level - background >= MIN_CONTRAST_HU and touches_wall(hu, mask, spacing, wall_half)
-    beyond = beyond_pleura(hu, mask, spacing, wall_half) if near_wall else None
+    beyond = beyond_pleura(hu, mask, spacing, wall_half, touching=True) if near_wall else None
     if beyond is not None:
         blocked = blocked | beyond
     # one voxel of growth, diagonals included: an attached vessel is not followed

@@ -47,17 +47,21 @@ MAX_WIDTH_MM = 30.0
 
 
 def beyond_pleura(
-    hu: np.ndarray, mask: np.ndarray, spacing: tuple[float, float, float], half: float
+    hu: np.ndarray, mask: np.ndarray, spacing: tuple[float, float, float], half: float,
+    *, touching: bool | None = None,
 ) -> np.ndarray | None:
     """The voxels of the box beyond the pleural surface next to ``mask`` (a lesion
     brighter than the lung; ``half`` its half-maximum HU), or None when there is
     nothing to cut (see the module's rules). The box needs :data:`RING_MM`'s outer
-    radius of margin around the lesion."""
+    radius of margin around the lesion. ``touching`` is :func:`touches_wall`'s verdict
+    for the same inputs where the caller has it (judged here otherwise)."""
     if _width_mm(mask, spacing) > MAX_WIDTH_MM:
         return None
-    bright = hu > half
-    if not _touches(mask, wall_outside(bright, mask, spacing)):
+    if touching is None:
+        touching = touches_wall(hu, mask, spacing, half)
+    if not touching:
         return None
+    bright = hu > half
     # the surface is fitted to the bright tissue's interface with the lung as it always was,
     # the lesion's own unmasked rim included (the fit's inlier test drops what lies off the sheet)
     wall = _opening(bright, spacing, WALL_BALL_MM)
@@ -82,10 +86,7 @@ def beyond_pleura(
 def touches_wall(hu: np.ndarray, mask: np.ndarray, spacing: tuple[float, float, float], half: float) -> bool:
     """Whether the lesion ``mask`` touches the wall (:func:`wall_outside` of the voxels
     above ``half``): a voxel of it among the mask's 26 neighbours."""
-    return _touches(mask, wall_outside(hu > half, mask, spacing))
-
-
-def _touches(mask: np.ndarray, wall: np.ndarray) -> bool:
+    wall = wall_outside(hu > half, mask, spacing)
     return bool((ndimage.binary_dilation(mask, structure=np.ones((3, 3, 3), dtype=bool)) & ~mask & wall).any())
 
 

@@ -13,9 +13,9 @@ the mask.
   balls of that radius that fit in it. A sphere is its own body, and so is each lobe as
   thick as the ball; a tube thinner than the ball is not body.
 * **Attachments**: the structures outside the mask above the half maximum (not blocked:
-  other findings, beyond the pleura, an enhancing vessel already cut; for a lesion that
-  does not touch the wall, :func:`plugin.pleural_cut.wall_outside`, nor the wall, so that
-  a vessel running on into it is judged by its own thickness) that touch it,
+  other findings, beyond the pleura, an enhancing vessel already cut; nor, for a lesion
+  that does not touch the wall, the wall, :func:`plugin.pleural_cut.wall_outside`, so
+  that a vessel running on into it is judged by its own thickness) that touch it,
   reach at least :data:`ATTACHMENT_REACH_MM` away from it and are thinner than the ball
   (their deepest voxel within two ball radii of the mask no deeper than the radius; one
   with no voxel there, on thick slices, is not judged thin): a vessel that the opening

@@ -64,7 +64,7 @@ def test_local_runner_runs_the_bundle() -> None:
     (``bundle_runner.BundleRunner``): it must get through the postprocessing (its in-place
     sigmoid failed outside inference mode) and find what the plugin finds."""
     phantom = _phantom(20005, 80, 1.25, {10.0: "spherical", 14.0: "spherical"})
-    runner = evaluate.make_runner("plugin", weights=BUNDLE / "models" / "model.pt")
+    runner = evaluate.make_runner("local")
     pred, _, findings = evaluate.run_bundle(runner, phantom)
     assert findings is None  # the local runner gives the network's label map, not findings
     assert pred.shape == phantom.labels_zyx.shape
